@@ -1,0 +1,92 @@
+#include "service/daemon_metrics.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace engram {
+namespace {
+
+std::string CodeName(absl::StatusCode code) {
+  std::string name = absl::StatusCodeToString(code);
+  return name.empty() ? absl::StrCat(static_cast<int>(code)) : name;
+}
+
+}  // namespace
+
+DaemonMetrics::DaemonMetrics(MetricsRegistry* registry) : registry_(registry) {
+  registry_->GetGauge("engram_build_info", "engramd version (value is always 1)", {"version"},
+                      {ENGRAM_VERSION})
+      ->Set(1);
+}
+
+void DaemonMetrics::RecordRequest(const std::string& transport, const std::string& method,
+                                  absl::StatusCode code, double seconds) {
+  registry_
+      ->GetCounter("engram_requests_total", "Requests finished, by transport, method and status code",
+                   {"transport", "method", "code"}, {transport, method, CodeName(code)})
+      ->Add();
+  registry_
+      ->GetHistogram("engram_request_duration_seconds",
+                     "Time from a request's arrival to its reply, by transport and method",
+                     {"transport", "method"}, {transport, method},
+                     MetricsRegistry::LatencyBucketsSeconds())
+      ->Observe(seconds);
+}
+
+void DaemonMetrics::RecordLookup(const Table& table, const LookupStats& stats) {
+  registry_
+      ->GetCounter("engram_lookup_rows_total", "Rows asked for by lookups (repeats included)",
+                   {"table"}, {table.name()})
+      ->Add(static_cast<double>(stats.rows_requested));
+  registry_
+      ->GetCounter("engram_lookup_unique_rows_total",
+                   "Distinct rows read for lookups after in-batch deduplication", {"table"}, {table.name()})
+      ->Add(static_cast<double>(stats.unique_rows));
+  for (int t = 0; t < kNumTierKinds; ++t) {
+    const uint64_t rows = stats.tiers.rows[t];
+    if (rows == 0) continue;
+    const std::string tier(kTierNames[t]);
+    registry_
+        ->GetCounter("engram_rows_served_total", "Distinct rows read from each tier", {"table", "tier"},
+                     {table.name(), tier})
+        ->Add(static_cast<double>(rows));
+    registry_
+        ->GetCounter("engram_bytes_served_total", "Row bytes read from each tier", {"table", "tier"},
+                     {table.name(), tier})
+        ->Add(static_cast<double>(rows * table.row_bytes()));
+  }
+}
+
+void DaemonMetrics::RecordTables(const Engine& engine, bool hbm_enabled) {
+  const auto tables = engine.tables();
+  registry_->GetGauge("engram_tables_loaded", "Tables being served", {}, {})->Set(tables.size());
+  for (const Table* table : tables) {
+    registry_
+        ->GetGauge("engram_table_bytes", "Size of each table's rows on disk", {"table"}, {table->name()})
+        ->Set(static_cast<double>(table->manifest().total_bytes()));
+    registry_
+        ->GetGauge("engram_table_resident_bytes", "Bytes of each table held in each memory tier",
+                   {"table", "tier"}, {table->name(), "dram"})
+        ->Set(static_cast<double>(table->resident_bytes()));
+    for (const auto& layer : table->manifest().layers) {
+      registry_
+          ->GetGauge("engram_table_rows", "Rows of each table layer", {"table", "layer"},
+                     {table->name(), absl::StrCat(layer.id)})
+          ->Set(static_cast<double>(layer.layout.total_rows));
+    }
+  }
+  const auto set_tier = [&](const std::string& tier, bool enabled) {
+    registry_->GetGauge("engram_tier_enabled", "1 when the tier is in use on this daemon", {"tier"}, {tier})
+        ->Set(enabled ? 1 : 0);
+  };
+  set_tier("hbm", hbm_enabled);
+  set_tier("dram", true);
+  set_tier("nvme", false);
+}
+
+void DaemonMetrics::SetReady(bool ready) {
+  registry_->GetGauge("engram_ready", "1 when the daemon serves requests, 0 while starting or draining",
+                      {}, {})
+      ->Set(ready ? 1 : 0);
+}
+
+}  // namespace engram

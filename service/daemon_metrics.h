@@ -1,0 +1,35 @@
+// The daemon's metric families in one place, so every transport (gRPC now, shared memory later)
+// counts requests, latencies and rows the same way. Thread-safe (see MetricsRegistry).
+#ifndef ENGRAM_SERVICE_DAEMON_METRICS_H_
+#define ENGRAM_SERVICE_DAEMON_METRICS_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "service/metrics.h"
+#include "tiering/engine.h"
+
+namespace engram {
+
+class DaemonMetrics {
+ public:
+  explicit DaemonMetrics(MetricsRegistry* registry);
+
+  // One finished request of `transport` (grpc|shm) and `method`, with its status and duration.
+  void RecordRequest(const std::string& transport, const std::string& method, absl::StatusCode code,
+                     double seconds);
+  // Rows a lookup returned and where they came from.
+  void RecordLookup(const Table& table, const LookupStats& stats);
+  // Tables and tiers, set once at start-up.
+  void RecordTables(const Engine& engine, bool hbm_enabled);
+  void SetReady(bool ready);
+
+  MetricsRegistry* registry() const { return registry_; }
+
+ private:
+  MetricsRegistry* registry_;
+};
+
+}  // namespace engram
+
+#endif  // ENGRAM_SERVICE_DAEMON_METRICS_H_

@@ -1,0 +1,233 @@
+// engramctl: make, check and inspect table packs; hash token files the way engramd does.
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "service/cli_flags.h"
+#include "tiering/layout/manifest.h"
+#include "tiering/pack_writer.h"
+
+namespace engram {
+namespace {
+
+constexpr char kUsage[] =
+    "engramctl: tools for Engram table packs.\n"
+    "\n"
+    "Usage:\n"
+    "  engramctl pack create --preset demo-v1|dsv41-flash [--scale F] [--dtype D] [--seed N]\n"
+    "                        [--compress-lut FILE] [--name NAME] --out DIR\n"
+    "  engramctl pack create --layout FILE.json --out DIR\n"
+    "  engramctl pack verify DIR [--sample-rows N]\n"
+    "  engramctl pack info DIR\n"
+    "  engramctl hash --pack DIR --tokens FILE.i32 --shape B,T --out FILE.i64\n"
+    "\n"
+    "Run a command with --help for its flags.";
+
+constexpr char kLutName[] = "deepseek_v3_compress_lut.i32";
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "engramctl: %s\n", std::string(s.message()).c_str());
+  return 1;
+}
+
+// The tokenizer lut for the presets: --compress-lut, else $ENGRAM_DATA_DIR, the install dir, the
+// source tree.
+absl::StatusOr<std::vector<int32_t>> FindPresetLut(const std::string& flag) {
+  if (!flag.empty()) return ReadInt32File(flag);
+  std::vector<std::string> candidates;
+  if (const char* env = std::getenv("ENGRAM_DATA_DIR")) candidates.push_back(absl::StrCat(env, "/", kLutName));
+  candidates.push_back(absl::StrCat(ENGRAM_DATA_INSTALL_DIR, "/", kLutName));
+  candidates.push_back(absl::StrCat(ENGRAM_DATA_SOURCE_DIR, "/", kLutName));
+  for (const auto& path : candidates) {
+    if (std::filesystem::exists(path)) return ReadInt32File(path);
+  }
+  return absl::NotFoundError(absl::StrCat("cannot find ", kLutName, " (looked in $ENGRAM_DATA_DIR, ",
+                                          ENGRAM_DATA_INSTALL_DIR, ", ", ENGRAM_DATA_SOURCE_DIR,
+                                          "); pass --compress-lut FILE"));
+}
+
+int PackCreate(int argc, char** argv) {
+  std::string preset, layout, dtype, lut, name, out;
+  double scale = 1.0;
+  int64_t seed = 1234, threads = 0;
+  bool force = false, quiet = false;
+  FlagSet flags("engramctl pack create",
+                "engramctl pack create: writes a table pack of synthetic rows (DESIGN.md formula), from\n"
+                "a preset or a layout file (a manifest without head_rows, multipliers, file, xxh3_64).");
+  flags.String("preset", &preset, "demo-v1 (layers 1,15; orders 2-3; 8 heads; bf16 x 64) or dsv41-flash "
+                                  "(layers 1,14; orders 2-4; 8 heads; fp8 rows of 264 bytes)");
+  flags.String("layout", &layout, "layout JSON file instead of a preset");
+  flags.Double("scale", &scale, "multiply every order's base table size (presets only)");
+  flags.String("dtype", &dtype, "row dtype: f32, bf16, f16 or fp8_e4m3_ue8m0x32 (presets only)");
+  flags.Int("seed", &seed, "seed of the synthetic row values");
+  flags.String("compress-lut", &lut, "tokenizer lut (int32 raw id -> compressed id) for a preset");
+  flags.String("name", &name, "table name (presets only; default: the preset's)");
+  flags.String("out", &out, "output directory");
+  flags.Bool("force", &force, "write into a non-empty directory");
+  flags.Int("threads", &threads, "threads generating rows (0: one per core)");
+  flags.Bool("quiet", &quiet, "no progress output");
+  ParseOrExit(flags, argc, argv, 3, nullptr);
+  if (out.empty()) return Fail(absl::InvalidArgumentError("--out DIR is required"));
+  if (preset.empty() == layout.empty()) {
+    return Fail(absl::InvalidArgumentError("give exactly one of --preset or --layout"));
+  }
+  if (seed < 0) return Fail(absl::InvalidArgumentError("--seed must be >= 0"));
+  absl::StatusOr<PackManifest> manifest;
+  if (!preset.empty()) {
+    PackPresetOptions options;
+    options.preset = preset;
+    options.scale = scale;
+    options.seed = static_cast<uint64_t>(seed);
+    options.name = name;
+    if (!dtype.empty()) {
+      auto d = ParseRowDtype(dtype);
+      if (!d.ok()) return Fail(d.status());
+      options.dtype = *d;
+    }
+    auto lut_values = FindPresetLut(lut);
+    if (!lut_values.ok()) return Fail(lut_values.status());
+    options.compress_lut = std::move(*lut_values);
+    manifest = PresetManifest(options);
+  } else {
+    std::ifstream in(layout);
+    if (!in) return Fail(absl::NotFoundError(absl::StrCat("cannot open ", layout)));
+    std::stringstream text;
+    text << in.rdbuf();
+    const std::string base = std::filesystem::path(layout).parent_path().string();
+    manifest = ParseManifestJson(text.str(), base, layout, /*derive=*/true);
+    if (manifest.ok()) {
+      if (!manifest->synthetic_seed) manifest->synthetic_seed = static_cast<uint64_t>(seed);
+      if (!manifest->compress_lut_file.empty()) manifest->compress_lut_file = "compress_lut.i32";
+    }
+  }
+  if (!manifest.ok()) return Fail(manifest.status());
+  PackWriteOptions write;
+  write.out_dir = out;
+  write.force = force;
+  write.threads = static_cast<int>(threads);
+  int last_percent = -1;
+  if (!quiet) {
+    write.progress = [&](uint64_t done, uint64_t all) {
+      const int percent = all ? static_cast<int>(100 * done / all) : 100;
+      if (percent / 10 != last_percent / 10) {
+        std::fprintf(stderr, "  %3d%%  %llu of %llu bytes\n", percent, static_cast<unsigned long long>(done),
+                     static_cast<unsigned long long>(all));
+        last_percent = percent;
+      }
+    };
+  }
+  auto written = CreateSyntheticPack(std::move(*manifest), write);
+  if (!written.ok()) return Fail(written.status());
+  std::printf("created pack '%s' in %s: %zu layers, %llu bytes\n", written->name.c_str(), out.c_str(),
+              written->layers.size(), static_cast<unsigned long long>(written->total_bytes()));
+  return 0;
+}
+
+int PackVerify(int argc, char** argv) {
+  int64_t sample = 64;
+  FlagSet flags("engramctl pack verify",
+                "engramctl pack verify DIR: checks each row file's size and xxh3_64, and samples rows\n"
+                "of synthetic packs against the formula. Exit code 0 only when the pack is sound.");
+  flags.Int("sample-rows", &sample, "rows per layer checked against the synthetic formula");
+  std::vector<std::string> positional;
+  ParseOrExit(flags, argc, argv, 3, &positional);
+  if (positional.size() != 1) return Fail(absl::InvalidArgumentError("pack verify takes one pack directory"));
+  auto report = VerifyPack(positional[0], static_cast<uint64_t>(std::max<int64_t>(0, sample)));
+  if (!report.ok()) return Fail(report.status());
+  for (const auto& p : report->problems) std::printf("problem: %s\n", p.c_str());
+  std::printf("%s: %llu bytes checked, %llu rows sampled, %zu problems\n", positional[0].c_str(),
+              static_cast<unsigned long long>(report->bytes_checked),
+              static_cast<unsigned long long>(report->rows_sampled), report->problems.size());
+  return report->problems.empty() ? 0 : 1;
+}
+
+int PackInfo(int argc, char** argv) {
+  FlagSet flags("engramctl pack info", "engramctl pack info DIR: prints a pack's layout.");
+  std::vector<std::string> positional;
+  ParseOrExit(flags, argc, argv, 3, &positional);
+  if (positional.size() != 1) return Fail(absl::InvalidArgumentError("pack info takes one pack directory"));
+  auto m = LoadPackManifest(positional[0]);
+  if (!m.ok()) return Fail(m.status());
+  std::printf("name:        %s\n", m->name.c_str());
+  std::printf("row:         %s x %d = %lld bytes\n", std::string(RowDtypeName(m->row.dtype)).c_str(), m->row.dim,
+              static_cast<long long>(m->row.bytes));
+  std::printf("hash:        %s, orders 2..%d, %d heads per order (%d per layer), seed %llu, pad id %lld\n",
+              m->hash_kind.c_str(), m->hash.max_ngram, m->hash.heads_per_ngram, m->hash.heads_per_layer(),
+              static_cast<unsigned long long>(m->hash.seed), static_cast<long long>(m->hash.pad_id));
+  std::printf("vocab:       compressed %lld ids%s\n", static_cast<long long>(m->hash.compressed_vocab),
+              m->compress_lut_file.empty() ? " (no lut)" : absl::StrCat(" (lut ", m->compress_lut_file, ")").c_str());
+  for (const auto& l : m->layers) {
+    std::printf("layer %-5d  %llu rows, %llu bytes, file %s, xxh3_64 %s\n", l.id,
+                static_cast<unsigned long long>(l.layout.total_rows),
+                static_cast<unsigned long long>(l.layout.total_rows * m->row.bytes), l.file.c_str(),
+                l.xxh3_64.c_str());
+    std::string heads;
+    for (int64_t r : l.layout.head_rows) absl::StrAppend(&heads, heads.empty() ? "" : " ", r);
+    std::printf("             head rows: %s\n", heads.c_str());
+  }
+  std::printf("total:       %llu bytes%s\n", static_cast<unsigned long long>(m->total_bytes()),
+              m->synthetic_seed ? absl::StrCat(", synthetic seed ", *m->synthetic_seed).c_str() : "");
+  return 0;
+}
+
+int Hash(int argc, char** argv) {
+  std::string pack, tokens, shape, out;
+  FlagSet flags("engramctl hash",
+                "engramctl hash: hashes raw token ids [B][T] (little-endian int32) with a pack's layout and\n"
+                "writes little-endian int64 [B][T][layers in manifest order][heads] head-local indices.");
+  flags.String("pack", &pack, "pack directory (its manifest gives the hash config)");
+  flags.String("tokens", &tokens, "raw token ids, little-endian int32");
+  flags.String("shape", &shape, "B,T (batch, sequence length); B*T must equal the number of ids");
+  flags.String("out", &out, "output file, little-endian int64");
+  ParseOrExit(flags, argc, argv, 2, nullptr);
+  if (pack.empty() || tokens.empty() || shape.empty() || out.empty()) {
+    return Fail(absl::InvalidArgumentError("--pack, --tokens, --shape and --out are all required"));
+  }
+  std::vector<std::string> parts = absl::StrSplit(shape, ',');
+  int batch = 0, seq_len = 0;
+  if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &batch) || !absl::SimpleAtoi(parts[1], &seq_len) ||
+      batch < 1 || seq_len < 1) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--shape '", shape, "' is not B,T with B, T >= 1")));
+  }
+  auto m = LoadPackManifest(pack);
+  if (!m.ok()) return Fail(m.status());
+  auto ids = ReadInt32File(tokens);
+  if (!ids.ok()) return Fail(ids.status());
+  std::vector<LayerHashLayout> layouts;
+  for (const auto& l : m->layers) layouts.push_back(l.layout);
+  auto hasher = NgramHasher::Create(m->hash, layouts);
+  if (!hasher.ok()) return Fail(hasher.status());
+  std::vector<int64_t> hashes;
+  if (absl::Status s = (*hasher)->HashAllLayers(*ids, batch, seq_len, &hashes); !s.ok()) return Fail(s);
+  std::ofstream o(out, std::ios::binary);
+  o.write(reinterpret_cast<const char*>(hashes.data()), static_cast<std::streamsize>(hashes.size() * 8));
+  if (!o) return Fail(absl::InternalError(absl::StrCat("cannot write ", out)));
+  std::printf("wrote %zu indices ([%d][%d][%zu][%d]) to %s\n", hashes.size(), batch, seq_len, m->layers.size(),
+              (*hasher)->heads_per_layer(), out.c_str());
+  return 0;
+}
+
+int Main(int argc, char** argv) {
+  const std::string a1 = argc > 1 ? argv[1] : "", a2 = argc > 2 ? argv[2] : "";
+  if (a1 == "pack" && a2 == "create") return PackCreate(argc, argv);
+  if (a1 == "pack" && a2 == "verify") return PackVerify(argc, argv);
+  if (a1 == "pack" && a2 == "info") return PackInfo(argc, argv);
+  if (a1 == "hash") return Hash(argc, argv);
+  if (a1.empty() || a1 == "--help" || a1 == "-h" || a1 == "help") {
+    std::puts(kUsage);
+    return a1.empty() ? 2 : 0;
+  }
+  std::fprintf(stderr, "engramctl: unknown command '%s%s%s'\n\n%s\n", a1.c_str(), a2.empty() ? "" : " ", a2.c_str(),
+               kUsage);
+  return 2;
+}
+
+}  // namespace
+}  // namespace engram
+
+int main(int argc, char** argv) { return engram::Main(argc, argv); }

@@ -1,0 +1,168 @@
+// engramd: serves Engram table packs to inference workers over gRPC, with a Prometheus endpoint.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "service/cli_flags.h"
+#include "service/daemon_metrics.h"
+#include "service/grpc_service.h"
+#include "service/http_endpoint.h"
+#include "service/log.h"
+#include "tiering/engine.h"
+#include "tiering/table.h"
+
+namespace engram {
+namespace {
+
+constexpr char kUsage[] =
+    "engramd: serves Engram conditional-memory tables to inference workers.\n"
+    "\n"
+    "Usage: engramd --pack DIR [--pack DIR ...] [flags]\n"
+    "\n"
+    "Each --pack is a table pack (made by `engramctl pack create`); its table name is the\n"
+    "manifest's name. Tables are loaded into host memory at start; /readyz turns ready once every\n"
+    "table is loaded. SIGTERM or SIGINT drains: new requests get UNAVAILABLE, in-flight ones finish.";
+
+struct DaemonFlags {
+  std::vector<std::string> packs;
+  std::string listen = "127.0.0.1:50051";
+  std::string metrics_listen = "127.0.0.1:9464";
+  int64_t max_batch_rows = 1 << 20;
+  int64_t worker_threads = -1;
+  bool verify_checksums = true;
+  std::string ports_file;
+  double drain_seconds = 5;
+};
+
+int Run(int argc, char** argv) {
+  DaemonFlags f;
+  FlagSet flags("engramd", kUsage);
+  flags.StringList("pack", &f.packs, "table pack directory to serve");
+  flags.String("listen", &f.listen, "gRPC address HOST:PORT (port 0 picks a free one)");
+  flags.String("metrics-listen", &f.metrics_listen,
+               "HTTP address for /metrics, /healthz, /readyz (HOST:PORT, or 'off')");
+  flags.Int("max-batch-rows", &f.max_batch_rows,
+            "largest request in rows (tokens x heads); larger ones get RESOURCE_EXHAUSTED");
+  flags.Int("worker-threads", &f.worker_threads,
+            "gather helper threads beside each request's own thread (-1: one per core, minus one)");
+  flags.Bool("verify-checksums", &f.verify_checksums,
+             "check each row file's xxh3_64 against the manifest while loading");
+  flags.String("ports-file", &f.ports_file,
+               "write the bound ports as JSON here once ready (for scripts using port 0)");
+  flags.Double("drain-seconds", &f.drain_seconds, "how long in-flight requests may finish on shutdown");
+  ParseOrExit(flags, argc, argv, 1, nullptr);
+  if (f.packs.empty()) {
+    std::fprintf(stderr, "engramd needs at least one --pack DIR (see --help)\n");
+    return 2;
+  }
+  if (f.max_batch_rows < 1) {
+    std::fprintf(stderr, "--max-batch-rows must be at least 1\n");
+    return 2;
+  }
+
+  // Signals are taken by sigwait below; block them before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  MetricsRegistry registry;
+  DaemonMetrics metrics(&registry);
+  metrics.SetReady(false);
+  HttpEndpoint http(&registry, nullptr);
+  int metrics_port = -1;
+  if (f.metrics_listen != "off") {
+    auto port = http.Start(f.metrics_listen);
+    if (!port.ok()) {
+      LogError("metrics_listen_failed", {{"address", f.metrics_listen}, {"error", std::string(port.status().message())}});
+      return 1;
+    }
+    metrics_port = *port;
+  }
+
+  EngineOptions engine_options;
+  engine_options.max_batch_rows = static_cast<uint64_t>(f.max_batch_rows);
+  engine_options.worker_threads = static_cast<int>(f.worker_threads);
+  Engine engine(engine_options);
+  TableOptions table_options;
+  table_options.verify_checksums = f.verify_checksums;
+  for (const std::string& dir : f.packs) {
+    const auto start = std::chrono::steady_clock::now();
+    auto table = Table::Open(dir, table_options);
+    if (!table.ok()) {
+      LogError("table_load_failed", {{"pack", dir}, {"error", std::string(table.status().message())}});
+      return 1;
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    for (const auto& layer : (*table)->layers()) {
+      LogInfo("table_loaded", {{"table", (*table)->name()},
+                               {"layer", absl::StrCat(layer.pack_layer->id)},
+                               {"rows", absl::StrCat(layer.pack_layer->layout.total_rows)},
+                               {"row_bytes", absl::StrCat((*table)->row_bytes())},
+                               {"bytes", absl::StrCat(layer.tier->resident_bytes())},
+                               {"tier", std::string(layer.tier->description())},
+                               {"pack", dir},
+                               {"load_seconds", absl::StrCat(seconds)}});
+    }
+    if (absl::Status s = engine.AddTable(std::move(*table)); !s.ok()) {
+      LogError("table_load_failed", {{"pack", dir}, {"error", std::string(s.message())}});
+      return 1;
+    }
+  }
+  LogInfo("tier_hbm_off", {{"reason", "this engramd has no HBM tier: GPU support is not built"}});
+  metrics.RecordTables(engine, /*hbm_enabled=*/false);
+
+  EngramGrpcService service(&engine, &metrics);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int grpc_port = 0;
+  builder.AddListeningPort(f.listen, grpc::InsecureServerCredentials(), &grpc_port);
+  builder.RegisterService(&service);
+  const uint64_t max_message = std::max<uint64_t>(64ull << 20, static_cast<uint64_t>(f.max_batch_rows) * 8 + (1 << 20));
+  builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<uint64_t>(max_message, INT32_MAX)));
+  builder.SetMaxSendMessageSize(-1);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || grpc_port == 0) {
+    LogError("grpc_listen_failed", {{"address", f.listen}});
+    return 1;
+  }
+  server->GetHealthCheckService()->SetServingStatus(true);
+  http.set_ready(true);
+  metrics.SetReady(true);
+  if (!f.ports_file.empty()) {
+    const std::string tmp = f.ports_file + ".tmp";
+    std::ofstream(tmp) << "{\"grpc_port\": " << grpc_port << ", \"metrics_port\": " << metrics_port << "}\n";
+    std::rename(tmp.c_str(), f.ports_file.c_str());
+  }
+  LogInfo("ready", {{"grpc", f.listen}, {"grpc_port", absl::StrCat(grpc_port)},
+                    {"metrics_port", absl::StrCat(metrics_port)}, {"tables", absl::StrCat(engine.tables().size())},
+                    {"worker_threads", absl::StrCat(f.worker_threads)}});
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  LogInfo("draining", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
+  http.set_ready(false);
+  metrics.SetReady(false);
+  service.set_draining(true);
+  server->GetHealthCheckService()->SetServingStatus(false);
+  server->Shutdown(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000)));
+  server->Wait();
+  http.Stop();
+  LogInfo("stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace engram
+
+int main(int argc, char** argv) { return engram::Run(argc, argv); }

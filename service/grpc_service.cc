@@ -1,0 +1,206 @@
+#include "service/grpc_service.h"
+
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace engram {
+namespace {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+// Wire bytes (little-endian uint32) to a native array. A copy, because a protobuf string need not
+// be 4-byte aligned; small next to the gather.
+absl::Status DecodeU32(const std::string& bytes, const char* field, std::vector<uint32_t>* out) {
+  if (bytes.size() % 4 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " holds ", bytes.size(), " bytes, not a whole number of 4-byte values"));
+  }
+  out->resize(bytes.size() / 4);
+  std::memcpy(out->data(), bytes.data(), bytes.size());
+  return absl::OkStatus();
+}
+
+class RequestTimer {
+ public:
+  RequestTimer(DaemonMetrics* metrics, const char* method)
+      : metrics_(metrics), method_(method), start_(std::chrono::steady_clock::now()) {}
+  grpc::Status Finish(const absl::Status& s) {
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    metrics_->RecordRequest("grpc", method_, s.code(), seconds);
+    return ToGrpc(s);
+  }
+
+ private:
+  DaemonMetrics* metrics_;
+  const char* method_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+absl::Status Draining() {
+  return absl::UnavailableError("engramd is shutting down; retry against the restarted daemon");
+}
+
+}  // namespace
+
+void FillTableInfo(const Table& table, v1::TableInfo* info) {
+  const PackManifest& m = table.manifest();
+  info->set_name(m.name);
+  info->set_dtype(std::string(RowDtypeName(m.row.dtype)));
+  info->set_dim(m.row.dim);
+  info->set_row_bytes(static_cast<uint32_t>(m.row.bytes));
+  info->set_heads(m.hash.heads_per_layer());
+  info->set_total_bytes(m.total_bytes());
+  info->set_synthetic(m.synthetic_seed.has_value());
+  info->set_synthetic_seed(m.synthetic_seed.value_or(0));
+  v1::HashConfig* hash = info->mutable_hash();
+  hash->set_kind(m.hash_kind);
+  hash->set_max_ngram(m.hash.max_ngram);
+  hash->set_heads_per_ngram(m.hash.heads_per_ngram);
+  hash->set_seed(m.hash.seed);
+  for (int64_t v : m.hash.vocab_per_ngram) hash->add_vocab_per_ngram(static_cast<uint64_t>(v));
+  hash->set_pad_id(m.hash.pad_id);
+  hash->set_compressed_vocab(static_cast<uint64_t>(m.hash.compressed_vocab));
+  hash->set_compress_lut(std::string(reinterpret_cast<const char*>(m.hash.compress_lut.data()),
+                                     m.hash.compress_lut.size() * sizeof(int32_t)));
+  for (const auto& layer : table.layers()) {
+    v1::LayerInfo* li = info->add_layers();
+    li->set_id(layer.pack_layer->id);
+    for (int64_t r : layer.pack_layer->layout.head_rows) li->add_head_rows(static_cast<uint64_t>(r));
+    for (int64_t mult : layer.pack_layer->layout.multipliers) li->add_multipliers(mult);
+    li->set_total_rows(layer.pack_layer->layout.total_rows);
+    li->set_tier(std::string(layer.tier->description()));
+  }
+}
+
+absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request, v1::LookupResponse* response) {
+  if (draining_.load()) return Draining();
+  const Table* table = engine_->FindTable(request.table());
+  if (table == nullptr) return absl::NotFoundError(absl::StrCat("no table named '", request.table(), "'"));
+  std::vector<uint32_t> indices;
+  if (absl::Status s = DecodeU32(request.indices(), "indices", &indices); !s.ok()) return s;
+  const uint64_t rows = static_cast<uint64_t>(request.num_tokens()) * table->heads();
+  if (rows > engine_->options().max_batch_rows) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        request.num_tokens(), " tokens x ", table->heads(), " heads = ", rows,
+        " rows exceeds --max-batch-rows ", engine_->options().max_batch_rows));
+  }
+  response->set_request_id(request.request_id());
+  std::string* out = response->mutable_rows();
+  out->resize(indices.size() == rows ? rows * table->row_bytes() : 0);
+  LookupStats stats;
+  absl::Status s = engine_->Lookup(*table, static_cast<int>(request.layer()), request.num_tokens(), indices,
+                                   absl::MakeSpan(reinterpret_cast<uint8_t*>(out->data()), out->size()),
+                                   &stats);
+  if (!s.ok()) {
+    response->clear_rows();
+    return s;
+  }
+  metrics_->RecordLookup(*table, stats);
+  v1::LookupStats* ps = response->mutable_stats();
+  ps->set_rows_requested(stats.rows_requested);
+  ps->set_unique_rows(stats.unique_rows);
+  ps->set_hbm_rows(stats.tiers.rows[static_cast<int>(TierKind::kHbm)]);
+  ps->set_dram_rows(stats.tiers.rows[static_cast<int>(TierKind::kDram)]);
+  ps->set_nvme_rows(stats.tiers.rows[static_cast<int>(TierKind::kNvme)]);
+  return absl::OkStatus();
+}
+
+grpc::Status EngramGrpcService::Lookup(grpc::ServerContext*, const v1::LookupRequest* request,
+                                       v1::LookupResponse* response) {
+  RequestTimer timer(metrics_, "Lookup");
+  return timer.Finish(DoLookup(*request, response));
+}
+
+grpc::Status EngramGrpcService::LookupStream(
+    grpc::ServerContext*, grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) {
+  v1::LookupRequest request;
+  while (stream->Read(&request)) {
+    RequestTimer timer(metrics_, "LookupStream");
+    v1::LookupResponse response;
+    const absl::Status s = DoLookup(request, &response);
+    timer.Finish(s);
+    // A bad message ends the stream with its status: the client learns which request failed
+    // from the request_id in the message.
+    if (!s.ok()) {
+      return ToGrpc(absl::Status(s.code(), absl::StrCat("request_id ", request.request_id(), ": ", s.message())));
+    }
+    if (!stream->Write(response)) break;
+  }
+  return grpc::Status::OK;
+}
+
+absl::Status EngramGrpcService::DoLookupTokens(const v1::LookupTokensRequest& request,
+                                               v1::LookupTokensResponse* response) {
+  if (draining_.load()) return Draining();
+  const Table* table = engine_->FindTable(request.table());
+  if (table == nullptr) return absl::NotFoundError(absl::StrCat("no table named '", request.table(), "'"));
+  if (request.token_ids().size() % 4 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("token_ids holds ", request.token_ids().size(),
+                                                   " bytes, not a whole number of int32 ids"));
+  }
+  std::vector<int32_t> tokens(request.token_ids().size() / 4);
+  std::memcpy(tokens.data(), request.token_ids().data(), request.token_ids().size());
+  std::vector<int> layers(request.layers().begin(), request.layers().end());
+  if (layers.empty()) layers = table->manifest().layer_ids();
+  const uint64_t tokens_count = static_cast<uint64_t>(request.batch()) * request.seq_len();
+  if (tokens_count * table->heads() > engine_->options().max_batch_rows) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        request.batch(), " x ", request.seq_len(), " tokens x ", table->heads(), " heads exceeds --max-batch-rows ",
+        engine_->options().max_batch_rows));
+  }
+  std::vector<uint32_t> indices;
+  for (int layer : layers) {
+    if (absl::Status s = Engine::HashTokens(*table, layer, tokens, request.batch(), request.seq_len(), &indices);
+        !s.ok()) {
+      return s;
+    }
+    std::string* out = response->add_rows();
+    out->resize(indices.size() * table->row_bytes());
+    LookupStats stats;
+    absl::Status s = engine_->Lookup(*table, layer, static_cast<uint32_t>(tokens_count), indices,
+                                     absl::MakeSpan(reinterpret_cast<uint8_t*>(out->data()), out->size()),
+                                     &stats);
+    if (!s.ok()) {
+      response->Clear();
+      return s;
+    }
+    response->add_layers(static_cast<uint32_t>(layer));
+    metrics_->RecordLookup(*table, stats);
+  }
+  return absl::OkStatus();
+}
+
+grpc::Status EngramGrpcService::LookupTokens(grpc::ServerContext*, const v1::LookupTokensRequest* request,
+                                             v1::LookupTokensResponse* response) {
+  RequestTimer timer(metrics_, "LookupTokens");
+  return timer.Finish(DoLookupTokens(*request, response));
+}
+
+grpc::Status EngramGrpcService::ListTables(grpc::ServerContext*, const v1::ListTablesRequest*,
+                                           v1::ListTablesResponse* response) {
+  RequestTimer timer(metrics_, "ListTables");
+  for (const Table* table : engine_->tables()) {
+    FillTableInfo(*table, response->add_tables());
+    response->mutable_tables()->rbegin()->mutable_hash()->clear_compress_lut();  // GetTable has it
+  }
+  return timer.Finish(absl::OkStatus());
+}
+
+grpc::Status EngramGrpcService::GetTable(grpc::ServerContext*, const v1::GetTableRequest* request,
+                                         v1::TableInfo* response) {
+  RequestTimer timer(metrics_, "GetTable");
+  const Table* table = engine_->FindTable(request->table());
+  if (table == nullptr) {
+    return timer.Finish(absl::NotFoundError(absl::StrCat("no table named '", request->table(), "'")));
+  }
+  FillTableInfo(*table, response);
+  return timer.Finish(absl::OkStatus());
+}
+
+}  // namespace engram

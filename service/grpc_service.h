@@ -1,0 +1,48 @@
+// engram.v1.Engram over gRPC: decodes requests, calls the Engine, encodes replies, and records
+// each request in DaemonMetrics. Stateless apart from the draining flag; gRPC calls it from
+// many threads at once.
+#ifndef ENGRAM_SERVICE_GRPC_SERVICE_H_
+#define ENGRAM_SERVICE_GRPC_SERVICE_H_
+
+#include <atomic>
+
+#include "engram/v1/engram.grpc.pb.h"
+#include "service/daemon_metrics.h"
+#include "tiering/engine.h"
+
+namespace engram {
+
+// Fills `info` with everything a client needs to configure itself for `table`.
+void FillTableInfo(const Table& table, v1::TableInfo* info);
+
+class EngramGrpcService final : public v1::Engram::Service {
+ public:
+  EngramGrpcService(Engine* engine, DaemonMetrics* metrics) : engine_(engine), metrics_(metrics) {}
+
+  // While draining, new requests get UNAVAILABLE.
+  void set_draining(bool draining) { draining_.store(draining); }
+
+  grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
+                      v1::LookupResponse* response) override;
+  grpc::Status LookupStream(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) override;
+  grpc::Status LookupTokens(grpc::ServerContext* context, const v1::LookupTokensRequest* request,
+                            v1::LookupTokensResponse* response) override;
+  grpc::Status ListTables(grpc::ServerContext* context, const v1::ListTablesRequest* request,
+                          v1::ListTablesResponse* response) override;
+  grpc::Status GetTable(grpc::ServerContext* context, const v1::GetTableRequest* request,
+                        v1::TableInfo* response) override;
+
+ private:
+  absl::Status DoLookup(const v1::LookupRequest& request, v1::LookupResponse* response);
+  absl::Status DoLookupTokens(const v1::LookupTokensRequest& request, v1::LookupTokensResponse* response);
+
+  Engine* engine_;
+  DaemonMetrics* metrics_;
+  std::atomic<bool> draining_{false};
+};
+
+}  // namespace engram
+
+#endif  // ENGRAM_SERVICE_GRPC_SERVICE_H_

@@ -1,0 +1,129 @@
+#include "tiering/dram_tier.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "xxhash.h"
+
+namespace engram {
+namespace {
+
+constexpr uint64_t kHugePage = 2ull << 20;
+constexpr int kPrefetchDistanceRows = 8;
+
+}  // namespace
+
+absl::StatusOr<HostRegion> HostRegion::Allocate(uint64_t bytes) {
+  HostRegion region;
+  region.size_ = bytes;
+  region.mapped_ = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  if (region.mapped_ == 0) region.mapped_ = kHugePage;
+  void* p = mmap(nullptr, region.mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot map ", bytes, " bytes of host memory: ", std::strerror(errno)));
+  }
+  madvise(p, region.mapped_, MADV_HUGEPAGE);  // advisory; fine if the kernel says no
+  region.data_ = static_cast<uint8_t*>(p);
+  return region;
+}
+
+HostRegion::HostRegion(HostRegion&& other) noexcept { *this = std::move(other); }
+
+HostRegion& HostRegion::operator=(HostRegion&& other) noexcept {
+  if (this != &other) {
+    if (data_ != nullptr) munmap(data_, mapped_);
+    data_ = other.data_;
+    size_ = other.size_;
+    mapped_ = other.mapped_;
+    other.data_ = nullptr;
+    other.size_ = other.mapped_ = 0;
+  }
+  return *this;
+}
+
+HostRegion::~HostRegion() {
+  if (data_ != nullptr) munmap(data_, mapped_);
+}
+
+absl::StatusOr<std::unique_ptr<DramResidentTier>> DramResidentTier::Load(
+    const std::string& path, uint64_t total_rows, int64_t row_bytes,
+    const std::string& expected_xxh3_hex) {
+  const uint64_t bytes = total_rows * static_cast<uint64_t>(row_bytes);
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes) {
+    close(fd);
+    return absl::DataLossError(absl::StrCat(path, " has ", st.st_size, " bytes; the manifest says ",
+                                            total_rows, " rows x ", row_bytes, " = ", bytes));
+  }
+  auto region = HostRegion::Allocate(bytes);
+  if (!region.ok()) {
+    close(fd);
+    return region.status();
+  }
+  XXH3_state_t* hash_state = XXH3_createState();
+  XXH3_64bits_reset(hash_state);
+  uint64_t done = 0;
+  while (done < bytes) {
+    const size_t want = static_cast<size_t>(std::min<uint64_t>(bytes - done, 64ull << 20));
+    const ssize_t got = pread(fd, region->data() + done, want, static_cast<off_t>(done));
+    if (got <= 0) {
+      const int err = errno;
+      XXH3_freeState(hash_state);
+      close(fd);
+      return absl::DataLossError(absl::StrCat("reading ", path, " at byte ", done, ": ",
+                                              got == 0 ? "unexpected end of file" : std::strerror(err)));
+    }
+    XXH3_64bits_update(hash_state, region->data() + done, static_cast<size_t>(got));
+    done += static_cast<uint64_t>(got);
+  }
+  close(fd);
+  const uint64_t digest = XXH3_64bits_digest(hash_state);
+  XXH3_freeState(hash_state);
+  if (!expected_xxh3_hex.empty()) {
+    const std::string actual = absl::StrFormat("%016x", digest);
+    if (actual != expected_xxh3_hex) {
+      return absl::DataLossError(absl::StrCat(path, " is corrupt: xxh3_64 is ", actual,
+                                              ", the manifest says ", expected_xxh3_hex));
+    }
+  }
+  mprotect(region->data(), bytes, PROT_READ);  // read-only from here on: a stray write faults
+  return std::unique_ptr<DramResidentTier>(
+      new DramResidentTier(std::move(*region), total_rows, row_bytes));
+}
+
+void GatherRows(const uint8_t* base, int64_t row_bytes, absl::Span<const uint64_t> rows,
+                absl::Span<uint8_t* const> dests) {
+  const size_t n = rows.size();
+  const uint64_t stride = static_cast<uint64_t>(row_bytes);
+  for (size_t i = 0; i < n && i < static_cast<size_t>(kPrefetchDistanceRows); ++i) {
+    const uint8_t* p = base + rows[i] * stride;
+    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (i + kPrefetchDistanceRows < n) {
+      const uint8_t* p = base + rows[i + kPrefetchDistanceRows] * stride;
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
+    }
+    std::memcpy(dests[i], base + rows[i] * stride, static_cast<size_t>(row_bytes));
+  }
+}
+
+absl::Status DramResidentTier::ReadRows(absl::Span<const uint64_t> rows,
+                                        absl::Span<uint8_t* const> dests, TierCounts* counts) {
+  GatherRows(region_.data(), row_bytes_, rows, dests);
+  counts->rows[static_cast<int>(TierKind::kDram)] += rows.size();
+  return absl::OkStatus();
+}
+
+}  // namespace engram

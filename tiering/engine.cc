@@ -1,0 +1,149 @@
+#include "tiering/engine.h"
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "tiering/batch_dedup.h"
+
+namespace engram {
+
+Engine::Engine(const EngineOptions& options) : options_(options) {
+  int helpers = options.worker_threads;
+  if (helpers < 0) helpers = std::max(0, static_cast<int>(std::thread::hardware_concurrency()) - 1);
+  pool_ = std::make_unique<WorkerPool>(helpers);
+  if (options_.rows_per_piece == 0) options_.rows_per_piece = 8192;
+}
+
+absl::Status Engine::AddTable(std::unique_ptr<Table> table) {
+  if (FindTable(table->name()) != nullptr) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("a table named '", table->name(), "' is already served (from ", table->dir(), ")"));
+  }
+  tables_.push_back(std::move(table));
+  return absl::OkStatus();
+}
+
+const Table* Engine::FindTable(absl::string_view name) const {
+  for (const auto& t : tables_) {
+    if (t->name() == name) return t.get();
+  }
+  return nullptr;
+}
+
+std::vector<const Table*> Engine::tables() const {
+  std::vector<const Table*> out;
+  for (const auto& t : tables_) out.push_back(t.get());
+  return out;
+}
+
+absl::Status Engine::Lookup(absl::string_view table_name, int layer_id, uint32_t num_tokens,
+                            absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
+                            LookupStats* stats) {
+  const Table* table = FindTable(table_name);
+  if (table == nullptr) return absl::NotFoundError(absl::StrCat("no table named '", table_name, "'"));
+  return Lookup(*table, layer_id, num_tokens, indices, out, stats);
+}
+
+absl::Status Engine::Lookup(const Table& table, int layer_id, uint32_t num_tokens,
+                            absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
+                            LookupStats* stats) {
+  const Table::Layer* layer = table.FindLayer(layer_id);
+  if (layer == nullptr) {
+    return absl::NotFoundError(absl::StrCat("table '", table.name(), "' has no layer ", layer_id));
+  }
+  const int heads = table.heads();
+  const uint64_t total = static_cast<uint64_t>(num_tokens) * heads;
+  if (num_tokens == 0) return absl::InvalidArgumentError("num_tokens must be at least 1");
+  if (total > options_.max_batch_rows) {
+    return absl::ResourceExhaustedError(absl::StrCat(num_tokens, " tokens x ", heads, " heads = ", total,
+                                                     " rows exceeds the limit of ",
+                                                     options_.max_batch_rows, " rows per request"));
+  }
+  if (indices.size() != total) {
+    return absl::InvalidArgumentError(absl::StrCat("indices hold ", indices.size() * 4, " bytes; ",
+                                                   num_tokens, " tokens x ", heads,
+                                                   " heads x 4 bytes = ", total * 4, " expected"));
+  }
+  const int64_t row_bytes = table.row_bytes();
+  if (out.size() != total * static_cast<uint64_t>(row_bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat("output buffer holds ", out.size(), " bytes, ",
+                                                   total * row_bytes, " needed"));
+  }
+
+  // Head-local -> global rows, stopping at the first offender.
+  const LayerHashLayout& layout = layer->pack_layer->layout;
+  std::vector<uint64_t> rows(total);
+  for (uint32_t t = 0; t < num_tokens; ++t) {
+    for (int h = 0; h < heads; ++h) {
+      const size_t i = static_cast<size_t>(t) * heads + h;
+      const uint32_t idx = indices[i];
+      if (idx >= static_cast<uint64_t>(layout.head_rows[h])) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "index ", idx, " for token ", t, ", head ", h, " is out of range: head ", h, " of layer ",
+            layer_id, " has ", layout.head_rows[h], " rows (valid 0..", layout.head_rows[h] - 1, ")"));
+      }
+      rows[i] = layout.head_offset[h] + idx;
+    }
+  }
+
+  const uint32_t piece_rows = options_.rows_per_piece;
+  const int pieces = static_cast<int>((total + piece_rows - 1) / piece_rows);
+  std::mutex mu;
+  absl::Status first_error;
+  LookupStats totals;
+  totals.rows_requested = total;
+  RowTier* tier = layer->tier.get();
+  pool_->ParallelFor(pieces, [&](int piece) {
+    thread_local BatchDedup dedup;
+    thread_local std::vector<uint8_t*> dests;
+    const size_t begin = static_cast<size_t>(piece) * piece_rows;
+    const size_t end = std::min<size_t>(total, begin + piece_rows);
+    const absl::Span<const uint64_t> piece_span(rows.data() + begin, end - begin);
+    dedup.Build(piece_span);
+    dests.resize(dedup.unique_rows().size());
+    uint8_t* base = out.data() + begin * row_bytes;
+    for (size_t u = 0; u < dests.size(); ++u) dests[u] = base + dedup.first_positions()[u] * row_bytes;
+    TierCounts counts;
+    absl::Status s = tier->ReadRows(dedup.unique_rows(), dests, &counts);
+    if (s.ok()) {
+      for (const auto& rep : dedup.repeats()) {
+        std::memcpy(base + static_cast<size_t>(rep.position) * row_bytes, dests[rep.unique_index],
+                    static_cast<size_t>(row_bytes));
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    if (!s.ok() && first_error.ok()) first_error = s;
+    totals.unique_rows += dedup.unique_rows().size();
+    totals.tiers.Add(counts);
+  });
+  if (!first_error.ok()) return first_error;
+  if (stats != nullptr) *stats = totals;
+  return absl::OkStatus();
+}
+
+absl::Status Engine::HashTokens(const Table& table, int layer_id, absl::Span<const int32_t> token_ids,
+                                uint32_t batch, uint32_t seq_len, std::vector<uint32_t>* indices) {
+  const NgramHasher& hasher = table.hasher();
+  const int layer_index = hasher.LayerIndex(layer_id);
+  if (layer_index < 0) {
+    return absl::NotFoundError(absl::StrCat("table '", table.name(), "' has no layer ", layer_id));
+  }
+  const size_t tokens = static_cast<size_t>(batch) * seq_len;
+  if (tokens == 0 || token_ids.size() != tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("token_ids hold ", token_ids.size() * 4,
+                                                   " bytes; batch ", batch, " x seq_len ", seq_len,
+                                                   " x 4 bytes = ", tokens * 4, " expected (non-zero)"));
+  }
+  std::vector<int64_t> compressed(tokens);
+  if (absl::Status s = hasher.Compress(token_ids, absl::MakeSpan(compressed)); !s.ok()) return s;
+  std::vector<int64_t> local(tokens * hasher.heads_per_layer());
+  hasher.HashCompressed(compressed, static_cast<int>(batch), static_cast<int>(seq_len), layer_index,
+                        absl::MakeSpan(local));
+  indices->assign(local.begin(), local.end());
+  return absl::OkStatus();
+}
+
+}  // namespace engram

@@ -1,0 +1,50 @@
+// The seam between the lookup path and where rows live. A RowTier answers "copy these rows into
+// these places"; the engine owns validation, deduplication and splitting work across threads, so a
+// tier only ever sees unique, in-range global row numbers of one layer. The DRAM-resident table is
+// one tier; the NVMe tier and caches implement the same interface.
+// Implementations must be safe for concurrent ReadRows calls.
+#ifndef ENGRAM_TIERING_ROW_TIER_H_
+#define ENGRAM_TIERING_ROW_TIER_H_
+
+#include <array>
+#include <cstdint>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+
+namespace engram {
+
+enum class TierKind : uint8_t { kHbm = 0, kDram = 1, kNvme = 2 };
+inline constexpr int kNumTierKinds = 3;
+inline constexpr std::array<absl::string_view, kNumTierKinds> kTierNames = {"hbm", "dram", "nvme"};
+
+// Rows served by each tier, indexed by TierKind.
+struct TierCounts {
+  std::array<uint64_t, kNumTierKinds> rows{};
+  void Add(const TierCounts& other) {
+    for (int i = 0; i < kNumTierKinds; ++i) rows[i] += other.rows[i];
+  }
+};
+
+class RowTier {
+ public:
+  virtual ~RowTier() = default;
+
+  // Copies row rows[i] (row_bytes() bytes) to dests[i] for every i and counts where each came from.
+  // REQUIRES: rows unique and < total_rows(); rows.size() == dests.size().
+  // On error no promise is made about the dests' contents; the caller must not return them.
+  virtual absl::Status ReadRows(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests,
+                                TierCounts* counts) = 0;
+
+  virtual uint64_t total_rows() const = 0;
+  virtual int64_t row_bytes() const = 0;
+  // Bytes of memory this tier holds (DRAM or HBM), for metrics.
+  virtual uint64_t resident_bytes() const = 0;
+  // Which tier a start-up log line should name.
+  virtual absl::string_view description() const = 0;
+};
+
+}  // namespace engram
+
+#endif  // ENGRAM_TIERING_ROW_TIER_H_

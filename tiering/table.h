@@ -1,0 +1,53 @@
+// A served table: one pack's manifest, its hasher, and one RowTier per layer. Immutable once
+// built, so lookups read it from any thread without locks.
+#ifndef ENGRAM_TIERING_TABLE_H_
+#define ENGRAM_TIERING_TABLE_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "tiering/layout/manifest.h"
+#include "tiering/layout/ngram_hasher.h"
+#include "tiering/row_tier.h"
+
+namespace engram {
+
+struct TableOptions {
+  bool verify_checksums = true;  // refuse a pack whose row files do not match their xxh3_64
+};
+
+class Table {
+ public:
+  struct Layer {
+    const PackLayer* pack_layer = nullptr;
+    std::unique_ptr<RowTier> tier;
+  };
+
+  // Loads the pack at `dir` into memory (the DRAM-resident tier for every layer).
+  static absl::StatusOr<std::unique_ptr<Table>> Open(const std::string& dir, const TableOptions& options);
+
+  const std::string& name() const { return manifest_.name; }
+  const std::string& dir() const { return dir_; }
+  const PackManifest& manifest() const { return manifest_; }
+  const NgramHasher& hasher() const { return *hasher_; }
+  int heads() const { return manifest_.hash.heads_per_layer(); }
+  int64_t row_bytes() const { return manifest_.row.bytes; }
+  const std::vector<Layer>& layers() const { return layers_; }
+  // nullptr when the table has no such layer.
+  const Layer* FindLayer(int layer_id) const;
+  uint64_t resident_bytes() const;
+
+ private:
+  Table() = default;
+
+  std::string dir_;
+  PackManifest manifest_;
+  std::unique_ptr<NgramHasher> hasher_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace engram
+
+#endif  // ENGRAM_TIERING_TABLE_H_
