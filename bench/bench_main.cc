@@ -1,0 +1,367 @@
+// engram-bench: load generator for engramd. Drives a target (in-process engine or a daemon over
+// gRPC) with a workload for a fixed time from C threads, and prints rows/s, bytes/s and per-batch
+// latency percentiles with the conditions beside them (--json: one line for scripts).
+#include <grpcpp/grpcpp.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "bench/workload.h"
+#include "engram/v1/engram.grpc.pb.h"
+#include "nlohmann/json.hpp"
+#include "service/cli_flags.h"
+#include "tiering/dram_tier.h"
+#include "tiering/engine.h"
+#include "tiering/table.h"
+
+namespace engram {
+namespace {
+
+constexpr char kUsage[] =
+    "engram-bench: load tests for engramd.\n"
+    "\n"
+    "Usage:\n"
+    "  engram-bench --target grpc://HOST:PORT --table NAME [workload flags]\n"
+    "  engram-bench --target inproc --pack DIR [workload flags]\n"
+    "\n"
+    "Each request is one batch: --batch-tokens tokens of one layer (layers taken in turn). The\n"
+    "batches are generated before timing. With --target inproc the same engine engramd runs is\n"
+    "called directly (no transport), and a plain memcpy gather of uniformly random rows over the\n"
+    "same table, same threads and batch size, is measured right after as the DRAM ceiling.";
+
+using Clock = std::chrono::steady_clock;
+
+// What the bench drives. Lookup must be callable from `thread` concurrently with other threads.
+class Target {
+ public:
+  virtual ~Target() = default;
+  virtual absl::Status Lookup(int thread, const Batch& batch, std::vector<uint8_t>* out) = 0;
+};
+
+class InprocTarget final : public Target {
+ public:
+  InprocTarget(Engine* engine, const Table* table) : engine_(engine), table_(table) {}
+  absl::Status Lookup(int, const Batch& batch, std::vector<uint8_t>* out) override {
+    out->resize(batch.indices.size() * table_->row_bytes());
+    return engine_->Lookup(*table_, batch.layer_id, batch.num_tokens, batch.indices, absl::MakeSpan(*out), nullptr);
+  }
+
+ private:
+  Engine* engine_;
+  const Table* table_;
+};
+
+class GrpcTarget final : public Target {
+ public:
+  GrpcTarget(const std::string& address, const std::string& table, int threads) : table_(table) {
+    for (int i = 0; i < threads; ++i) {
+      grpc::ChannelArguments args;
+      args.SetMaxReceiveMessageSize(-1);
+      args.SetInt("engram.bench.channel", i);  // a distinct channel (connection) per thread
+      stubs_.push_back(v1::Engram::NewStub(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
+    }
+  }
+  v1::Engram::Stub* stub(int i) { return stubs_[i].get(); }
+  absl::Status Lookup(int thread, const Batch& batch, std::vector<uint8_t>* out) override {
+    v1::LookupRequest request;
+    request.set_table(table_);
+    request.set_layer(static_cast<uint32_t>(batch.layer_id));
+    request.set_num_tokens(batch.num_tokens);
+    request.set_indices(reinterpret_cast<const char*>(batch.indices.data()), batch.indices.size() * 4);
+    v1::LookupResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    const grpc::Status s = stubs_[thread]->Lookup(&context, request, &response);
+    if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+    out->assign(response.rows().begin(), response.rows().end());
+    return absl::OkStatus();
+  }
+
+ private:
+  std::string table_;
+  std::vector<std::unique_ptr<v1::Engram::Stub>> stubs_;
+};
+
+absl::StatusOr<std::unique_ptr<NgramHasher>> HasherFromTableInfo(const v1::TableInfo& info) {
+  HashConfig config;
+  config.max_ngram = static_cast<int>(info.hash().max_ngram());
+  config.heads_per_ngram = static_cast<int>(info.hash().heads_per_ngram());
+  config.seed = info.hash().seed();
+  for (uint64_t v : info.hash().vocab_per_ngram()) config.vocab_per_ngram.push_back(static_cast<int64_t>(v));
+  config.pad_id = info.hash().pad_id();
+  config.compressed_vocab = static_cast<int64_t>(info.hash().compressed_vocab());
+  config.compress_lut.resize(info.hash().compress_lut().size() / 4);
+  std::memcpy(config.compress_lut.data(), info.hash().compress_lut().data(), config.compress_lut.size() * 4);
+  std::vector<LayerHashLayout> layers;
+  for (const auto& l : info.layers()) {
+    LayerHashLayout layout;
+    layout.layer_id = static_cast<int>(l.id());
+    for (uint64_t r : l.head_rows()) layout.head_rows.push_back(static_cast<int64_t>(r));
+    for (int64_t m : l.multipliers()) layout.multipliers.push_back(m);
+    layers.push_back(std::move(layout));
+  }
+  return NgramHasher::Create(std::move(config), std::move(layers));
+}
+
+struct RunResult {
+  uint64_t requests = 0, rows = 0, errors = 0;
+  double seconds = 0;
+  std::vector<double> latencies_us;
+  std::string first_error;
+};
+
+// Runs `fn(thread, i)` from `threads` threads for `duration_s`; each call is one timed batch.
+RunResult RunTimed(int threads, double duration_s, uint64_t rows_per_request,
+                   const std::function<absl::Status(int, uint64_t)>& fn) {
+  RunResult result;
+  std::vector<std::vector<double>> lat(threads);
+  std::atomic<uint64_t> errors{0};
+  std::mutex error_mu;
+  const auto start = Clock::now();
+  const auto end = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(duration_s));
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      for (uint64_t i = t; Clock::now() < end; i += threads) {
+        const auto t0 = Clock::now();
+        const absl::Status s = fn(t, i);
+        const auto t1 = Clock::now();
+        if (!s.ok()) {
+          if (errors.fetch_add(1) == 0) {
+            std::lock_guard<std::mutex> lock(error_mu);
+            result.first_error = std::string(s.message());
+          }
+          continue;
+        }
+        lat[t].push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  for (auto& v : lat) result.latencies_us.insert(result.latencies_us.end(), v.begin(), v.end());
+  std::sort(result.latencies_us.begin(), result.latencies_us.end());
+  result.requests = result.latencies_us.size();
+  result.rows = result.requests * rows_per_request;
+  result.errors = errors.load();
+  return result;
+}
+
+double Percentile(const std::vector<double>& sorted, double q) {
+  if (sorted.empty()) return 0;
+  const size_t i = std::min(sorted.size() - 1, static_cast<size_t>(q * static_cast<double>(sorted.size())));
+  return sorted[i];
+}
+
+std::string CpuModel() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (absl::StartsWith(line, "model name")) return line.substr(line.find(':') + 2);
+  }
+  return "unknown";
+}
+
+int Main(int argc, char** argv) {
+  std::string target = "inproc", table_name, pack, workload_text = "zipf:1.0";
+  int64_t batch_tokens = 4096, concurrency = 1, worker_threads = -1, seed = 1, max_batches = 64;
+  double duration = 5;
+  bool json = false, ceiling = true;
+  FlagSet flags("engram-bench", kUsage);
+  flags.String("target", &target, "grpc://HOST:PORT or inproc");
+  flags.String("table", &table_name, "table name (gRPC; inproc uses the pack's)");
+  flags.String("pack", &pack, "pack directory (inproc)");
+  flags.String("workload", &workload_text,
+               "zipf:ALPHA (per-head Zipf over rows; zipf:0 is uniform) or trace:FILE.i32 (raw token ids)");
+  flags.Int("batch-tokens", &batch_tokens, "tokens per request");
+  flags.Int("concurrency", &concurrency, "client threads, each with one request in flight");
+  flags.Double("duration", &duration, "seconds to run each measurement");
+  flags.Int("worker-threads", &worker_threads, "inproc engine's gather helpers (-1: cores - 1)");
+  flags.Int("batches", &max_batches, "distinct batches generated before timing (cycled)");
+  flags.Int("seed", &seed, "workload seed");
+  flags.Bool("ceiling", &ceiling, "inproc: also measure the plain memcpy gather ceiling");
+  flags.Bool("json", &json, "print one JSON object on one line instead of text");
+  ParseOrExit(flags, argc, argv, 1, nullptr);
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "engram-bench: %s\n", std::string(s.message()).c_str());
+    return 1;
+  };
+  if (batch_tokens < 1 || concurrency < 1 || duration <= 0 || max_batches < 1) {
+    return fail(absl::InvalidArgumentError("--batch-tokens, --concurrency, --duration, --batches must be positive"));
+  }
+  if (duration > 3600) return fail(absl::InvalidArgumentError("--duration is capped at 3600 seconds"));
+  auto spec = ParseWorkload(workload_text);
+  if (!spec.ok()) return fail(spec.status());
+
+  std::unique_ptr<Engine> engine;
+  const Table* table = nullptr;
+  std::unique_ptr<Target> driver;
+  std::unique_ptr<NgramHasher> remote_hasher;
+  const NgramHasher* hasher = nullptr;
+  int64_t row_bytes = 0;
+  if (target == "inproc") {
+    if (pack.empty()) return fail(absl::InvalidArgumentError("--target inproc needs --pack DIR"));
+    EngineOptions options;
+    options.worker_threads = static_cast<int>(worker_threads);
+    engine = std::make_unique<Engine>(options);
+    auto opened = Table::Open(pack, TableOptions{});
+    if (!opened.ok()) return fail(opened.status());
+    table = opened->get();
+    if (absl::Status s = engine->AddTable(std::move(*opened)); !s.ok()) return fail(s);
+    table_name = table->name();
+    hasher = &table->hasher();
+    row_bytes = table->row_bytes();
+    driver = std::make_unique<InprocTarget>(engine.get(), table);
+  } else if (absl::StartsWith(target, "grpc://")) {
+    if (table_name.empty()) return fail(absl::InvalidArgumentError("--target grpc://... needs --table NAME"));
+    auto grpc_target = std::make_unique<GrpcTarget>(target.substr(7), table_name, static_cast<int>(concurrency));
+    v1::GetTableRequest request;
+    request.set_table(table_name);
+    v1::TableInfo info;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    const grpc::Status s = grpc_target->stub(0)->GetTable(&context, request, &info);
+    if (!s.ok()) {
+      return fail(absl::UnavailableError(absl::StrCat("GetTable(", table_name, ") at ", target, ": ", s.error_message())));
+    }
+    auto h = HasherFromTableInfo(info);
+    if (!h.ok()) return fail(h.status());
+    remote_hasher = std::move(*h);
+    hasher = remote_hasher.get();
+    row_bytes = info.row_bytes();
+    driver = std::move(grpc_target);
+  } else {
+    return fail(absl::InvalidArgumentError(absl::StrCat("--target '", target, "' is not inproc or grpc://HOST:PORT")));
+  }
+
+  auto batches = MakeBatches(*spec, *hasher, static_cast<uint32_t>(batch_tokens), static_cast<int>(max_batches),
+                             static_cast<uint64_t>(seed));
+  if (!batches.ok()) return fail(batches.status());
+  const int heads = hasher->heads_per_layer();
+  const uint64_t rows_per_request = static_cast<uint64_t>(batch_tokens) * heads;
+  std::vector<std::vector<uint8_t>> outs(concurrency);
+  // One untimed request per thread: connections up, buffers sized.
+  for (int t = 0; t < concurrency; ++t) {
+    if (absl::Status s = driver->Lookup(t, (*batches)[t % batches->size()], &outs[t]); !s.ok()) return fail(s);
+  }
+  const RunResult run = RunTimed(static_cast<int>(concurrency), duration, rows_per_request, [&](int t, uint64_t i) {
+    return driver->Lookup(t, (*batches)[i % batches->size()], &outs[t]);
+  });
+
+  // The ceiling: plain gathers of uniformly random rows of the same layers, same threads and
+  // batch size (the memory system's limit for this table), and of the workload's own rows.
+  RunResult ceiling_run, same_rows_run;
+  const bool measure_ceiling = ceiling && table != nullptr;
+  if (measure_ceiling) {
+    std::vector<const DramResidentTier*> tiers;
+    std::vector<std::vector<uint64_t>> uniform_rows, workload_rows;
+    std::mt19937_64 rng(static_cast<uint64_t>(seed) + 99);
+    for (const auto& b : *batches) {
+      const Table::Layer* layer = table->FindLayer(b.layer_id);
+      tiers.push_back(dynamic_cast<const DramResidentTier*>(layer->tier.get()));
+      std::uniform_int_distribution<uint64_t> any_row(0, layer->tier->total_rows() - 1);
+      std::vector<uint64_t> u(rows_per_request), w(rows_per_request);
+      const auto& layout = layer->pack_layer->layout;
+      for (uint64_t i = 0; i < rows_per_request; ++i) {
+        u[i] = any_row(rng);
+        w[i] = layout.head_offset[i % heads] + b.indices[i];
+      }
+      uniform_rows.push_back(std::move(u));
+      workload_rows.push_back(std::move(w));
+    }
+    // Like an engine lookup, each request's rows are split over the same number of threads.
+    WorkerPool pool(engine->options().worker_threads >= 0
+                        ? engine->options().worker_threads
+                        : std::max(0, static_cast<int>(std::thread::hardware_concurrency()) - 1));
+    auto gather = [&](const std::vector<std::vector<uint64_t>>& rows_of, int t, uint64_t i) {
+      const size_t k = i % rows_of.size();
+      const std::vector<uint64_t>& rows = rows_of[k];
+      const uint8_t* base = tiers[k]->row(0);
+      uint8_t* out = outs[t].data();
+      const size_t piece = engine->options().rows_per_piece;
+      const int pieces = static_cast<int>((rows.size() + piece - 1) / piece);
+      pool.ParallelFor(pieces, [&](int p) {
+        const size_t begin = p * piece, end = std::min(rows.size(), begin + piece);
+        for (size_t r = begin; r < end; ++r) {
+          std::memcpy(out + r * row_bytes, base + rows[r] * row_bytes, static_cast<size_t>(row_bytes));
+        }
+      });
+      return absl::OkStatus();
+    };
+    ceiling_run = RunTimed(static_cast<int>(concurrency), duration, rows_per_request,
+                           [&](int t, uint64_t i) { return gather(uniform_rows, t, i); });
+    same_rows_run = RunTimed(static_cast<int>(concurrency), duration, rows_per_request,
+                             [&](int t, uint64_t i) { return gather(workload_rows, t, i); });
+  }
+
+  const double rows_per_s = run.rows / run.seconds;
+  nlohmann::json out = {
+      {"tool", "engram-bench"},
+      {"target", target.substr(0, target.find("://") == std::string::npos ? target.size() : target.find("://"))},
+      {"table", table_name},
+      {"workload", spec->text},
+      {"batch_tokens", batch_tokens},
+      {"heads", heads},
+      {"rows_per_batch", rows_per_request},
+      {"row_bytes", row_bytes},
+      {"concurrency", concurrency},
+      {"worker_threads", worker_threads},
+      {"duration_s", run.seconds},
+      {"requests", run.requests},
+      {"errors", run.errors},
+      {"rows_per_s", rows_per_s},
+      {"bytes_per_s", rows_per_s * row_bytes},
+      {"tokens_per_s", rows_per_s / heads},
+      {"p50_us", Percentile(run.latencies_us, 0.50)},
+      {"p90_us", Percentile(run.latencies_us, 0.90)},
+      {"p99_us", Percentile(run.latencies_us, 0.99)},
+      {"p999_us", Percentile(run.latencies_us, 0.999)},
+      {"cpus", std::thread::hardware_concurrency()},
+      {"cpu_model", CpuModel()},
+  };
+  if (measure_ceiling) {
+    out["ceiling_rows_per_s"] = ceiling_run.rows / ceiling_run.seconds;
+    out["ceiling_p99_us"] = Percentile(ceiling_run.latencies_us, 0.99);
+    out["ratio_to_ceiling"] = rows_per_s / (ceiling_run.rows / ceiling_run.seconds);
+    out["memcpy_same_rows_per_s"] = same_rows_run.rows / same_rows_run.seconds;
+    out["ratio_to_memcpy_same_rows"] = rows_per_s / (same_rows_run.rows / same_rows_run.seconds);
+  }
+  if (!run.first_error.empty()) out["first_error"] = run.first_error;
+  if (json) {
+    std::printf("%s\n", out.dump().c_str());
+  } else {
+    std::printf("engram-bench  target=%s table=%s workload=%s batch_tokens=%lld concurrency=%lld duration=%.1fs\n",
+                target.c_str(), table_name.c_str(), spec->text.c_str(), static_cast<long long>(batch_tokens),
+                static_cast<long long>(concurrency), run.seconds);
+    std::printf("  requests %llu (errors %llu), %d heads x %lld-byte rows per token\n",
+                static_cast<unsigned long long>(run.requests), static_cast<unsigned long long>(run.errors), heads,
+                static_cast<long long>(row_bytes));
+    std::printf("  rows/s   %.4g    bytes/s %.4g    tokens/s %.4g\n", rows_per_s, rows_per_s * row_bytes,
+                rows_per_s / heads);
+    std::printf("  latency per batch (us): p50 %.1f  p90 %.1f  p99 %.1f  p999 %.1f\n",
+                Percentile(run.latencies_us, 0.5), Percentile(run.latencies_us, 0.9),
+                Percentile(run.latencies_us, 0.99), Percentile(run.latencies_us, 0.999));
+    if (measure_ceiling) {
+      std::printf("  memcpy ceiling (uniform random rows): rows/s %.4g  -> engine at %.0f%% of it\n",
+                  out["ceiling_rows_per_s"].get<double>(), 100 * out["ratio_to_ceiling"].get<double>());
+      std::printf("  memcpy of the workload's own rows:    rows/s %.4g  -> engine at %.0f%% of it\n",
+                  out["memcpy_same_rows_per_s"].get<double>(), 100 * out["ratio_to_memcpy_same_rows"].get<double>());
+    }
+    if (!run.first_error.empty()) std::printf("  first error: %s\n", run.first_error.c_str());
+  }
+  return run.errors == 0 ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace engram
+
+int main(int argc, char** argv) { return engram::Main(argc, argv); }

@@ -1,0 +1,441 @@
+// The real engramd binary on loopback, driven by a C++ gRPC client: rows equal the synthetic
+// formula, every bad input gets its status and the daemon keeps serving, /metrics passes
+// promtool, SIGTERM drains and exits cleanly, and engram-bench runs against it.
+#include <arpa/inet.h>
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "engram/v1/engram.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/test_util.h"
+#include "tiering/layout/manifest.h"
+#include "tiering/layout/synthetic.h"
+
+namespace engram {
+namespace {
+
+using testing::TempDir;
+
+// Runs a command, returns (exit code, stdout+stderr).
+std::pair<int, std::string> RunCommand(const std::string& cmd) {
+  std::string out;
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// A plain HTTP/1.1 GET on 127.0.0.1; returns (status code, body).
+std::pair<int, std::string> HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return {-1, ""};
+  }
+  const std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  (void)!write(fd, req.data(), req.size());
+  std::string resp;
+  char buf[8192];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) resp.append(buf, static_cast<size_t>(n));
+  close(fd);
+  const size_t sp = resp.find(' ');
+  const size_t body = resp.find("\r\n\r\n");
+  if (sp == std::string::npos || body == std::string::npos) return {-1, resp};
+  return {std::stoi(resp.substr(sp + 1, 3)), resp.substr(body + 4)};
+}
+
+// engramd as a child process; ports are read from --ports-file.
+class Daemon {
+ public:
+  Daemon(const std::vector<std::string>& args, const std::string& dir) : log_path_(dir + "/engramd.log") {
+    const std::string ports = dir + "/ports.json";
+    std::remove(ports.c_str());
+    std::vector<std::string> argv = {ENGRAMD_PATH, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+                                     "--ports-file", ports};
+    argv.insert(argv.end(), args.begin(), args.end());
+    pid_ = fork();
+    if (pid_ == 0) {
+      FILE* log = std::fopen(log_path_.c_str(), "w");
+      dup2(fileno(log), 1);
+      dup2(fileno(log), 2);
+      std::vector<char*> cargv;
+      for (auto& a : argv) cargv.push_back(a.data());
+      cargv.push_back(nullptr);
+      execv(cargv[0], cargv.data());
+      _exit(127);
+    }
+    for (int i = 0; i < 600 && !std::ifstream(ports).good(); ++i) {
+      int status;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        pid_ = -1;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    const auto j = nlohmann::json::parse(ReadFile(ports));
+    grpc_port_ = j["grpc_port"];
+    metrics_port_ = j["metrics_port"];
+  }
+  ~Daemon() {
+    if (pid_ > 0) Stop();
+  }
+  // SIGTERM and wait (bounded); returns the exit code.
+  int Stop() {
+    if (pid_ <= 0) return exit_code_;
+    kill(pid_, SIGTERM);
+    for (int i = 0; i < 200; ++i) {
+      int status;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        return exit_code_;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+    return -1;
+  }
+  bool running() const { return pid_ > 0; }
+  int exit_code() const { return exit_code_; }
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const { return metrics_port_; }
+  std::string log() const { return ReadFile(log_path_); }
+
+ private:
+  std::string log_path_;
+  pid_t pid_ = -1;
+  int exit_code_ = -1;
+  int grpc_port_ = 0, metrics_port_ = 0;
+};
+
+class DaemonTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    const auto [code, out] = RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.002 --quiet --out " +
+                                 pack_dir());
+    ASSERT_EQ(code, 0) << out;
+    manifest_ = new PackManifest(*LoadPackManifest(pack_dir()));
+    daemon_ = new Daemon({"--pack", pack_dir(), "--max-batch-rows", "4096"}, dir_->path());
+    ASSERT_TRUE(daemon_->running()) << daemon_->log();
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    stub_ = v1::Engram::NewStub(grpc::CreateCustomChannel(
+                                    "127.0.0.1:" + std::to_string(daemon_->grpc_port()),
+                                    grpc::InsecureChannelCredentials(), args))
+                .release();
+  }
+  static void TearDownTestSuite() {
+    delete stub_;
+    delete daemon_;
+    delete manifest_;
+    delete dir_;
+  }
+  static std::string pack_dir() { return dir_->path() + "/pack"; }
+
+  static std::vector<uint8_t> ExpectedRow(int layer_id, int h, uint32_t idx) {
+    const auto& m = *manifest_;
+    const auto& layout = m.FindLayer(layer_id)->layout;
+    std::vector<float> scratch(m.row.dim);
+    std::vector<uint8_t> row(m.row.bytes);
+    SyntheticRow(*m.synthetic_seed, layer_id, layout.head_offset[h] + idx, m.row.dim, m.row.dtype, scratch.data(),
+                 row.data());
+    return row;
+  }
+
+  static grpc::Status Lookup(int layer, uint32_t tokens, const std::vector<uint32_t>& indices,
+                             v1::LookupResponse* response, const std::string& table = "demo") {
+    v1::LookupRequest request;
+    request.set_table(table);
+    request.set_layer(static_cast<uint32_t>(layer));
+    request.set_num_tokens(tokens);
+    request.set_request_id(77);
+    request.set_indices(reinterpret_cast<const char*>(indices.data()), indices.size() * 4);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    return stub_->Lookup(&context, request, response);
+  }
+
+  static TempDir* dir_;
+  static PackManifest* manifest_;
+  static Daemon* daemon_;
+  static v1::Engram::Stub* stub_;
+};
+
+TempDir* DaemonTest::dir_ = nullptr;
+PackManifest* DaemonTest::manifest_ = nullptr;
+Daemon* DaemonTest::daemon_ = nullptr;
+v1::Engram::Stub* DaemonTest::stub_ = nullptr;
+
+TEST_F(DaemonTest, StartupLogNamesEachTableLayerAndTier) {
+  const std::string log = daemon_->log();
+  EXPECT_NE(log.find("event=table_loaded table=demo layer=1 "), std::string::npos) << log;
+  EXPECT_NE(log.find("event=table_loaded table=demo layer=15 "), std::string::npos) << log;
+  EXPECT_NE(log.find("tier=dram-resident"), std::string::npos) << log;
+  EXPECT_NE(log.find("event=tier_hbm_off"), std::string::npos) << log;
+}
+
+TEST_F(DaemonTest, TablesDescribeTheLayout) {
+  grpc::ClientContext c1;
+  v1::ListTablesResponse list;
+  ASSERT_TRUE(stub_->ListTables(&c1, v1::ListTablesRequest(), &list).ok());
+  ASSERT_EQ(list.tables_size(), 1);
+  EXPECT_EQ(list.tables(0).name(), "demo");
+  grpc::ClientContext c2;
+  v1::GetTableRequest req;
+  req.set_table("demo");
+  v1::TableInfo info;
+  ASSERT_TRUE(stub_->GetTable(&c2, req, &info).ok());
+  EXPECT_EQ(info.dtype(), "bf16");
+  EXPECT_EQ(info.row_bytes(), 128u);
+  EXPECT_EQ(info.heads(), 16u);
+  EXPECT_EQ(info.hash().compress_lut().size(), 129280u * 4);
+  ASSERT_EQ(info.layers_size(), 2);
+  for (int l = 0; l < 2; ++l) {
+    const auto& layout = manifest_->layers[l].layout;
+    EXPECT_EQ(info.layers(l).id(), static_cast<uint32_t>(manifest_->layers[l].id));
+    ASSERT_EQ(info.layers(l).head_rows_size(), 16);
+    for (int h = 0; h < 16; ++h) EXPECT_EQ(info.layers(l).head_rows(h), static_cast<uint64_t>(layout.head_rows[h]));
+    for (int k = 0; k < 3; ++k) EXPECT_EQ(info.layers(l).multipliers(k), layout.multipliers[k]);
+  }
+  grpc::ClientContext c3;
+  req.set_table("missing");
+  EXPECT_EQ(stub_->GetTable(&c3, req, &info).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(DaemonTest, LookupReturnsTheFormulasRows) {
+  const int heads = 16;
+  const uint32_t tokens = 200;
+  std::vector<uint32_t> indices(tokens * heads);
+  std::mt19937 rng(5);
+  const auto& layout = manifest_->FindLayer(15)->layout;
+  for (size_t i = 0; i < indices.size(); ++i) indices[i] = rng() % layout.head_rows[i % heads];
+  for (int h = 0; h < heads; ++h) indices[h] = static_cast<uint32_t>(layout.head_rows[h] - 1);  // last rows
+  for (int h = 0; h < heads; ++h) indices[heads + h] = indices[h];                             // a repeat
+  v1::LookupResponse response;
+  const grpc::Status s = Lookup(15, tokens, indices, &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(response.request_id(), 77u);
+  ASSERT_EQ(response.rows().size(), indices.size() * 128);
+  for (size_t i = 0; i < indices.size(); ++i) {
+    const auto want = ExpectedRow(15, static_cast<int>(i % heads), indices[i]);
+    ASSERT_EQ(0, std::memcmp(response.rows().data() + i * 128, want.data(), 128)) << i;
+  }
+  EXPECT_EQ(response.stats().rows_requested(), indices.size());
+  EXPECT_LT(response.stats().unique_rows(), indices.size());
+  EXPECT_EQ(response.stats().dram_rows(), response.stats().unique_rows());
+}
+
+TEST_F(DaemonTest, LookupStreamAnswersInOrder) {
+  grpc::ClientContext context;
+  auto stream = stub_->LookupStream(&context);
+  std::vector<std::vector<uint32_t>> sent;
+  for (uint32_t r = 0; r < 5; ++r) {
+    v1::LookupRequest request;
+    request.set_table("demo");
+    request.set_layer(1);
+    request.set_num_tokens(r + 1);
+    request.set_request_id(100 + r);
+    std::vector<uint32_t> idx((r + 1) * 16);
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<uint32_t>(r * 31 + i);
+    request.set_indices(reinterpret_cast<const char*>(idx.data()), idx.size() * 4);
+    ASSERT_TRUE(stream->Write(request));
+    sent.push_back(idx);
+  }
+  stream->WritesDone();
+  v1::LookupResponse response;
+  for (uint32_t r = 0; r < 5; ++r) {
+    ASSERT_TRUE(stream->Read(&response));
+    EXPECT_EQ(response.request_id(), 100 + r);
+    ASSERT_EQ(response.rows().size(), sent[r].size() * 128);
+    for (size_t i = 0; i < sent[r].size(); ++i) {
+      ASSERT_EQ(0, std::memcmp(response.rows().data() + i * 128, ExpectedRow(1, static_cast<int>(i % 16), sent[r][i]).data(), 128));
+    }
+  }
+  EXPECT_FALSE(stream->Read(&response));
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(DaemonTest, LookupTokensHashesLikeTheClient) {
+  const auto trace = *ReadInt32File(testing::TestDataPath("fortunes.deepseek_v3.i32"));
+  const uint32_t batch = 2, seq_len = 40;
+  std::vector<int32_t> tokens(trace.begin() + 1000, trace.begin() + 1000 + batch * seq_len);
+  v1::LookupTokensRequest request;
+  request.set_table("demo");
+  request.set_batch(batch);
+  request.set_seq_len(seq_len);
+  request.set_token_ids(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 4);
+  grpc::ClientContext context;
+  v1::LookupTokensResponse response;
+  ASSERT_TRUE(stub_->LookupTokens(&context, request, &response).ok());
+  ASSERT_EQ(response.rows_size(), 2);
+  std::vector<LayerHashLayout> layouts;
+  for (const auto& l : manifest_->layers) layouts.push_back(l.layout);
+  auto hasher = *NgramHasher::Create(manifest_->hash, layouts);
+  std::vector<int64_t> hashes;
+  ASSERT_TRUE(hasher->HashAllLayers(tokens, batch, seq_len, &hashes).ok());
+  for (int l = 0; l < 2; ++l) {
+    EXPECT_EQ(response.layers(l), static_cast<uint32_t>(manifest_->layers[l].id));
+    const std::string& rows = response.rows(l);
+    ASSERT_EQ(rows.size(), batch * seq_len * 16 * 128u);
+    for (uint32_t t = 0; t < batch * seq_len; ++t) {
+      for (int h = 0; h < 16; ++h) {
+        const auto idx = static_cast<uint32_t>(hashes[(t * 2 + l) * 16 + h]);
+        ASSERT_EQ(0, std::memcmp(rows.data() + (t * 16 + h) * 128, ExpectedRow(manifest_->layers[l].id, h, idx).data(), 128));
+      }
+    }
+  }
+  // A raw id outside the tokenizer is refused, naming it.
+  tokens[3] = 200000;
+  request.set_token_ids(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 4);
+  grpc::ClientContext c2;
+  const grpc::Status s = stub_->LookupTokens(&c2, request, &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("token id 200000 at position 3"), std::string::npos) << s.error_message();
+}
+
+TEST_F(DaemonTest, BadInputGetsItsStatusAndServingContinues) {
+  v1::LookupResponse response;
+  std::vector<uint32_t> two_tokens(32, 1);
+  EXPECT_EQ(Lookup(1, 2, two_tokens, &response, "nope").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Lookup(2, 2, two_tokens, &response).error_code(), grpc::StatusCode::NOT_FOUND);
+  grpc::Status s = Lookup(1, 3, two_tokens, &response);  // 3 tokens need 192 bytes, got 128
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("indices hold 128 bytes"), std::string::npos) << s.error_message();
+  std::vector<uint32_t> bad = two_tokens;
+  bad[16 + 4] = 99999999;
+  s = Lookup(1, 2, bad, &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("index 99999999 for token 1, head 4"), std::string::npos) << s.error_message();
+  EXPECT_NE(s.error_message().find(std::to_string(manifest_->layers[0].layout.head_rows[4]) + " rows"),
+            std::string::npos) << s.error_message();
+  std::vector<uint32_t> too_many(257 * 16, 0);  // 4112 rows > --max-batch-rows 4096
+  s = Lookup(1, 257, too_many, &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(s.error_message().find("max-batch-rows"), std::string::npos) << s.error_message();
+  // Indices that are not a whole number of uint32 values.
+  v1::LookupRequest odd;
+  odd.set_table("demo");
+  odd.set_layer(1);
+  odd.set_num_tokens(1);
+  odd.set_indices(std::string(63, '\0'));
+  grpc::ClientContext context;
+  EXPECT_EQ(stub_->Lookup(&context, odd, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // Still serving, with the right bytes.
+  ASSERT_TRUE(Lookup(1, 2, two_tokens, &response).ok());
+  EXPECT_EQ(0, std::memcmp(response.rows().data(), ExpectedRow(1, 0, 1).data(), 128));
+  EXPECT_TRUE(daemon_->running());
+}
+
+TEST_F(DaemonTest, MetricsPassPromtoolAndCountRequests) {
+  v1::LookupResponse response;
+  std::vector<uint32_t> idx(16, 3);
+  ASSERT_TRUE(Lookup(1, 1, idx, &response).ok());
+  EXPECT_EQ(Lookup(1, 1, std::vector<uint32_t>(16, 4000000000u), &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  const auto [code, body] = HttpGet(daemon_->metrics_port(), "/metrics");
+  ASSERT_EQ(code, 200);
+  EXPECT_NE(body.find("engram_requests_total{transport=\"grpc\",method=\"Lookup\",code=\"OK\"}"), std::string::npos);
+  EXPECT_NE(body.find("engram_requests_total{transport=\"grpc\",method=\"Lookup\",code=\"INVALID_ARGUMENT\"}"),
+            std::string::npos) << body;
+  EXPECT_NE(body.find("engram_request_duration_seconds_bucket{transport=\"grpc\",method=\"Lookup\",le=\"+Inf\"}"),
+            std::string::npos);
+  EXPECT_NE(body.find("engram_rows_served_total{table=\"demo\",tier=\"dram\"}"), std::string::npos);
+  EXPECT_NE(body.find("engram_tier_enabled{tier=\"hbm\"} 0"), std::string::npos);
+  EXPECT_NE(body.find("engram_table_bytes{table=\"demo\"} " + std::to_string(manifest_->total_bytes())), std::string::npos);
+  const std::string file = dir_->path() + "/metrics.txt";
+  std::ofstream(file) << body;
+  const auto [lint_code, lint_out] = RunCommand("promtool check metrics < " + file);
+  EXPECT_EQ(lint_code, 0) << lint_out;
+  EXPECT_EQ(HttpGet(daemon_->metrics_port(), "/healthz").first, 200);
+  EXPECT_EQ(HttpGet(daemon_->metrics_port(), "/readyz").first, 200);
+  EXPECT_EQ(HttpGet(daemon_->metrics_port(), "/nothing").first, 404);
+}
+
+TEST_F(DaemonTest, BenchDrivesTheDaemon) {
+  const std::string target = "grpc://127.0.0.1:" + std::to_string(daemon_->grpc_port());
+  for (const std::string& workload : std::vector<std::string>{"zipf:1.0", "trace:" + testing::TestDataPath("fortunes.deepseek_v3.i32")}) {
+    const auto [code, out] = RunCommand(std::string(ENGRAM_BENCH_PATH) + " --target " + target +
+                                 " --table demo --batch-tokens 256 --duration 0.5 --json --workload " + workload);
+    ASSERT_EQ(code, 0) << out;
+    const auto j = nlohmann::json::parse(out);
+    EXPECT_EQ(j["errors"], 0);
+    EXPECT_GT(j["requests"].get<int>(), 0);
+    EXPECT_GT(j["rows_per_s"].get<double>(), 0);
+    EXPECT_LE(j["p50_us"].get<double>(), j["p99_us"].get<double>());
+    EXPECT_EQ(j["workload"], workload);
+  }
+  const auto [code, out] = RunCommand(std::string(ENGRAM_BENCH_PATH) + " --target inproc --pack " + pack_dir() +
+                               " --batch-tokens 256 --duration 0.3 --json --workload zipf:0");
+  ASSERT_EQ(code, 0) << out;
+  const auto j = nlohmann::json::parse(out);
+  EXPECT_GT(j["ceiling_rows_per_s"].get<double>(), 0);
+}
+
+TEST(DaemonLifecycleTest, SigtermDrainsAndExitsCleanly) {
+  TempDir dir;
+  ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.001 --quiet --out " + dir.path() + "/p").first, 0);
+  Daemon daemon({"--pack", dir.path() + "/p"}, dir.path());
+  ASSERT_TRUE(daemon.running()) << daemon.log();
+  EXPECT_EQ(daemon.Stop(), 0);
+  const std::string log = daemon.log();
+  EXPECT_NE(log.find("event=draining signal=SIGTERM"), std::string::npos) << log;
+  EXPECT_NE(log.find("event=stopped"), std::string::npos) << log;
+}
+
+TEST(DaemonLifecycleTest, CorruptPackIsRefusedAtStart) {
+  TempDir dir;
+  const std::string pack = dir.path() + "/p";
+  ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.001 --quiet --out " + pack).first, 0);
+  {
+    std::fstream f(pack + "/layer-15.rows", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(77);
+    f.put('\x01');
+  }
+  EXPECT_NE(RunCommand(std::string(ENGRAMCTL_PATH) + " pack verify " + pack).first, 0);
+  Daemon daemon({"--pack", pack}, dir.path());
+  EXPECT_FALSE(daemon.running());
+  EXPECT_EQ(daemon.exit_code(), 1);
+  EXPECT_NE(daemon.log().find("layer-15.rows is corrupt"), std::string::npos) << daemon.log();
+}
+
+TEST(DaemonLifecycleTest, MissingPackAndBadFlagsSayWhatIsWrong) {
+  auto [code, out] = RunCommand(std::string(ENGRAMD_PATH) + " --pack /nonexistent/pack --metrics-listen off --listen 127.0.0.1:0");
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(out.find("no pack at /nonexistent/pack"), std::string::npos) << out;
+  std::tie(code, out) = RunCommand(std::string(ENGRAMD_PATH) + " --bogus");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("unknown flag --bogus"), std::string::npos) << out;
+  std::tie(code, out) = RunCommand(std::string(ENGRAMD_PATH) + " --help");
+  EXPECT_EQ(code, 0);
+  EXPECT_NE(out.find("--max-batch-rows"), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace engram
