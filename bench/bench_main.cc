@@ -176,6 +176,7 @@ int Main(int argc, char** argv) {
   int64_t batch_tokens = 4096, concurrency = 1, worker_threads = -1, seed = 1, max_batches = 64;
   double duration = 5;
   bool json = false, ceiling = true;
+  std::string dedup = "auto";
   FlagSet flags("engram-bench", kUsage);
   flags.String("target", &target, "grpc://HOST:PORT or inproc");
   flags.String("table", &table_name, "table name (gRPC; inproc uses the pack's)");
@@ -188,6 +189,7 @@ int Main(int argc, char** argv) {
   flags.Int("worker-threads", &worker_threads, "inproc engine's gather helpers (-1: cores - 1)");
   flags.Int("batches", &max_batches, "distinct batches generated before timing (cycled)");
   flags.Int("seed", &seed, "workload seed");
+  flags.String("dedup", &dedup, "inproc: auto (the tier decides), on or off: dedup each batch piece before reading");
   flags.Bool("ceiling", &ceiling, "inproc: also measure the plain memcpy gather ceiling");
   flags.Bool("json", &json, "print one JSON object on one line instead of text");
   ParseOrExit(flags, argc, argv, 1, nullptr);
@@ -212,6 +214,9 @@ int Main(int argc, char** argv) {
     if (pack.empty()) return fail(absl::InvalidArgumentError("--target inproc needs --pack DIR"));
     EngineOptions options;
     options.worker_threads = static_cast<int>(worker_threads);
+    auto parsed_dedup = ParseDedup(dedup);
+    if (!parsed_dedup.ok()) return fail(parsed_dedup.status());
+    options.dedup = *parsed_dedup;
     engine = std::make_unique<Engine>(options);
     auto opened = Table::Open(pack, TableOptions{});
     if (!opened.ok()) return fail(opened.status());
@@ -315,6 +320,7 @@ int Main(int argc, char** argv) {
       {"row_bytes", row_bytes},
       {"concurrency", concurrency},
       {"worker_threads", worker_threads},
+      {"dedup", dedup},
       {"duration_s", run.seconds},
       {"requests", run.requests},
       {"errors", run.errors},

@@ -38,15 +38,16 @@ void DaemonMetrics::RecordLookup(const Table& table, const LookupStats& stats) {
                    {"table"}, {table.name()})
       ->Add(static_cast<double>(stats.rows_requested));
   registry_
-      ->GetCounter("engram_lookup_unique_rows_total",
-                   "Distinct rows read for lookups after in-batch deduplication", {"table"}, {table.name()})
-      ->Add(static_cast<double>(stats.unique_rows));
+      ->GetCounter("engram_lookup_rows_read_total",
+                   "Rows read from tiers for lookups, after in-batch deduplication where it applies",
+                   {"table"}, {table.name()})
+      ->Add(static_cast<double>(stats.rows_read));
   for (int t = 0; t < kNumTierKinds; ++t) {
     const uint64_t rows = stats.tiers.rows[t];
     if (rows == 0) continue;
     const std::string tier(kTierNames[t]);
     registry_
-        ->GetCounter("engram_rows_served_total", "Distinct rows read from each tier", {"table", "tier"},
+        ->GetCounter("engram_rows_served_total", "Rows read from each tier", {"table", "tier"},
                      {table.name(), tier})
         ->Add(static_cast<double>(rows));
     registry_

@@ -39,6 +39,7 @@ struct DaemonFlags {
   bool verify_checksums = true;
   std::string ports_file;
   double drain_seconds = 5;
+  std::string dedup = "auto";
 };
 
 int Run(int argc, char** argv) {
@@ -52,6 +53,8 @@ int Run(int argc, char** argv) {
             "largest request in rows (tokens x heads); larger ones get RESOURCE_EXHAUSTED");
   flags.Int("worker-threads", &f.worker_threads,
             "gather helper threads beside each request's own thread (-1: one per core, minus one)");
+  flags.String("dedup", &f.dedup,
+               "auto|on|off: read each distinct row of a batch once (auto: where the tier's reads cost)");
   flags.Bool("verify-checksums", &f.verify_checksums,
              "check each row file's xxh3_64 against the manifest while loading");
   flags.String("ports-file", &f.ports_file,
@@ -91,6 +94,12 @@ int Run(int argc, char** argv) {
   EngineOptions engine_options;
   engine_options.max_batch_rows = static_cast<uint64_t>(f.max_batch_rows);
   engine_options.worker_threads = static_cast<int>(f.worker_threads);
+  auto dedup = ParseDedup(f.dedup);
+  if (!dedup.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(dedup.status().message()).c_str());
+    return 2;
+  }
+  engine_options.dedup = *dedup;
   Engine engine(engine_options);
   TableOptions table_options;
   table_options.verify_checksums = f.verify_checksums;
@@ -143,7 +152,7 @@ int Run(int argc, char** argv) {
     std::ofstream(tmp) << "{\"grpc_port\": " << grpc_port << ", \"metrics_port\": " << metrics_port << "}\n";
     std::rename(tmp.c_str(), f.ports_file.c_str());
   }
-  LogInfo("ready", {{"grpc", f.listen}, {"grpc_port", absl::StrCat(grpc_port)},
+  LogInfo("ready", {{"grpc_listen", f.listen}, {"grpc_port", absl::StrCat(grpc_port)},
                     {"metrics_port", absl::StrCat(metrics_port)}, {"tables", absl::StrCat(engine.tables().size())},
                     {"worker_threads", absl::StrCat(f.worker_threads)}});
 

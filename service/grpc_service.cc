@@ -104,7 +104,7 @@ absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request, v1::L
   metrics_->RecordLookup(*table, stats);
   v1::LookupStats* ps = response->mutable_stats();
   ps->set_rows_requested(stats.rows_requested);
-  ps->set_unique_rows(stats.unique_rows);
+  ps->set_rows_read(stats.rows_read);
   ps->set_hbm_rows(stats.tiers.rows[static_cast<int>(TierKind::kHbm)]);
   ps->set_dram_rows(stats.tiers.rows[static_cast<int>(TierKind::kDram)]);
   ps->set_nvme_rows(stats.tiers.rows[static_cast<int>(TierKind::kNvme)]);

@@ -47,6 +47,7 @@ class DramResidentTier final : public RowTier {
   uint64_t total_rows() const override { return total_rows_; }
   int64_t row_bytes() const override { return row_bytes_; }
   uint64_t resident_bytes() const override { return region_.size(); }
+  bool dedup_saves_reads() const override { return false; }
   absl::string_view description() const override { return "dram-resident"; }
 
   const uint8_t* row(uint64_t r) const { return region_.data() + r * static_cast<uint64_t>(row_bytes_); }

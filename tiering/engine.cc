@@ -10,6 +10,13 @@
 
 namespace engram {
 
+absl::StatusOr<EngineOptions::Dedup> ParseDedup(absl::string_view text) {
+  if (text == "auto") return EngineOptions::Dedup::kAuto;
+  if (text == "on") return EngineOptions::Dedup::kOn;
+  if (text == "off") return EngineOptions::Dedup::kOff;
+  return absl::InvalidArgumentError(absl::StrCat("--dedup '", text, "' is not auto, on or off"));
+}
+
 Engine::Engine(const EngineOptions& options) : options_(options) {
   int helpers = options.worker_threads;
   if (helpers < 0) helpers = std::max(0, static_cast<int>(std::thread::hardware_concurrency()) - 1);
@@ -75,7 +82,11 @@ absl::Status Engine::Lookup(const Table& table, int layer_id, uint32_t num_token
 
   // Head-local -> global rows, stopping at the first offender.
   const LayerHashLayout& layout = layer->pack_layer->layout;
-  std::vector<uint64_t> rows(total);
+  // Reused across requests on this thread: a fresh 8-byte-per-row buffer would cost page faults.
+  // (Bound to a reference: the helpers below must use this thread's buffer, not their own.)
+  thread_local std::vector<uint64_t> tls_rows;
+  std::vector<uint64_t>& rows = tls_rows;
+  rows.resize(total);
   for (uint32_t t = 0; t < num_tokens; ++t) {
     for (int h = 0; h < heads; ++h) {
       const size_t i = static_cast<size_t>(t) * heads + h;
@@ -96,17 +107,29 @@ absl::Status Engine::Lookup(const Table& table, int layer_id, uint32_t num_token
   LookupStats totals;
   totals.rows_requested = total;
   RowTier* tier = layer->tier.get();
+  const bool use_dedup = options_.dedup == EngineOptions::Dedup::kOn ||
+                         (options_.dedup == EngineOptions::Dedup::kAuto && tier->dedup_saves_reads());
   pool_->ParallelFor(pieces, [&](int piece) {
     thread_local BatchDedup dedup;
     thread_local std::vector<uint8_t*> dests;
     const size_t begin = static_cast<size_t>(piece) * piece_rows;
     const size_t end = std::min<size_t>(total, begin + piece_rows);
     const absl::Span<const uint64_t> piece_span(rows.data() + begin, end - begin);
+    uint8_t* base = out.data() + begin * row_bytes;
+    TierCounts counts;
+    if (!use_dedup) {
+      dests.resize(piece_span.size());
+      for (size_t i = 0; i < dests.size(); ++i) dests[i] = base + i * row_bytes;
+      const absl::Status s = tier->ReadRows(piece_span, dests, &counts);
+      std::lock_guard<std::mutex> lock(mu);
+      if (!s.ok() && first_error.ok()) first_error = s;
+      totals.rows_read += piece_span.size();
+      totals.tiers.Add(counts);
+      return;
+    }
     dedup.Build(piece_span);
     dests.resize(dedup.unique_rows().size());
-    uint8_t* base = out.data() + begin * row_bytes;
     for (size_t u = 0; u < dests.size(); ++u) dests[u] = base + dedup.first_positions()[u] * row_bytes;
-    TierCounts counts;
     absl::Status s = tier->ReadRows(dedup.unique_rows(), dests, &counts);
     if (s.ok()) {
       for (const auto& rep : dedup.repeats()) {
@@ -116,7 +139,7 @@ absl::Status Engine::Lookup(const Table& table, int layer_id, uint32_t num_token
     }
     std::lock_guard<std::mutex> lock(mu);
     if (!s.ok() && first_error.ok()) first_error = s;
-    totals.unique_rows += dedup.unique_rows().size();
+    totals.rows_read += dedup.unique_rows().size();
     totals.tiers.Add(counts);
   });
   if (!first_error.ok()) return first_error;

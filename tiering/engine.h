@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "tiering/row_tier.h"
 #include "tiering/table.h"
@@ -26,12 +27,18 @@ struct EngineOptions {
   int worker_threads = 0;              // helpers beside the calling thread; <0: hardware threads - 1
   uint64_t max_batch_rows = 1u << 20;  // num_tokens * heads above this is ResourceExhausted
   uint32_t rows_per_piece = 8192;      // a batch is split into pieces of this many rows
+  // Read each distinct row of a piece once and copy the repeats: kAuto asks the tier
+  // (RowTier::dedup_saves_reads), kOn/kOff force it.
+  enum class Dedup { kAuto, kOn, kOff } dedup = Dedup::kAuto;
 };
+
+// Parses auto|on|off.
+absl::StatusOr<EngineOptions::Dedup> ParseDedup(absl::string_view text);
 
 struct LookupStats {
   uint64_t rows_requested = 0;
-  uint64_t unique_rows = 0;  // distinct rows within each piece, summed
-  TierCounts tiers;          // where the unique rows came from
+  uint64_t rows_read = 0;  // rows asked of the tiers: after in-piece dedup where it ran
+  TierCounts tiers;        // where the rows read came from
 };
 
 class Engine {

@@ -41,6 +41,10 @@ class RowTier {
   virtual int64_t row_bytes() const = 0;
   // Bytes of memory this tier holds (DRAM or HBM), for metrics.
   virtual uint64_t resident_bytes() const = 0;
+  // True when reading a row twice costs real work (I/O, a cache slot), so the engine should
+  // deduplicate a batch before asking. A resident DRAM table says false: a repeated row is a
+  // cache hit, cheaper than the hash probe that would find it (measured in bench/RESULTS.md).
+  virtual bool dedup_saves_reads() const = 0;
   // Which tier a start-up log line should name.
   virtual absl::string_view description() const = 0;
 };

@@ -15,7 +15,7 @@ namespace {
 using testing::CreateSmallPack;
 using testing::TempDir;
 
-class EngineTest : public ::testing::Test {
+class EngineTest : public ::testing::TestWithParam<EngineOptions::Dedup> {
  protected:
   void SetUp() override {
     manifest_ = CreateSmallPack(dir_.path(), RowDtype::kBf16, 64, /*vocab=*/1000);
@@ -23,6 +23,7 @@ class EngineTest : public ::testing::Test {
     options.worker_threads = 2;
     options.rows_per_piece = 64;  // small pieces, so a batch crosses threads
     options.max_batch_rows = 4096;
+    options.dedup = GetParam();
     engine_ = std::make_unique<Engine>(options);
     auto table = Table::Open(dir_.path(), TableOptions{});
     ASSERT_TRUE(table.ok()) << table.status();
@@ -56,7 +57,7 @@ class EngineTest : public ::testing::Test {
   const Table* table_ = nullptr;
 };
 
-TEST_F(EngineTest, GathersRowsWithRepeats) {
+TEST_P(EngineTest, GathersRowsWithRepeats) {
   const int heads = table_->heads();
   const uint32_t tokens = 300;
   std::vector<uint32_t> indices(tokens * heads);
@@ -74,11 +75,16 @@ TEST_F(EngineTest, GathersRowsWithRepeats) {
   ASSERT_TRUE(engine_->Lookup("small", 3, tokens, indices, absl::MakeSpan(out), &stats).ok());
   CheckRows(3, tokens, indices, out);
   EXPECT_EQ(stats.rows_requested, indices.size());
-  EXPECT_LT(stats.unique_rows, stats.rows_requested);  // repeats were read once per piece
-  EXPECT_EQ(stats.tiers.rows[static_cast<int>(TierKind::kDram)], stats.unique_rows);
+  if (GetParam() == EngineOptions::Dedup::kOn) {
+    EXPECT_LT(stats.rows_read, stats.rows_requested);  // repeats were read once per piece
+  } else {
+    // kOff, and kAuto over a resident DRAM table (whose repeats are cache hits): every row read.
+    EXPECT_EQ(stats.rows_read, stats.rows_requested);
+  }
+  EXPECT_EQ(stats.tiers.rows[static_cast<int>(TierKind::kDram)], stats.rows_read);
 }
 
-TEST_F(EngineTest, OutOfRangeIndexNamesTheFirstOffender) {
+TEST_P(EngineTest, OutOfRangeIndexNamesTheFirstOffender) {
   const int heads = table_->heads();
   std::vector<uint32_t> indices(4 * heads, 1);
   const int64_t limit = manifest_.layers[1].layout.head_rows[2];
@@ -91,7 +97,7 @@ TEST_F(EngineTest, OutOfRangeIndexNamesTheFirstOffender) {
   EXPECT_NE(s.message().find(absl::StrCat("has ", limit, " rows")), absl::string_view::npos) << s;
 }
 
-TEST_F(EngineTest, ShapeAndNameErrors) {
+TEST_P(EngineTest, ShapeAndNameErrors) {
   const int heads = table_->heads();
   std::vector<uint32_t> indices(2 * heads, 0);
   std::vector<uint8_t> out(indices.size() * 128);
@@ -107,7 +113,7 @@ TEST_F(EngineTest, ShapeAndNameErrors) {
   EXPECT_EQ(engine_->Lookup("small", 3, 0, {}, {}, nullptr).code(), absl::StatusCode::kInvalidArgument);
 }
 
-TEST_F(EngineTest, ConcurrentCallersGetTheirOwnRows) {
+TEST_P(EngineTest, ConcurrentCallersGetTheirOwnRows) {
   const int heads = table_->heads();
   std::vector<std::thread> threads;
   std::atomic<int> failures{0};
@@ -136,7 +142,7 @@ TEST_F(EngineTest, ConcurrentCallersGetTheirOwnRows) {
   EXPECT_EQ(failures.load(), 0);
 }
 
-TEST_F(EngineTest, HashTokensMatchesTheHasher) {
+TEST_P(EngineTest, HashTokensMatchesTheHasher) {
   std::vector<int32_t> tokens = {5, 9, 2, 700, 5, 9};
   std::vector<uint32_t> indices;
   ASSERT_TRUE(Engine::HashTokens(*table_, 7, tokens, 2, 3, &indices).ok());
@@ -148,6 +154,19 @@ TEST_F(EngineTest, HashTokensMatchesTheHasher) {
   }
   EXPECT_EQ(Engine::HashTokens(*table_, 8, tokens, 2, 3, &indices).code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(Engine::HashTokens(*table_, 7, tokens, 2, 4, &indices).code(), absl::StatusCode::kInvalidArgument);
+}
+
+INSTANTIATE_TEST_SUITE_P(DedupModes, EngineTest,
+                         ::testing::Values(EngineOptions::Dedup::kAuto, EngineOptions::Dedup::kOn,
+                                           EngineOptions::Dedup::kOff),
+                         [](const auto& info) {
+                           return info.param == EngineOptions::Dedup::kAuto ? "auto"
+                                  : info.param == EngineOptions::Dedup::kOn ? "on" : "off";
+                         });
+
+TEST(EngineOptionsTest, ParseDedup) {
+  EXPECT_EQ(*ParseDedup("on"), EngineOptions::Dedup::kOn);
+  EXPECT_EQ(ParseDedup("sometimes").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

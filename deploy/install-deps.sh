@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages engramd needs to build, test and run, skipping what is present.
+# Used by deploy/quickstart.sh and tests/run.sh; safe to run again. Debian 12 (bookworm).
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake ninja-build pkg-config curl
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
+  librocksdb-dev liburing-dev libcivetweb-dev libxxhash-dev nlohmann-json3-dev libgtest-dev
+  prometheus                                   # promtool checks the /metrics exposition
+  python3-grpcio python3-grpc-tools python3-numpy  # the Python peer in the tests (/usr/bin/python3)
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#PACKAGES[@]} packages present"
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "install-deps: need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+  SUDO="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
