@@ -67,6 +67,11 @@ class GrpcTarget final : public Target {
       grpc::ChannelArguments args;
       args.SetMaxReceiveMessageSize(-1);
       args.SetInt("engram.bench.channel", i);  // a distinct channel (connection) per thread
+      // Replies are megabytes: a fixed wide receive window beats BDP probing, which kept the
+      // window small and stalled 8 MB replies (p90 43 ms -> 11 ms here, bench/RESULTS.md). The
+      // same settings on the server made replies slower, so the daemon keeps gRPC's defaults.
+      args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+      args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
       stubs_.push_back(v1::Engram::NewStub(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
     }
   }
