@@ -15,10 +15,12 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "bench/simulate.h"
 #include "bench/workload.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "service/cli_flags.h"
+#include "tiering/cache/policy.h"
 #include "tiering/dram_tier.h"
 #include "tiering/engine.h"
 #include "tiering/table.h"
@@ -32,6 +34,7 @@ constexpr char kUsage[] =
     "Usage:\n"
     "  engram-bench --target grpc://HOST:PORT --table NAME [workload flags]\n"
     "  engram-bench --target inproc --pack DIR [workload flags]\n"
+    "  engram-bench simulate --pack DIR --tokens FILE.i32 [--policy P ...] [--capacity 1%|10%|BYTES]\n"
     "\n"
     "Each request is one batch: --batch-tokens tokens of one layer (layers taken in turn). The\n"
     "batches are generated before timing. With --target inproc the same engine engramd runs is\n"
@@ -176,7 +179,68 @@ std::string CpuModel() {
   return "unknown";
 }
 
+int Simulate(int argc, char** argv) {
+  std::string pack, tokens_path, capacity = "10%";
+  std::vector<std::string> policies;
+  int64_t seq_len = 4096, shards = 16;
+  bool json = false;
+  FlagSet flags("engram-bench simulate",
+                "engram-bench simulate: replays a token trace through the table's hashing and the daemon's own\n"
+                "cache code, and prints each policy's hit ratio (share of row accesses served from the cache)\n"
+                "beside hindsight references: static-topk (the most used rows of this very trace) and belady\n"
+                "(optimal replacement with bypass). Policies: lru, s3fifo (the daemon's default), tinylfu\n"
+                "(TinyLFU admission in front of S3-FIFO), static-topk, belady; 'all' runs every one.");
+  flags.String("pack", &pack, "pack directory (its manifest gives the layout; rows are not read)");
+  flags.String("tokens", &tokens_path, "raw token ids, little-endian int32");
+  flags.StringList("policy", &policies, "policy to simulate (default: the daemon's, s3fifo)");
+  flags.String("capacity", &capacity, "cache size: N% of each layer's rows, or bytes for the table (e.g. 512M)");
+  flags.Int("seq-len", &seq_len, "the trace is hashed as sequences of this many tokens");
+  flags.Int("shards", &shards, "cache shards, as in the daemon");
+  flags.Bool("json", &json, "print one JSON object on one line");
+  ParseOrExit(flags, argc, argv, 2, nullptr);
+  auto fail = [](const absl::Status& st) {
+    std::fprintf(stderr, "engram-bench simulate: %s\n", std::string(st.message()).c_str());
+    return 1;
+  };
+  if (pack.empty() || tokens_path.empty()) return fail(absl::InvalidArgumentError("--pack and --tokens are required"));
+  if (policies.empty()) policies = {std::string(kDefaultPolicy)};
+  if (policies.size() == 1 && policies[0] == "all") policies = {"lru", "s3fifo", "tinylfu", "static-topk", "belady"};
+  auto manifest = LoadPackManifest(pack);
+  if (!manifest.ok()) return fail(manifest.status());
+  auto tokens = ReadInt32File(tokens_path);
+  if (!tokens.ok()) return fail(tokens.status());
+  SimulationOptions options;
+  options.policies = policies;
+  options.capacity = capacity;
+  options.seq_len = static_cast<uint32_t>(std::max<int64_t>(1, seq_len));
+  options.shards = static_cast<int>(shards);
+  auto report = SimulateCache(*manifest, *tokens, options);
+  if (!report.ok()) return fail(report.status());
+  nlohmann::json out = {{"tool", "engram-bench"}, {"mode", "simulate"}, {"table", manifest->name},
+                        {"trace", tokens_path}, {"tokens", tokens->size()}, {"capacity", capacity},
+                        {"capacity_rows", report->capacity_rows}, {"table_rows", report->table_rows},
+                        {"accesses", report->accesses}, {"shards", shards}, {"seq_len", seq_len}};
+  if (report->results.size() == 1) {
+    out["policy"] = report->results[0].policy;
+    out["hit_ratio"] = report->results[0].hit_ratio();
+  } else {
+    for (const auto& r : report->results) out["hit_ratio"][r.policy] = r.hit_ratio();
+  }
+  if (json) {
+    std::printf("%s\n", out.dump().c_str());
+    return 0;
+  }
+  std::printf("engram-bench simulate  table=%s trace=%s tokens=%zu capacity=%s (%llu of %llu rows, %.2f%%)\n",
+              manifest->name.c_str(), tokens_path.c_str(), tokens->size(), capacity.c_str(),
+              static_cast<unsigned long long>(report->capacity_rows), static_cast<unsigned long long>(report->table_rows),
+              100.0 * report->capacity_rows / report->table_rows);
+  std::printf("  %-12s %s\n", "policy", "hit ratio (of row accesses)");
+  for (const auto& r : report->results) std::printf("  %-12s %.4f\n", r.policy.c_str(), r.hit_ratio());
+  return 0;
+}
+
 int Main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "simulate") return Simulate(argc, argv);
   std::string target = "inproc", table_name, pack, workload_text = "zipf:1.0";
   int64_t batch_tokens = 4096, concurrency = 1, worker_threads = -1, seed = 1, max_batches = 64;
   double duration = 5;

@@ -1,0 +1,147 @@
+#include "bench/simulate.h"
+
+#include <algorithm>
+#include <limits>
+#include <set>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
+#include "service/cli_flags.h"
+#include "tiering/cache/row_cache.h"
+
+namespace engram {
+namespace {
+
+constexpr uint32_t kNever = std::numeric_limits<uint32_t>::max();
+
+// Hits of a static cache holding the `capacity` most frequent keys of the stream.
+uint64_t StaticTopKHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
+  absl::flat_hash_map<uint64_t, uint32_t> counts;
+  for (uint64_t k : stream) ++counts[k];
+  std::vector<uint32_t> freq;
+  freq.reserve(counts.size());
+  for (const auto& [k, c] : counts) freq.push_back(c);
+  const size_t keep = std::min<size_t>(capacity, freq.size());
+  std::partial_sort(freq.begin(), freq.begin() + keep, freq.end(), std::greater<>());
+  uint64_t hits = 0;
+  for (size_t i = 0; i < keep; ++i) hits += freq[i];
+  return hits;
+}
+
+// Belady's optimal replacement with bypass: on a miss, the row is cached only if it is used again
+// sooner than the cached row used furthest in the future (which it then replaces).
+uint64_t BeladyHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
+  const size_t n = stream.size();
+  std::vector<uint32_t> next_use(n, kNever);
+  absl::flat_hash_map<uint64_t, uint32_t> last_seen;
+  for (size_t i = n; i-- > 0;) {
+    auto [it, inserted] = last_seen.try_emplace(stream[i], static_cast<uint32_t>(i));
+    if (!inserted) {
+      next_use[i] = it->second;
+      it->second = static_cast<uint32_t>(i);
+    }
+  }
+  std::set<std::pair<uint32_t, uint64_t>> by_next;  // (next use, key)
+  absl::flat_hash_map<uint64_t, uint32_t> cached;   // key -> its next use
+  uint64_t hits = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t key = stream[i];
+    auto it = cached.find(key);
+    if (it != cached.end()) {
+      ++hits;
+      by_next.erase({it->second, key});
+      if (next_use[i] == kNever) {
+        cached.erase(it);
+      } else {
+        it->second = next_use[i];
+        by_next.insert({next_use[i], key});
+      }
+      continue;
+    }
+    if (next_use[i] == kNever) continue;  // never reused: bypass
+    if (cached.size() >= capacity) {
+      const auto furthest = std::prev(by_next.end());
+      if (furthest->first <= next_use[i]) continue;
+      cached.erase(furthest->second);
+      by_next.erase(furthest);
+    }
+    cached.emplace(key, next_use[i]);
+    by_next.insert({next_use[i], key});
+  }
+  return hits;
+}
+
+}  // namespace
+
+absl::StatusOr<uint64_t> CapacityRows(const std::string& capacity, uint64_t layer_rows, uint64_t table_rows,
+                                      int64_t row_bytes) {
+  if (absl::EndsWith(capacity, "%")) {
+    double percent = 0;
+    if (!absl::SimpleAtod(capacity.substr(0, capacity.size() - 1), &percent) || percent <= 0 || percent > 100) {
+      return absl::InvalidArgumentError(absl::StrCat("--capacity '", capacity, "': a percentage in (0, 100]"));
+    }
+    return std::max<uint64_t>(1, static_cast<uint64_t>(static_cast<double>(layer_rows) * percent / 100.0));
+  }
+  uint64_t bytes = 0;
+  if (absl::Status s = ParseBytes(capacity, &bytes); !s.ok()) return s;
+  const double share = static_cast<double>(layer_rows) / static_cast<double>(table_rows);
+  return std::max<uint64_t>(1, static_cast<uint64_t>(static_cast<double>(bytes) * share / row_bytes));
+}
+
+absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, const std::vector<int32_t>& tokens,
+                                               const SimulationOptions& options) {
+  std::vector<LayerHashLayout> layouts;
+  for (const auto& l : manifest.layers) layouts.push_back(l.layout);
+  auto hasher = NgramHasher::Create(manifest.hash, layouts);
+  if (!hasher.ok()) return hasher.status();
+  const int heads = (*hasher)->heads_per_layer();
+  SimulationReport report;
+  for (const auto& l : manifest.layers) report.table_rows += l.layout.total_rows;
+  for (const std::string& name : options.policies) report.results.push_back({name});
+
+  const size_t seq_len = std::max<uint32_t>(1, options.seq_len);
+  std::vector<int64_t> compressed(tokens.size());
+  if (absl::Status s = (*hasher)->Compress(tokens, absl::MakeSpan(compressed)); !s.ok()) return s;
+  for (size_t li = 0; li < manifest.layers.size(); ++li) {
+    const LayerHashLayout& layout = manifest.layers[li].layout;
+    // The layer's access stream: global rows, token by token, head by head.
+    std::vector<uint64_t> stream;
+    stream.reserve(tokens.size() * heads);
+    std::vector<int64_t> local(seq_len * heads);
+    for (size_t start = 0; start < tokens.size(); start += seq_len) {
+      const size_t len = std::min(seq_len, tokens.size() - start);
+      (*hasher)->HashCompressed(absl::MakeConstSpan(compressed.data() + start, len), 1, static_cast<int>(len),
+                                static_cast<int>(li), absl::MakeSpan(local.data(), len * heads));
+      for (size_t i = 0; i < len * heads; ++i) stream.push_back(layout.head_offset[i % heads] + local[i]);
+    }
+    auto capacity = CapacityRows(options.capacity, layout.total_rows, report.table_rows, manifest.row.bytes);
+    if (!capacity.ok()) return capacity.status();
+    report.capacity_rows += *capacity;
+    report.accesses += stream.size();
+    for (PolicyResult& result : report.results) {
+      result.accesses += stream.size();
+      if (result.policy == "belady") {
+        result.hits += BeladyHits(stream, *capacity);
+      } else if (result.policy == "static-topk") {
+        result.hits += StaticTopKHits(stream, *capacity);
+      } else {
+        auto spec = ParsePolicy(result.policy);
+        if (!spec.ok()) return spec.status();
+        auto cache = RowCache::Create(*capacity, /*row_bytes=*/0, *spec, options.shards);
+        if (!cache.ok()) return cache.status();
+        for (uint64_t key : stream) {
+          if ((*cache)->Lookup(key, nullptr)) {
+            ++result.hits;
+          } else {
+            (*cache)->Insert(key, nullptr);
+          }
+        }
+      }
+    }
+  }
+  return report;
+}
+
+}  // namespace engram
