@@ -10,12 +10,20 @@
 #include "absl/status/statusor.h"
 #include "tiering/layout/manifest.h"
 #include "tiering/layout/ngram_hasher.h"
+#include "tiering/cache/policy.h"
+#include "tiering/nvme_reader.h"
 #include "tiering/row_tier.h"
 
 namespace engram {
 
 struct TableOptions {
-  bool verify_checksums = true;  // refuse a pack whose row files do not match their xxh3_64
+  // Host memory for this table's rows. When the table fits, it is loaded whole (resident);
+  // otherwise its layers are read from NVMe with a DRAM cache of this size, split by rows.
+  uint64_t dram_budget_bytes = UINT64_MAX;
+  bool verify_checksums = true;  // resident tables: refuse a row file that fails its xxh3_64
+  PolicySpec cache_policy = *ParsePolicy(kDefaultPolicy);
+  int cache_shards = 16;
+  NvmeOptions nvme;
 };
 
 class Table {
@@ -38,6 +46,8 @@ class Table {
   // nullptr when the table has no such layer.
   const Layer* FindLayer(int layer_id) const;
   uint64_t resident_bytes() const;
+  // True when every layer is held whole in DRAM.
+  bool resident() const { return resident_; }
 
  private:
   Table() = default;
@@ -46,6 +56,7 @@ class Table {
   PackManifest manifest_;
   std::unique_ptr<NgramHasher> hasher_;
   std::vector<Layer> layers_;
+  bool resident_ = true;
 };
 
 }  // namespace engram

@@ -1,0 +1,127 @@
+#include "tiering/cached_tier.h"
+
+#include <cstring>
+
+namespace engram {
+
+CachedNvmeTier::CachedNvmeTier(std::unique_ptr<NvmeReader> reader, std::unique_ptr<RowCache> cache)
+    : reader_(std::move(reader)),
+      cache_(std::move(cache)),
+      total_rows_(reader_->total_rows()),
+      row_bytes_(reader_->row_bytes()) {}
+
+void CachedNvmeTier::Publish(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests,
+                             const absl::Status& status) {
+  for (size_t i = 0; i < rows.size(); ++i) {
+    PendingShard& shard = PendingFor(rows[i]);
+    std::lock_guard<std::mutex> lock(shard.mu);
+    auto it = shard.rows.find(rows[i]);
+    if (it == shard.rows.end()) continue;
+    Pending& p = *it->second;
+    if (status.ok()) {
+      p.bytes.assign(dests[i], dests[i] + row_bytes_);
+    } else {
+      p.status = status;
+    }
+    p.done = true;
+    shard.rows.erase(it);
+    shard.cv.notify_all();
+  }
+}
+
+absl::Status CachedNvmeTier::ReadRows(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests,
+                                      TierCounts* counts) {
+  // 1. Split: cached rows, rows another request is reading now, and rows this request reads.
+  std::vector<uint32_t> hits, misses;
+  std::vector<std::pair<uint32_t, std::shared_ptr<Pending>>> waits;
+  for (uint32_t i = 0; i < rows.size(); ++i) {
+    if (cache_ && cache_->Contains(rows[i])) {
+      hits.push_back(i);
+      continue;
+    }
+    PendingShard& shard = PendingFor(rows[i]);
+    std::lock_guard<std::mutex> lock(shard.mu);
+    auto [it, inserted] = shard.rows.try_emplace(rows[i]);
+    if (inserted) {
+      it->second = std::make_shared<Pending>();
+      misses.push_back(i);
+    } else {
+      waits.emplace_back(i, it->second);
+    }
+  }
+  std::vector<uint64_t> miss_rows(misses.size());
+  std::vector<uint8_t*> miss_dests(misses.size());
+  for (size_t m = 0; m < misses.size(); ++m) {
+    miss_rows[m] = rows[misses[m]];
+    miss_dests[m] = dests[misses[m]];
+  }
+
+  // 2. NVMe reads in flight; meanwhile copy the hits (a hit evicted since the probe is read after).
+  std::vector<uint32_t> late;
+  uint64_t dram_rows = 0;
+  absl::Status s = reader_->Read(miss_rows, miss_dests, [&] {
+    if (!cache_) return;
+    for (uint32_t i : hits) {
+      if (cache_->Lookup(rows[i], dests[i])) {
+        ++dram_rows;
+      } else {
+        late.push_back(i);
+      }
+    }
+    for (uint64_t row : miss_rows) cache_->Lookup(row, nullptr);  // count the access in the sketch
+  });
+  Publish(miss_rows, miss_dests, s);
+  if (!s.ok()) return s;
+  if (cache_) {
+    for (size_t m = 0; m < miss_rows.size(); ++m) cache_->Insert(miss_rows[m], miss_dests[m]);
+  }
+  uint64_t nvme_rows = miss_rows.size();
+  if (!late.empty()) {
+    std::vector<uint64_t> late_rows;
+    std::vector<uint8_t*> late_dests;
+    for (uint32_t i : late) {
+      late_rows.push_back(rows[i]);
+      late_dests.push_back(dests[i]);
+    }
+    if (absl::Status ls = reader_->Read(late_rows, late_dests); !ls.ok()) return ls;
+    nvme_rows += late_rows.size();
+  }
+
+  // 3. Rows another request was reading: wait for its bytes (it never waits on us, see header).
+  for (auto& [i, pending] : waits) {
+    PendingShard& shard = PendingFor(rows[i]);
+    std::unique_lock<std::mutex> lock(shard.mu);
+    shard.cv.wait(lock, [&] { return pending->done; });
+    if (!pending->status.ok()) return pending->status;
+    std::memcpy(dests[i], pending->bytes.data(), static_cast<size_t>(row_bytes_));
+    shared_reads_.fetch_add(1, std::memory_order_relaxed);
+  }
+  nvme_rows += waits.size();
+  counts->rows[static_cast<int>(TierKind::kDram)] += dram_rows;
+  counts->rows[static_cast<int>(TierKind::kNvme)] += nvme_rows;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> CachedNvmeTier::Warm(absl::Span<const std::pair<uint64_t, uint32_t>> hot_rows) {
+  if (!cache_) return 0;
+  constexpr size_t kBatch = 4096;
+  std::vector<uint8_t> buffer(kBatch * row_bytes_);
+  uint64_t placed = 0;
+  for (size_t begin = 0; begin < hot_rows.size() && placed < cache_->capacity_rows(); begin += kBatch) {
+    const size_t n = std::min(kBatch, hot_rows.size() - begin);
+    std::vector<uint64_t> rows;
+    std::vector<uint32_t> counts;
+    std::vector<uint8_t*> dests;
+    for (size_t i = 0; i < n; ++i) {
+      if (hot_rows[begin + i].first >= total_rows_) continue;  // a stale snapshot: skip, do not fail
+      rows.push_back(hot_rows[begin + i].first);
+      counts.push_back(hot_rows[begin + i].second);
+      dests.push_back(buffer.data() + (rows.size() - 1) * row_bytes_);
+    }
+    if (absl::Status s = reader_->Read(rows, dests); !s.ok()) return s;
+    for (size_t i = 0; i < rows.size(); ++i) placed += cache_->Warm(rows[i], dests[i], counts[i]) ? 1 : 0;
+  }
+  return placed;
+}
+
+}  // namespace engram

@@ -1,0 +1,293 @@
+#include "tiering/nvme_reader.h"
+
+#include <fcntl.h>
+#include <liburing.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <numeric>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "tiering/worker_pool.h"
+
+namespace engram {
+
+struct NvmeReader::Extent {
+  uint64_t offset = 0;    // block-aligned file offset
+  uint32_t length = 0;    // block multiple
+  uint32_t required = 0;  // bytes from offset that hold requested rows
+  uint8_t* buf = nullptr;
+  std::vector<uint32_t> members;  // indices into the caller's rows/dests
+  int attempts = 0;
+  const uint64_t* rows = nullptr;
+  uint8_t* const* dests = nullptr;
+};
+
+namespace {
+
+constexpr uint32_t kMaxRingEntries = 256;
+constexpr int kMaxAttempts = 3;
+
+// Block-aligned scratch reused by each thread across calls.
+struct AlignedScratch {
+  uint8_t* data = nullptr;
+  size_t capacity = 0;
+  ~AlignedScratch() { std::free(data); }
+  uint8_t* Get(size_t bytes) {
+    if (bytes > capacity) {
+      std::free(data);
+      capacity = std::max(bytes, capacity * 2);
+      if (posix_memalign(reinterpret_cast<void**>(&data), 4096, capacity) != 0) {
+        data = nullptr;
+        capacity = 0;
+      }
+    }
+    return data;
+  }
+};
+
+struct ThreadRing {
+  io_uring ring{};
+  bool ready = false;
+  bool failed = false;
+  ~ThreadRing() {
+    if (ready) io_uring_queue_exit(&ring);
+  }
+  io_uring* Get() {
+    if (!ready && !failed) {
+      if (io_uring_queue_init(kMaxRingEntries, &ring, 0) == 0) {
+        ready = true;
+      } else {
+        failed = true;
+      }
+    }
+    return ready ? &ring : nullptr;
+  }
+};
+
+thread_local AlignedScratch tls_scratch;
+thread_local ThreadRing tls_ring;
+
+WorkerPool* SharedPreadPool() {
+  static WorkerPool* pool = new WorkerPool(8);  // leaked on purpose: lives as long as the process
+  return pool;
+}
+
+}  // namespace
+
+absl::StatusOr<IoEngine> ParseIoEngine(absl::string_view text) {
+  if (text == "auto") return IoEngine::kAuto;
+  if (text == "io_uring") return IoEngine::kIoUring;
+  if (text == "pread") return IoEngine::kPread;
+  return absl::InvalidArgumentError(absl::StrCat("--nvme-io '", text, "' is not auto, io_uring or pread"));
+}
+
+absl::StatusOr<std::unique_ptr<NvmeReader>> NvmeReader::Open(const std::string& path, int64_t row_bytes,
+                                                             uint64_t total_rows, const NvmeOptions& options,
+                                                             std::string label) {
+  std::unique_ptr<NvmeReader> reader(new NvmeReader());
+  reader->path_ = path;
+  reader->label_ = std::move(label);
+  reader->row_bytes_ = row_bytes;
+  reader->total_rows_ = total_rows;
+  reader->options_ = options;
+  reader->options_.queue_depth = std::clamp<uint32_t>(options.queue_depth, 1, kMaxRingEntries);
+  reader->fd_ = open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  if (reader->fd_ < 0 && errno == EINVAL) {  // a file system without O_DIRECT (tmpfs): page cache
+    reader->direct_ = false;
+    reader->fd_ = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  }
+  if (reader->fd_ < 0) return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+  struct stat st {};
+  fstat(reader->fd_, &st);
+  reader->file_bytes_ = static_cast<uint64_t>(st.st_size);
+  if (reader->file_bytes_ != total_rows * static_cast<uint64_t>(row_bytes)) {
+    return absl::DataLossError(absl::StrCat(path, " has ", reader->file_bytes_, " bytes; the manifest says ",
+                                            total_rows, " rows x ", row_bytes, " = ", total_rows * row_bytes));
+  }
+  if (st.st_blksize > 4096 && st.st_blksize % 4096 == 0 && st.st_blksize <= 65536) {
+    reader->block_bytes_ = static_cast<uint32_t>(st.st_blksize);
+  }
+  reader->options_.max_extent_bytes = std::max(reader->options_.max_extent_bytes, reader->block_bytes_);
+  if (options.engine == IoEngine::kPread) {
+    reader->engine_ = IoEngine::kPread;
+  } else if (tls_ring.Get() != nullptr) {
+    reader->engine_ = IoEngine::kIoUring;
+  } else if (options.engine == IoEngine::kIoUring) {
+    return absl::UnavailableError("io_uring cannot be set up here (kernel or seccomp refuses it); use --nvme-io pread");
+  } else {
+    reader->engine_ = IoEngine::kPread;
+  }
+  return reader;
+}
+
+NvmeReader::~NvmeReader() {
+  if (fd_ >= 0) close(fd_);
+}
+
+absl::Status NvmeReader::ExtentError(const Extent& extent, const std::string& what) const {
+  const uint64_t first_row = extent.rows[extent.members.front()];
+  return absl::DataLossError(absl::StrCat("reading ", label_, " row ", first_row, " from ", path_, " at byte ",
+                                          extent.offset, " (", extent.length, " bytes): ", what));
+}
+
+absl::Status NvmeReader::FinishExtent(Extent& extent, int64_t result) {
+  if (options_.fault_hook) result = options_.fault_hook(extent.offset, extent.length, result);
+  if (result < 0) return ExtentError(extent, std::strerror(static_cast<int>(-result)));
+  if (result < static_cast<int64_t>(extent.required)) {
+    return absl::OutOfRangeError(absl::StrCat("short read: ", result, " of ", extent.required, " bytes"));
+  }
+  for (uint32_t i : extent.members) {
+    std::memcpy(extent.dests[i], extent.buf + (extent.rows[i] * row_bytes_ - extent.offset),
+                static_cast<size_t>(row_bytes_));
+  }
+  stats_.reads.fetch_add(1, std::memory_order_relaxed);
+  stats_.bytes.fetch_add(static_cast<uint64_t>(result), std::memory_order_relaxed);
+  stats_.rows.fetch_add(extent.members.size(), std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::Status NvmeReader::Read(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests,
+                              const std::function<void()>& while_in_flight) {
+  if (rows.empty()) {
+    if (while_in_flight) while_in_flight();
+    return absl::OkStatus();
+  }
+  // Extents: rows in file order; a row joins the current extent when it shares a block with it
+  // or starts in the next block and the extent stays within max_extent_bytes.
+  std::vector<uint32_t> order(rows.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return rows[a] < rows[b]; });
+  const uint64_t block = block_bytes_;
+  std::vector<Extent> extents;
+  for (uint32_t i : order) {
+    const uint64_t begin = rows[i] * static_cast<uint64_t>(row_bytes_);
+    const uint64_t end = begin + static_cast<uint64_t>(row_bytes_);
+    const uint64_t aligned_begin = begin / block * block;
+    const uint64_t aligned_end = (end + block - 1) / block * block;
+    if (!extents.empty()) {
+      Extent& cur = extents.back();
+      const uint64_t cur_end = cur.offset + cur.length;
+      if (aligned_begin < cur_end || (aligned_begin == cur_end && aligned_end - cur.offset <= options_.max_extent_bytes)) {
+        cur.length = static_cast<uint32_t>(std::max(cur_end, aligned_end) - cur.offset);
+        cur.required = static_cast<uint32_t>(std::max<uint64_t>(cur.required, end - cur.offset));
+        cur.members.push_back(i);
+        continue;
+      }
+    }
+    Extent e;
+    e.offset = aligned_begin;
+    e.length = static_cast<uint32_t>(aligned_end - aligned_begin);
+    e.required = static_cast<uint32_t>(end - aligned_begin);
+    e.members.push_back(i);
+    e.rows = rows.data();
+    e.dests = dests.data();
+    extents.push_back(std::move(e));
+  }
+  size_t total = 0;
+  for (const auto& e : extents) total += e.length;
+  uint8_t* scratch = tls_scratch.Get(total);
+  if (scratch == nullptr) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", total, " bytes of I/O buffers"));
+  for (auto& e : extents) {
+    e.buf = scratch;
+    scratch += e.length;
+  }
+  absl::Status s = engine_ == IoEngine::kIoUring ? ReadUring(extents, while_in_flight) : ReadPread(extents);
+  if (!s.ok()) stats_.errors.fetch_add(1, std::memory_order_relaxed);
+  return s;
+}
+
+absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::function<void()>& while_in_flight) {
+  io_uring* ring = tls_ring.Get();
+  if (ring == nullptr) {  // this thread could not get a ring: do the work synchronously
+    if (while_in_flight) while_in_flight();
+    return ReadPread(extents);
+  }
+  size_t next = 0;
+  uint32_t in_flight = 0;
+  absl::Status first_error;
+  auto submit = [&](size_t index) {
+    Extent& e = extents[index];
+    io_uring_sqe* sqe = io_uring_get_sqe(ring);
+    io_uring_prep_read(sqe, fd_, e.buf, e.length, e.offset);
+    io_uring_sqe_set_data(sqe, reinterpret_cast<void*>(index));
+    ++e.attempts;
+    ++in_flight;
+  };
+  while (next < extents.size() && in_flight < options_.queue_depth) submit(next++);
+  io_uring_submit(ring);
+  if (while_in_flight) while_in_flight();
+  while (in_flight > 0) {
+    io_uring_cqe* cqe = nullptr;
+    const int rc = io_uring_wait_cqe(ring, &cqe);
+    if (rc == -EINTR) continue;
+    if (rc < 0) return absl::InternalError(absl::StrCat("io_uring_wait_cqe: ", std::strerror(-rc)));
+    const size_t index = reinterpret_cast<size_t>(io_uring_cqe_get_data(cqe));
+    const int64_t result = cqe->res;
+    io_uring_cqe_seen(ring, cqe);
+    --in_flight;
+    if (!first_error.ok()) continue;  // drain: buffers stay in use until every read is back
+    Extent& e = extents[index];
+    absl::Status s = FinishExtent(e, result);
+    if (s.code() == absl::StatusCode::kOutOfRange) {
+      if (e.attempts < kMaxAttempts) {
+        stats_.retries.fetch_add(1, std::memory_order_relaxed);
+        submit(index);
+        io_uring_submit(ring);
+        continue;
+      }
+      s = ExtentError(e, absl::StrCat(s.message(), " after ", e.attempts, " attempts"));
+    }
+    if (!s.ok()) {
+      first_error = s;
+      continue;
+    }
+    bool added = false;
+    while (next < extents.size() && in_flight < options_.queue_depth) {
+      submit(next++);
+      added = true;
+    }
+    if (added) io_uring_submit(ring);
+  }
+  return first_error;
+}
+
+absl::Status NvmeReader::ReadPread(std::vector<Extent>& extents) {
+  std::mutex mu;
+  absl::Status first_error;
+  auto one = [&](int index) {
+    Extent& e = extents[index];
+    absl::Status s;
+    for (e.attempts = 1;; ++e.attempts) {
+      int64_t got;
+      do {
+        got = pread(fd_, e.buf, e.length, static_cast<off_t>(e.offset));
+      } while (got < 0 && errno == EINTR);
+      s = FinishExtent(e, got < 0 ? -errno : got);
+      if (s.code() != absl::StatusCode::kOutOfRange) break;
+      if (e.attempts >= kMaxAttempts) {
+        s = ExtentError(e, absl::StrCat(s.message(), " after ", e.attempts, " attempts"));
+        break;
+      }
+      stats_.retries.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (!s.ok()) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (first_error.ok()) first_error = s;
+    }
+  };
+  if (extents.size() == 1) {
+    one(0);
+  } else {
+    SharedPreadPool()->ParallelFor(static_cast<int>(extents.size()), one);
+  }
+  return first_error;
+}
+
+}  // namespace engram
