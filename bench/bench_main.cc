@@ -20,6 +20,7 @@
 #include "engram/v1/engram.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "service/cli_flags.h"
+#include "service/table_loader.h"
 #include "tiering/cache/policy.h"
 #include "tiering/dram_tier.h"
 #include "tiering/engine.h"
@@ -261,6 +262,8 @@ int Main(int argc, char** argv) {
   flags.String("dedup", &dedup, "inproc: auto (the tier decides), on or off: dedup each batch piece before reading");
   flags.Bool("ceiling", &ceiling, "inproc: also measure the plain memcpy gather ceiling");
   flags.Bool("json", &json, "print one JSON object on one line instead of text");
+  TierFlags tier_flags;
+  tier_flags.Register(flags);  // inproc: the daemon's own tier flags
   ParseOrExit(flags, argc, argv, 1, nullptr);
   auto fail = [](const absl::Status& s) {
     std::fprintf(stderr, "engram-bench: %s\n", std::string(s.message()).c_str());
@@ -287,10 +290,10 @@ int Main(int argc, char** argv) {
     if (!parsed_dedup.ok()) return fail(parsed_dedup.status());
     options.dedup = *parsed_dedup;
     engine = std::make_unique<Engine>(options);
-    auto opened = Table::Open(pack, TableOptions{});
-    if (!opened.ok()) return fail(opened.status());
-    table = opened->get();
-    if (absl::Status s = engine->AddTable(std::move(*opened)); !s.ok()) return fail(s);
+    auto placement = tier_flags.ToPlacement();
+    if (!placement.ok()) return fail(placement.status());
+    if (absl::Status s = LoadTables({pack}, *placement, engine.get()); !s.ok()) return fail(s);
+    table = engine->tables()[0];
     table_name = table->name();
     hasher = &table->hasher();
     row_bytes = table->row_bytes();
@@ -334,7 +337,7 @@ int Main(int argc, char** argv) {
   // The ceiling: plain gathers of uniformly random rows of the same layers, same threads and
   // batch size (the memory system's limit for this table), and of the workload's own rows.
   RunResult ceiling_run, same_rows_run;
-  const bool measure_ceiling = ceiling && table != nullptr;
+  const bool measure_ceiling = ceiling && table != nullptr && table->resident();
   if (measure_ceiling) {
     std::vector<const DramResidentTier*> tiers;
     std::vector<std::vector<uint64_t>> uniform_rows, workload_rows;
@@ -390,6 +393,9 @@ int Main(int argc, char** argv) {
       {"concurrency", concurrency},
       {"worker_threads", worker_threads},
       {"dedup", dedup},
+      {"dram_budget", tier_flags.dram_budget},
+      {"cache_policy", tier_flags.cache_policy},
+      {"nvme_queue_depth", tier_flags.nvme_queue_depth},
       {"duration_s", run.seconds},
       {"requests", run.requests},
       {"errors", run.errors},

@@ -1,6 +1,7 @@
 #include "service/daemon_metrics.h"
 
 #include "absl/strings/str_cat.h"
+#include "tiering/cached_tier.h"
 
 namespace engram {
 namespace {
@@ -81,7 +82,50 @@ void DaemonMetrics::RecordTables(const Engine& engine, bool hbm_enabled) {
   };
   set_tier("hbm", hbm_enabled);
   set_tier("dram", true);
-  set_tier("nvme", false);
+  bool nvme = false;
+  for (const Table* table : tables) nvme |= !table->resident();
+  set_tier("nvme", nvme);
+}
+
+void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
+  std::lock_guard<std::mutex> lock(refresh_mu_);
+  for (const Table* table : engine.tables()) {
+    for (const auto& layer : table->layers()) {
+      const auto* tier = dynamic_cast<const CachedNvmeTier*>(layer.tier.get());
+      if (tier == nullptr) continue;
+      const std::vector<std::string> labels = {table->name(), absl::StrCat(layer.pack_layer->id)};
+      const std::vector<std::string> names = {"table", "layer"};
+      const NvmeStats& io = tier->reader().stats();
+      // Counters mirror the tier's own monotonic counts: set by adding the difference.
+      auto mirror = [&](const std::string& name, const std::string& help, uint64_t value) {
+        Counter* c = registry_->GetCounter(name, help, names, labels);
+        const double delta = static_cast<double>(value) - c->value();
+        if (delta > 0) c->Add(delta);
+      };
+      mirror("engram_nvme_reads_total", "Device reads issued (rows in shared or adjoining blocks read once)", io.reads.load());
+      mirror("engram_nvme_read_bytes_total", "Bytes read from NVMe", io.bytes.load());
+      mirror("engram_nvme_read_retries_total", "Short reads re-issued", io.retries.load());
+      mirror("engram_nvme_read_errors_total", "Lookups failed with DATA_LOSS by a read error", io.errors.load());
+      mirror("engram_nvme_shared_reads_total", "Rows a request took from another request's read in flight",
+             tier->shared_reads());
+      registry_->GetGauge("engram_nvme_io_engine", "NVMe read engine in use (1 for the engine in use)",
+                          {"table", "layer", "engine"}, {labels[0], labels[1], std::string(tier->reader().engine_name())})
+          ->Set(1);
+      const RowCache* cache = tier->cache();
+      if (cache == nullptr) continue;
+      const RowCacheStats s = cache->stats();
+      mirror("engram_cache_hits_total", "DRAM cache lookups that found the row", s.hits);
+      mirror("engram_cache_misses_total", "DRAM cache lookups that did not", s.misses);
+      mirror("engram_cache_evictions_total", "Rows evicted from the DRAM cache", s.evictions);
+      mirror("engram_cache_admission_rejections_total", "Rows read after a miss but not admitted", s.rejected);
+      registry_->GetGauge("engram_cache_rows", "Rows held in the DRAM cache", names, labels)->Set(static_cast<double>(cache->size()));
+      registry_->GetGauge("engram_cache_capacity_rows", "Row slots of the DRAM cache", names, labels)
+          ->Set(static_cast<double>(cache->capacity_rows()));
+      const double lookups = static_cast<double>(s.hits + s.misses);
+      registry_->GetGauge("engram_cache_hit_ratio", "Share of DRAM cache lookups that hit, since start", names, labels)
+          ->Set(lookups > 0 ? static_cast<double>(s.hits) / lookups : 0);
+    }
+  }
 }
 
 void DaemonMetrics::SetReady(bool ready) {

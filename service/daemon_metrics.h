@@ -3,6 +3,7 @@
 #ifndef ENGRAM_SERVICE_DAEMON_METRICS_H_
 #define ENGRAM_SERVICE_DAEMON_METRICS_H_
 
+#include <mutex>
 #include <string>
 
 #include "absl/status/status.h"
@@ -23,11 +24,14 @@ class DaemonMetrics {
   // Tables and tiers, set once at start-up.
   void RecordTables(const Engine& engine, bool hbm_enabled);
   void SetReady(bool ready);
+  // Cache and NVMe figures, read from the tiers (at each scrape).
+  void RefreshTierGauges(const Engine& engine);
 
   MetricsRegistry* registry() const { return registry_; }
 
  private:
   MetricsRegistry* registry_;
+  std::mutex refresh_mu_;  // concurrent scrapes must not both add the same counter delta
 };
 
 }  // namespace engram

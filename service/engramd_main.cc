@@ -15,6 +15,8 @@
 #include "service/grpc_service.h"
 #include "service/http_endpoint.h"
 #include "service/log.h"
+#include "service/table_loader.h"
+#include "tiering/cache/policy.h"
 #include "tiering/engine.h"
 #include "tiering/table.h"
 
@@ -36,10 +38,10 @@ struct DaemonFlags {
   std::string metrics_listen = "127.0.0.1:9464";
   int64_t max_batch_rows = 1 << 20;
   int64_t worker_threads = -1;
-  bool verify_checksums = true;
   std::string ports_file;
   double drain_seconds = 5;
   std::string dedup = "auto";
+  TierFlags tier;
 };
 
 int Run(int argc, char** argv) {
@@ -55,8 +57,7 @@ int Run(int argc, char** argv) {
             "gather helper threads beside each request's own thread (-1: one per core, minus one)");
   flags.String("dedup", &f.dedup,
                "auto|on|off: read each distinct row of a batch once (auto: where the tier's reads cost)");
-  flags.Bool("verify-checksums", &f.verify_checksums,
-             "check each row file's xxh3_64 against the manifest while loading");
+  f.tier.Register(flags);
   flags.String("ports-file", &f.ports_file,
                "write the bound ports as JSON here once ready (for scripts using port 0)");
   flags.Double("drain-seconds", &f.drain_seconds, "how long in-flight requests may finish on shutdown");
@@ -80,7 +81,11 @@ int Run(int argc, char** argv) {
   MetricsRegistry registry;
   DaemonMetrics metrics(&registry);
   metrics.SetReady(false);
-  HttpEndpoint http(&registry, nullptr);
+  // Scrapes refresh the cache and NVMe figures from the engine (set once tables are loaded).
+  std::atomic<const Engine*> scraped_engine{nullptr};
+  HttpEndpoint http(&registry, [&] {
+    if (const Engine* e = scraped_engine.load()) metrics.RefreshTierGauges(*e);
+  });
   int metrics_port = -1;
   if (f.metrics_listen != "off") {
     auto port = http.Start(f.metrics_listen);
@@ -101,34 +106,20 @@ int Run(int argc, char** argv) {
   }
   engine_options.dedup = *dedup;
   Engine engine(engine_options);
-  TableOptions table_options;
-  table_options.verify_checksums = f.verify_checksums;
-  for (const std::string& dir : f.packs) {
-    const auto start = std::chrono::steady_clock::now();
-    auto table = Table::Open(dir, table_options);
-    if (!table.ok()) {
-      LogError("table_load_failed", {{"pack", dir}, {"error", std::string(table.status().message())}});
-      return 1;
-    }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    for (const auto& layer : (*table)->layers()) {
-      LogInfo("table_loaded", {{"table", (*table)->name()},
-                               {"layer", absl::StrCat(layer.pack_layer->id)},
-                               {"rows", absl::StrCat(layer.pack_layer->layout.total_rows)},
-                               {"row_bytes", absl::StrCat((*table)->row_bytes())},
-                               {"bytes", absl::StrCat(layer.tier->resident_bytes())},
-                               {"tier", std::string(layer.tier->description())},
-                               {"pack", dir},
-                               {"load_seconds", absl::StrCat(seconds)}});
-    }
-    if (absl::Status s = engine.AddTable(std::move(*table)); !s.ok()) {
-      LogError("table_load_failed", {{"pack", dir}, {"error", std::string(s.message())}});
-      return 1;
-    }
+  auto placement = f.tier.ToPlacement();
+  if (!placement.ok()) {
+    std::fprintf(stderr, "%s (see --help)\n", std::string(placement.status().message()).c_str());
+    return 2;
+  }
+  if (absl::Status s = LoadTables(f.packs, *placement, &engine); !s.ok()) {
+    LogError("table_load_failed", {{"error", std::string(s.message())}});
+    return 1;
   }
   LogInfo("tier_hbm_off", {{"reason", "this engramd has no HBM tier: GPU support is not built"}});
   metrics.RecordTables(engine, /*hbm_enabled=*/false);
+  metrics.RefreshTierGauges(engine);
 
+  scraped_engine.store(&engine);
   EngramGrpcService service(&engine, &metrics);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

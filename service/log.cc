@@ -9,7 +9,8 @@
 namespace engram {
 namespace {
 
-void Emit(absl::string_view level, absl::string_view event, std::initializer_list<LogField> fields) {
+template <typename Fields>
+void Emit(absl::string_view level, absl::string_view event, const Fields& fields) {
   std::string line = absl::StrCat(absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()),
                                   " ", level, " event=", event);
   for (const auto& [key, value] : fields) {
@@ -31,6 +32,10 @@ void Emit(absl::string_view level, absl::string_view event, std::initializer_lis
 }
 
 }  // namespace
+
+void LogFields(absl::string_view level, absl::string_view event, const std::vector<LogField>& fields) {
+  Emit(level, event, fields);
+}
 
 void LogInfo(absl::string_view event, std::initializer_list<LogField> fields) { Emit("INFO", event, fields); }
 void LogWarn(absl::string_view event, std::initializer_list<LogField> fields) { Emit("WARN", event, fields); }

@@ -7,6 +7,7 @@
 #include <string>
 #include "absl/strings/string_view.h"
 #include <utility>
+#include <vector>
 
 namespace engram {
 
@@ -15,6 +16,8 @@ using LogField = std::pair<absl::string_view, std::string>;
 void LogInfo(absl::string_view event, std::initializer_list<LogField> fields = {});
 void LogWarn(absl::string_view event, std::initializer_list<LogField> fields = {});
 void LogError(absl::string_view event, std::initializer_list<LogField> fields = {});
+// For field lists built at run time.
+void LogFields(absl::string_view level, absl::string_view event, const std::vector<LogField>& fields);
 
 }  // namespace engram
 

@@ -27,9 +27,9 @@ namespace {
 using testing::TempDir;
 
 // Runs a command, returns (exit code, stdout+stderr).
-std::pair<int, std::string> RunCommand(const std::string& cmd) {
+std::pair<int, std::string> RunCommand(const std::string& cmd, bool with_stderr = true) {
   std::string out;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  FILE* p = popen((cmd + (with_stderr ? " 2>&1" : " 2>/dev/null")).c_str(), "r");
   char buf[4096];
   size_t n;
   while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
@@ -383,7 +383,8 @@ TEST_F(DaemonTest, BenchDrivesTheDaemon) {
   const std::string target = "grpc://127.0.0.1:" + std::to_string(daemon_->grpc_port());
   for (const std::string& workload : std::vector<std::string>{"zipf:1.0", "trace:" + testing::TestDataPath("fortunes.deepseek_v3.i32")}) {
     const auto [code, out] = RunCommand(std::string(ENGRAM_BENCH_PATH) + " --target " + target +
-                                 " --table demo --batch-tokens 256 --duration 0.5 --json --workload " + workload);
+                                 " --table demo --batch-tokens 256 --duration 0.5 --json --workload " + workload,
+                                 /*with_stderr=*/false);
     ASSERT_EQ(code, 0) << out;
     const auto j = nlohmann::json::parse(out);
     EXPECT_EQ(j["errors"], 0);
@@ -393,10 +394,65 @@ TEST_F(DaemonTest, BenchDrivesTheDaemon) {
     EXPECT_EQ(j["workload"], workload);
   }
   const auto [code, out] = RunCommand(std::string(ENGRAM_BENCH_PATH) + " --target inproc --pack " + pack_dir() +
-                               " --batch-tokens 256 --duration 0.3 --json --workload zipf:0");
+                               " --batch-tokens 256 --duration 0.3 --json --workload zipf:0", /*with_stderr=*/false);
   ASSERT_EQ(code, 0) << out;
   const auto j = nlohmann::json::parse(out);
   EXPECT_GT(j["ceiling_rows_per_s"].get<double>(), 0);
+}
+
+// A pack five times the DRAM budget: rows come from NVMe (io_uring, O_DIRECT) through the cache.
+TEST(DaemonNvmeTest, ServesAPackLargerThanItsDramBudgetRowByRow) {
+  TempDir dir;
+  const std::string pack = dir.path() + "/p";
+  ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.002 --dtype fp8_e4m3_ue8m0x32 "
+                       "--quiet --out " + pack).first, 0);
+  const PackManifest m = *LoadPackManifest(pack);
+  Daemon daemon({"--pack", pack, "--dram-budget", std::to_string(m.total_bytes() / 5), "--nvme-queue-depth", "16"},
+                dir.path());
+  ASSERT_TRUE(daemon.running()) << daemon.log();
+  EXPECT_NE(daemon.log().find("tier=dram-cache+nvme"), std::string::npos) << daemon.log();
+  EXPECT_NE(daemon.log().find("nvme_io=io_uring"), std::string::npos) << daemon.log();
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  auto stub = v1::Engram::NewStub(grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(daemon.grpc_port()),
+                                                            grpc::InsecureChannelCredentials(), args));
+  const int heads = m.hash.heads_per_layer();
+  std::mt19937 rng(4);
+  std::vector<float> scratch(m.row.dim);
+  std::vector<uint8_t> want(m.row.bytes);
+  uint64_t nvme_rows = 0, dram_rows = 0;
+  for (int round = 0; round < 6; ++round) {
+    const PackLayer& layer = m.layers[round % 2];
+    std::vector<uint32_t> idx(512 * heads);
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = rng() % (round < 3 ? layer.layout.head_rows[i % heads] : 64);
+    v1::LookupRequest request;
+    request.set_table("demo");
+    request.set_layer(static_cast<uint32_t>(layer.id));
+    request.set_num_tokens(512);
+    request.set_indices(reinterpret_cast<const char*>(idx.data()), idx.size() * 4);
+    v1::LookupResponse response;
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub->Lookup(&context, request, &response).ok());
+    ASSERT_EQ(response.rows().size(), idx.size() * m.row.bytes);
+    for (size_t i = 0; i < idx.size(); ++i) {
+      SyntheticRow(*m.synthetic_seed, layer.id, layer.layout.head_offset[i % heads] + idx[i], m.row.dim, m.row.dtype,
+                   scratch.data(), want.data());
+      ASSERT_EQ(0, std::memcmp(response.rows().data() + i * m.row.bytes, want.data(), m.row.bytes)) << i;
+    }
+    nvme_rows += response.stats().nvme_rows();
+    dram_rows += response.stats().dram_rows();
+  }
+  EXPECT_GT(nvme_rows, 0u);
+  EXPECT_GT(dram_rows, 0u);  // the later rounds use a small hot range that the cache holds
+  const auto [code, body] = HttpGet(daemon.metrics_port(), "/metrics");
+  ASSERT_EQ(code, 200);
+  EXPECT_NE(body.find("engram_tier_enabled{tier=\"nvme\"} 1"), std::string::npos);
+  EXPECT_NE(body.find("engram_nvme_io_engine{table=\"demo\",layer=\"1\",engine=\"io_uring\"} 1"), std::string::npos);
+  EXPECT_NE(body.find("engram_cache_hit_ratio{table=\"demo\",layer=\"1\"}"), std::string::npos);
+  std::ofstream(dir.path() + "/m.txt") << body;
+  const auto [lint, lint_out] = RunCommand("promtool check metrics < " + dir.path() + "/m.txt");
+  EXPECT_EQ(lint, 0) << lint_out;
+  EXPECT_EQ(daemon.Stop(), 0);
 }
 
 TEST(DaemonLifecycleTest, SigtermDrainsAndExitsCleanly) {
