@@ -5,6 +5,8 @@
 #include <signal.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cstdio>
 #include <fstream>
 #include <thread>
@@ -16,6 +18,7 @@
 #include "service/http_endpoint.h"
 #include "service/log.h"
 #include "service/table_loader.h"
+#include "service/warm_state.h"
 #include "tiering/cache/policy.h"
 #include "tiering/engine.h"
 #include "tiering/table.h"
@@ -42,6 +45,9 @@ struct DaemonFlags {
   double drain_seconds = 5;
   std::string dedup = "auto";
   TierFlags tier;
+  std::string state_dir;
+  std::vector<std::string> warm_from;
+  double snapshot_interval_s = 300;
 };
 
 int Run(int argc, char** argv) {
@@ -58,6 +64,11 @@ int Run(int argc, char** argv) {
   flags.String("dedup", &f.dedup,
                "auto|on|off: read each distinct row of a batch once (auto: where the tier's reads cost)");
   f.tier.Register(flags);
+  flags.String("state-dir", &f.state_dir,
+               "directory for the daemon's RocksDB: pack catalog and hot-set snapshots, so a restart\n"
+               "                              comes back warm (empty: no state kept)");
+  flags.Double("snapshot-interval-s", &f.snapshot_interval_s, "seconds between hot-set snapshots (also taken at shutdown)");
+  flags.StringList("warm-from", &f.warm_from, "hot-set file from `engramctl profile` to warm a table's cache with at start");
   flags.String("ports-file", &f.ports_file,
                "write the bound ports as JSON here once ready (for scripts using port 0)");
   flags.Double("drain-seconds", &f.drain_seconds, "how long in-flight requests may finish on shutdown");
@@ -115,6 +126,19 @@ int Run(int argc, char** argv) {
     LogError("table_load_failed", {{"error", std::string(s.message())}});
     return 1;
   }
+  std::unique_ptr<StateStore> store;
+  if (!f.state_dir.empty()) {
+    auto opened = StateStore::Open(f.state_dir);
+    if (!opened.ok()) {
+      LogError("state_store_failed", {{"dir", f.state_dir}, {"error", std::string(opened.status().message())}});
+      return 1;
+    }
+    store = std::move(*opened);
+  }
+  if (absl::Status s = WarmTables(engine, store.get(), f.warm_from); !s.ok()) {
+    LogError("warm_failed", {{"error", std::string(s.message())}});
+    return 1;
+  }
   LogInfo("tier_hbm_off", {{"reason", "this engramd has no HBM tier: GPU support is not built"}});
   metrics.RecordTables(engine, /*hbm_enabled=*/false);
   metrics.RefreshTierGauges(engine);
@@ -147,6 +171,20 @@ int Run(int argc, char** argv) {
                     {"metrics_port", absl::StrCat(metrics_port)}, {"tables", absl::StrCat(engine.tables().size())},
                     {"worker_threads", absl::StrCat(f.worker_threads)}});
 
+  // Snapshots every --snapshot-interval-s, until shutdown.
+  std::mutex snapshot_mu;
+  std::condition_variable snapshot_cv;
+  bool stopping = false;
+  std::thread snapshotter([&] {
+    std::unique_lock<std::mutex> lock(snapshot_mu);
+    const auto interval = std::chrono::duration<double>(std::max(1.0, f.snapshot_interval_s));
+    while (!snapshot_cv.wait_for(lock, interval, [&] { return stopping; })) {
+      if (absl::Status s = SnapshotHotSets(engine, store.get()); !s.ok()) {
+        LogWarn("hot_set_save_failed", {{"error", std::string(s.message())}});
+      }
+    }
+  });
+
   int sig = 0;
   sigwait(&signals, &sig);
   LogInfo("draining", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
@@ -157,6 +195,15 @@ int Run(int argc, char** argv) {
   server->Shutdown(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000)));
   server->Wait();
+  {
+    std::lock_guard<std::mutex> lock(snapshot_mu);
+    stopping = true;
+  }
+  snapshot_cv.notify_all();
+  snapshotter.join();
+  if (absl::Status s = SnapshotHotSets(engine, store.get()); !s.ok()) {
+    LogWarn("hot_set_save_failed", {{"error", std::string(s.message())}});
+  }
   http.Stop();
   LogInfo("stopped");
   return 0;

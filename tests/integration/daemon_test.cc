@@ -455,6 +455,83 @@ TEST(DaemonNvmeTest, ServesAPackLargerThanItsDramBudgetRowByRow) {
   EXPECT_EQ(daemon.Stop(), 0);
 }
 
+// Looks up tokens whose head-local indices are all below `hot_range` in layer 1; returns the stats.
+v1::LookupStats LookupHotRange(v1::Engram::Stub* stub, int heads, uint32_t hot_range) {
+  std::vector<uint32_t> idx(256 * heads);
+  for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<uint32_t>((i / heads) % hot_range);
+  v1::LookupRequest request;
+  request.set_table("demo");
+  request.set_layer(1);
+  request.set_num_tokens(256);
+  request.set_indices(reinterpret_cast<const char*>(idx.data()), idx.size() * 4);
+  v1::LookupResponse response;
+  grpc::ClientContext context;
+  EXPECT_TRUE(stub->Lookup(&context, request, &response).ok());
+  return response.stats();
+}
+
+std::unique_ptr<v1::Engram::Stub> StubFor(const Daemon& daemon) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  return v1::Engram::NewStub(grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(daemon.grpc_port()),
+                                                       grpc::InsecureChannelCredentials(), args));
+}
+
+TEST(DaemonStateTest, HotSetIsBackBeforeReadyAfterRestart) {
+  TempDir dir;
+  const std::string pack = dir.path() + "/p";
+  ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.002 --quiet --out " + pack).first, 0);
+  const PackManifest m = *LoadPackManifest(pack);
+  const std::vector<std::string> args = {"--pack", pack, "--dram-budget", std::to_string(m.total_bytes() / 5),
+                                         "--state-dir", dir.path() + "/state"};
+  {
+    Daemon daemon(args, dir.path());
+    ASSERT_TRUE(daemon.running()) << daemon.log();
+    auto stub = StubFor(daemon);
+    const auto cold = LookupHotRange(stub.get(), 16, 40);
+    EXPECT_GT(cold.nvme_rows(), 0u);
+    LookupHotRange(stub.get(), 16, 40);
+    ASSERT_EQ(daemon.Stop(), 0);
+    EXPECT_NE(daemon.log().find("event=hot_set_saved table=demo"), std::string::npos) << daemon.log();
+  }
+  Daemon restarted(args, dir.path());
+  ASSERT_TRUE(restarted.running()) << restarted.log();
+  const std::string log = restarted.log();
+  const size_t warmed = log.find("event=cache_warmed table=demo layer=1");
+  ASSERT_NE(warmed, std::string::npos) << log;
+  EXPECT_NE(log.find("source=state", warmed), std::string::npos) << log;
+  EXPECT_LT(warmed, log.find("event=ready"));  // warm before ready
+  auto stub = StubFor(restarted);
+  const auto warm = LookupHotRange(stub.get(), 16, 40);
+  EXPECT_EQ(warm.nvme_rows(), 0u);  // the whole hot range came back from the snapshot
+  EXPECT_EQ(warm.dram_rows(), warm.rows_read());
+}
+
+TEST(DaemonStateTest, WarmFromAProfileAndRefuseAStaleOne) {
+  TempDir dir;
+  const std::string pack = dir.path() + "/p", other = dir.path() + "/other";
+  ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.002 --quiet --out " + pack).first, 0);
+  ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.002 --seed 5 --quiet --out " + other).first, 0);
+  const std::string tokens = testing::TestDataPath("fortunes.deepseek_v3.i32");
+  auto [code, out] = RunCommand(std::string(ENGRAMCTL_PATH) + " profile --pack " + pack + " --tokens " + tokens +
+                                " --fraction 0.05 --out " + dir.path() + "/hot");
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("layer 1: "), std::string::npos) << out;
+  const PackManifest m = *LoadPackManifest(pack);
+  {
+    Daemon daemon({"--pack", pack, "--dram-budget", std::to_string(m.total_bytes() / 5), "--warm-from", dir.path() + "/hot"},
+                  dir.path());
+    ASSERT_TRUE(daemon.running()) << daemon.log();
+    EXPECT_NE(daemon.log().find("source=profile:"), std::string::npos) << daemon.log();
+  }
+  // The same profile against a pack with other contents (another seed) is skipped, not applied.
+  Daemon daemon({"--pack", other, "--dram-budget", std::to_string(m.total_bytes() / 5), "--warm-from", dir.path() + "/hot"},
+                dir.path());
+  ASSERT_TRUE(daemon.running()) << daemon.log();
+  EXPECT_NE(daemon.log().find("event=hot_set_skipped table=demo"), std::string::npos) << daemon.log();
+  EXPECT_EQ(daemon.log().find("event=cache_warmed"), std::string::npos) << daemon.log();
+}
+
 TEST(DaemonLifecycleTest, SigtermDrainsAndExitsCleanly) {
   TempDir dir;
   ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.001 --quiet --out " + dir.path() + "/p").first, 0);

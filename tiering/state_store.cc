@@ -1,0 +1,45 @@
+#include "tiering/state_store.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/options.h>
+
+#include "absl/strings/str_cat.h"
+
+namespace engram {
+
+absl::StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir) {
+  rocksdb::Options options;
+  options.create_if_missing = true;
+  options.keep_log_file_num = 2;
+  options.max_open_files = 64;
+  rocksdb::DB* db = nullptr;
+  const rocksdb::Status s = rocksdb::DB::Open(options, dir, &db);
+  if (!s.ok()) return absl::UnavailableError(absl::StrCat("cannot open the state store in ", dir, ": ", s.ToString()));
+  return std::unique_ptr<StateStore>(new StateStore(db));
+}
+
+StateStore::~StateStore() { delete db_; }
+
+absl::Status StateStore::RecordPack(const std::string& name, const std::string& dir, const std::string& fingerprint) {
+  const rocksdb::Status s = db_->Put(rocksdb::WriteOptions(), "pack/" + name, dir + "\n" + fingerprint);
+  return s.ok() ? absl::OkStatus() : absl::InternalError(absl::StrCat("state store: ", s.ToString()));
+}
+
+absl::Status StateStore::SaveHotSet(const HotSet& hot_set) {
+  rocksdb::WriteOptions write;
+  write.sync = true;  // a snapshot taken at shutdown must survive the process
+  const rocksdb::Status s = db_->Put(write, "hot/" + hot_set.table, EncodeHotSet(hot_set));
+  return s.ok() ? absl::OkStatus() : absl::InternalError(absl::StrCat("state store: ", s.ToString()));
+}
+
+absl::StatusOr<std::optional<HotSet>> StateStore::LoadHotSet(const std::string& table) {
+  std::string value;
+  const rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), "hot/" + table, &value);
+  if (s.IsNotFound()) return std::optional<HotSet>();
+  if (!s.ok()) return absl::InternalError(absl::StrCat("state store: ", s.ToString()));
+  auto hot = DecodeHotSet(value, "state store hot/" + table);
+  if (!hot.ok()) return hot.status();
+  return std::optional<HotSet>(std::move(*hot));
+}
+
+}  // namespace engram
