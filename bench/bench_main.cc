@@ -49,6 +49,7 @@ class Target {
  public:
   virtual ~Target() = default;
   virtual absl::Status Lookup(int thread, const Batch& batch, std::vector<uint8_t>* out) = 0;
+  virtual absl::Status Prefetch(int thread, const Batch& batch) = 0;
 };
 
 class InprocTarget final : public Target {
@@ -57,6 +58,9 @@ class InprocTarget final : public Target {
   absl::Status Lookup(int, const Batch& batch, std::vector<uint8_t>* out) override {
     out->resize(batch.indices.size() * table_->row_bytes());
     return engine_->Lookup(*table_, batch.layer_id, batch.num_tokens, batch.indices, absl::MakeSpan(*out), nullptr);
+  }
+  absl::Status Prefetch(int, const Batch& batch) override {
+    return engine_->Prefetch(*table_, batch.layer_id, batch.num_tokens, batch.indices).status();
   }
 
  private:
@@ -92,6 +96,19 @@ class GrpcTarget final : public Target {
     const grpc::Status s = stubs_[thread]->Lookup(&context, request, &response);
     if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
     out->assign(response.rows().begin(), response.rows().end());
+    return absl::OkStatus();
+  }
+  absl::Status Prefetch(int thread, const Batch& batch) override {
+    v1::PrefetchRequest request;
+    request.set_table(table_);
+    request.set_layer(static_cast<uint32_t>(batch.layer_id));
+    request.set_num_tokens(batch.num_tokens);
+    request.set_indices(reinterpret_cast<const char*>(batch.indices.data()), batch.indices.size() * 4);
+    v1::PrefetchResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    const grpc::Status s = stubs_[thread]->Prefetch(&context, request, &response);
+    if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
     return absl::OkStatus();
   }
 
@@ -262,6 +279,13 @@ int Main(int argc, char** argv) {
   flags.String("dedup", &dedup, "inproc: auto (the tier decides), on or off: dedup each batch piece before reading");
   flags.Bool("ceiling", &ceiling, "inproc: also measure the plain memcpy gather ceiling");
   flags.Bool("json", &json, "print one JSON object on one line instead of text");
+  double compute_window_us = 0;
+  bool prefetch_layers = false;
+  flags.Double("compute-window-us", &compute_window_us,
+               "step mode: each step looks up every layer in turn with this many microseconds of simulated\n"
+               "                              model compute after each layer, and reports the stall fraction (time\n"
+               "                              waiting for rows / step time)");
+  flags.Bool("prefetch-layers", &prefetch_layers, "step mode: prefetch every later layer's rows when a step starts");
   TierFlags tier_flags;
   tier_flags.Register(flags);  // inproc: the daemon's own tier flags
   ParseOrExit(flags, argc, argv, 1, nullptr);
@@ -325,14 +349,40 @@ int Main(int argc, char** argv) {
   if (!batches.ok()) return fail(batches.status());
   const int heads = hasher->heads_per_layer();
   const uint64_t rows_per_request = static_cast<uint64_t>(batch_tokens) * heads;
+  const int num_layers = static_cast<int>(hasher->layers().size());
+  const bool step_mode = compute_window_us > 0 || prefetch_layers;
+  if (step_mode && batches->size() % num_layers != 0) batches->resize(batches->size() / num_layers * num_layers);
+  if (batches->empty()) return fail(absl::InvalidArgumentError("too few batches for one step over every layer"));
   std::vector<std::vector<uint8_t>> outs(concurrency);
   // One untimed request per thread: connections up, buffers sized.
   for (int t = 0; t < concurrency; ++t) {
     if (absl::Status s = driver->Lookup(t, (*batches)[t % batches->size()], &outs[t]); !s.ok()) return fail(s);
   }
-  const RunResult run = RunTimed(static_cast<int>(concurrency), duration, rows_per_request, [&](int t, uint64_t i) {
-    return driver->Lookup(t, (*batches)[i % batches->size()], &outs[t]);
-  });
+  // Step mode: one timed call is a whole step; the time spent inside lookups is the stall.
+  std::vector<double> stall_us(concurrency, 0), compute_us(concurrency, 0);
+  const size_t steps = batches->size() / num_layers;
+  auto run_step = [&](int t, uint64_t i) -> absl::Status {
+    const size_t first = (i % steps) * num_layers;
+    if (prefetch_layers) {
+      for (int l = 1; l < num_layers; ++l) {
+        if (absl::Status s = driver->Prefetch(t, (*batches)[first + l]); !s.ok()) return s;
+      }
+    }
+    for (int l = 0; l < num_layers; ++l) {
+      const auto t0 = Clock::now();
+      if (absl::Status s = driver->Lookup(t, (*batches)[first + l], &outs[t]); !s.ok()) return s;
+      stall_us[t] += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+      const auto c0 = Clock::now();
+      std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(compute_window_us));
+      compute_us[t] += std::chrono::duration<double, std::micro>(Clock::now() - c0).count();
+    }
+    return absl::OkStatus();
+  };
+  const RunResult run = step_mode
+      ? RunTimed(static_cast<int>(concurrency), duration, rows_per_request * num_layers, run_step)
+      : RunTimed(static_cast<int>(concurrency), duration, rows_per_request, [&](int t, uint64_t i) {
+          return driver->Lookup(t, (*batches)[i % batches->size()], &outs[t]);
+        });
 
   // The ceiling: plain gathers of uniformly random rows of the same layers, same threads and
   // batch size (the memory system's limit for this table), and of the workload's own rows.
@@ -416,6 +466,19 @@ int Main(int argc, char** argv) {
     out["memcpy_same_rows_per_s"] = same_rows_run.rows / same_rows_run.seconds;
     out["ratio_to_memcpy_same_rows"] = rows_per_s / (same_rows_run.rows / same_rows_run.seconds);
   }
+  if (step_mode) {
+    double stall = 0, compute = 0;
+    for (int t = 0; t < concurrency; ++t) {
+      stall += stall_us[t];
+      compute += compute_us[t];
+    }
+    out["mode"] = "steps";
+    out["steps"] = run.requests;
+    out["compute_window_us"] = compute_window_us;
+    out["prefetch_layers"] = prefetch_layers;
+    out["stall_fraction"] = stall + compute > 0 ? stall / (stall + compute) : 0;
+    out["stall_us_per_step"] = run.requests ? stall / run.requests : 0;
+  }
   if (!run.first_error.empty()) out["first_error"] = run.first_error;
   if (json) {
     std::printf("%s\n", out.dump().c_str());
@@ -436,6 +499,13 @@ int Main(int argc, char** argv) {
                   out["ceiling_rows_per_s"].get<double>(), 100 * out["ratio_to_ceiling"].get<double>());
       std::printf("  memcpy of the workload's own rows:    rows/s %.4g  -> engine at %.0f%% of it\n",
                   out["memcpy_same_rows_per_s"].get<double>(), 100 * out["ratio_to_memcpy_same_rows"].get<double>());
+    }
+    if (step_mode) {
+      std::printf("  steps %llu of %d layers, compute window %.0f us per layer, prefetch %s\n",
+                  static_cast<unsigned long long>(run.requests), num_layers, compute_window_us,
+                  prefetch_layers ? "on" : "off");
+      std::printf("  stall fraction %.3f (waiting for rows %.0f us per step; latencies above are per step)\n",
+                  out["stall_fraction"].get<double>(), out["stall_us_per_step"].get<double>());
     }
     if (!run.first_error.empty()) std::printf("  first error: %s\n", run.first_error.c_str());
   }

@@ -114,6 +114,20 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
       const RowCache* cache = tier->cache();
       if (cache == nullptr) continue;
       const RowCacheStats s = cache->stats();
+      const std::vector<std::string> outcome_names = {"table", "layer", "outcome"};
+      const std::string prefetch_help =
+          "Prefetched rows by outcome: useful (demand hit them), late (demand waited on their read), "
+          "wasted (evicted or refused unused)";
+      const std::pair<const char*, uint64_t> outcomes[] = {
+          {"useful", s.prefetch_useful}, {"late", tier->prefetch_late()}, {"wasted", s.prefetch_wasted}};
+      for (const auto& [outcome, value] : outcomes) {
+        Counter* c = registry_->GetCounter("engram_prefetch_rows_total", prefetch_help, outcome_names,
+                                           {labels[0], labels[1], outcome});
+        if (static_cast<double>(value) > c->value()) c->Add(static_cast<double>(value) - c->value());
+      }
+      mirror("engram_prefetch_requested_rows_total", "Distinct rows asked for by Prefetch", tier->prefetch_requested());
+      mirror("engram_prefetch_dropped_rows_total", "Prefetch rows dropped because the queue was full",
+             tier->prefetch_dropped());
       mirror("engram_cache_hits_total", "DRAM cache lookups that found the row", s.hits);
       mirror("engram_cache_misses_total", "DRAM cache lookups that did not", s.misses);
       mirror("engram_cache_evictions_total", "Rows evicted from the DRAM cache", s.evictions);
@@ -124,6 +138,14 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
       const double lookups = static_cast<double>(s.hits + s.misses);
       registry_->GetGauge("engram_cache_hit_ratio", "Share of DRAM cache lookups that hit, since start", names, labels)
           ->Set(lookups > 0 ? static_cast<double>(s.hits) / lookups : 0);
+      if (const auto alpha = tier->frequency().Alpha()) {
+        registry_->GetGauge("engram_cache_zipf_alpha", "Zipf exponent fitted to the layer's row accesses", names, labels)
+            ->Set(*alpha);
+        registry_
+            ->GetGauge("engram_cache_predicted_hit_ratio",
+                       "Hit ratio the cache's size should give under the fitted Zipf exponent", names, labels)
+            ->Set(ZipfEstimator::PredictHitRatio(*alpha, cache->capacity_rows(), tier->total_rows()));
+      }
     }
   }
 }

@@ -182,6 +182,24 @@ grpc::Status EngramGrpcService::LookupTokens(grpc::ServerContext*, const v1::Loo
   return timer.Finish(DoLookupTokens(*request, response));
 }
 
+grpc::Status EngramGrpcService::Prefetch(grpc::ServerContext*, const v1::PrefetchRequest* request,
+                                         v1::PrefetchResponse* response) {
+  RequestTimer timer(metrics_, "Prefetch");
+  if (draining_.load()) return timer.Finish(Draining());
+  const Table* table = engine_->FindTable(request->table());
+  if (table == nullptr) {
+    return timer.Finish(absl::NotFoundError(absl::StrCat("no table named '", request->table(), "'")));
+  }
+  std::vector<uint32_t> indices;
+  if (absl::Status s = DecodeU32(request->indices(), "indices", &indices); !s.ok()) return timer.Finish(s);
+  auto counts = engine_->Prefetch(*table, static_cast<int>(request->layer()), request->num_tokens(), indices);
+  if (!counts.ok()) return timer.Finish(counts.status());
+  response->set_rows_queued(counts->queued);
+  response->set_rows_skipped(counts->skipped);
+  response->set_rows_dropped(counts->dropped);
+  return timer.Finish(absl::OkStatus());
+}
+
 grpc::Status EngramGrpcService::ListTables(grpc::ServerContext*, const v1::ListTablesRequest*,
                                            v1::ListTablesResponse* response) {
   RequestTimer timer(metrics_, "ListTables");

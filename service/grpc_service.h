@@ -29,6 +29,8 @@ class EngramGrpcService final : public v1::Engram::Service {
       grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) override;
   grpc::Status LookupTokens(grpc::ServerContext* context, const v1::LookupTokensRequest* request,
                             v1::LookupTokensResponse* response) override;
+  grpc::Status Prefetch(grpc::ServerContext* context, const v1::PrefetchRequest* request,
+                        v1::PrefetchResponse* response) override;
   grpc::Status ListTables(grpc::ServerContext* context, const v1::ListTablesRequest* request,
                           v1::ListTablesResponse* response) override;
   grpc::Status GetTable(grpc::ServerContext* context, const v1::GetTableRequest* request,

@@ -35,6 +35,7 @@ absl::Status CachedNvmeTier::ReadRows(absl::Span<const uint64_t> rows, absl::Spa
   std::vector<uint32_t> hits, misses;
   std::vector<std::pair<uint32_t, std::shared_ptr<Pending>>> waits;
   for (uint32_t i = 0; i < rows.size(); ++i) {
+    frequency_.Record(rows[i]);
     if (cache_ && cache_->Contains(rows[i])) {
       hits.push_back(i);
       continue;
@@ -91,6 +92,7 @@ absl::Status CachedNvmeTier::ReadRows(absl::Span<const uint64_t> rows, absl::Spa
   for (auto& [i, pending] : waits) {
     PendingShard& shard = PendingFor(rows[i]);
     std::unique_lock<std::mutex> lock(shard.mu);
+    if (pending->prefetch && !pending->done) prefetch_late_.fetch_add(1, std::memory_order_relaxed);
     shard.cv.wait(lock, [&] { return pending->done; });
     if (!pending->status.ok()) return pending->status;
     std::memcpy(dests[i], pending->bytes.data(), static_cast<size_t>(row_bytes_));
@@ -100,6 +102,85 @@ absl::Status CachedNvmeTier::ReadRows(absl::Span<const uint64_t> rows, absl::Spa
   counts->rows[static_cast<int>(TierKind::kDram)] += dram_rows;
   counts->rows[static_cast<int>(TierKind::kNvme)] += nvme_rows;
   return absl::OkStatus();
+}
+
+CachedNvmeTier::~CachedNvmeTier() {
+  {
+    std::lock_guard<std::mutex> lock(prefetch_mu_);
+    prefetch_stop_ = true;
+  }
+  prefetch_cv_.notify_all();
+  if (prefetcher_.joinable()) prefetcher_.join();
+}
+
+PrefetchCounts CachedNvmeTier::Prefetch(absl::Span<const uint64_t> rows) {
+  PrefetchCounts counts;
+  if (!cache_) {  // nowhere to stage rows
+    counts.skipped = rows.size();
+    return counts;
+  }
+  prefetch_requested_.fetch_add(rows.size(), std::memory_order_relaxed);
+  std::vector<uint64_t> wanted;
+  for (uint64_t row : rows) {
+    if (cache_->Contains(row)) {
+      ++counts.skipped;
+    } else {
+      wanted.push_back(row);
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(prefetch_mu_);
+    if (!prefetcher_.joinable()) prefetcher_ = std::thread([this] { PrefetchLoop(); });
+    for (uint64_t row : wanted) {
+      if (prefetch_queue_.size() >= kPrefetchQueueRows) {
+        ++counts.dropped;
+        continue;
+      }
+      prefetch_queue_.push_back(row);
+      ++counts.queued;
+    }
+  }
+  prefetch_dropped_.fetch_add(counts.dropped, std::memory_order_relaxed);
+  prefetch_cv_.notify_one();
+  return counts;
+}
+
+void CachedNvmeTier::PrefetchLoop() {
+  constexpr size_t kBatch = 256;
+  const uint32_t depth = std::max<uint32_t>(1, 16);  // a quarter of the default demand depth
+  std::vector<uint64_t> batch;
+  std::vector<std::vector<uint8_t>> buffers(kBatch, std::vector<uint8_t>(row_bytes_));
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(prefetch_mu_);
+      prefetch_cv_.wait(lock, [&] { return prefetch_stop_ || !prefetch_queue_.empty(); });
+      if (prefetch_stop_) return;
+      batch.clear();
+      while (!prefetch_queue_.empty() && batch.size() < kBatch) {
+        batch.push_back(prefetch_queue_.front());
+        prefetch_queue_.pop_front();
+      }
+    }
+    // Claim rows nobody has or is reading; demand that needs one meanwhile waits for this read.
+    std::vector<uint64_t> rows;
+    std::vector<uint8_t*> dests;
+    for (uint64_t row : batch) {
+      if (cache_->Contains(row)) continue;
+      PendingShard& shard = PendingFor(row);
+      std::lock_guard<std::mutex> lock(shard.mu);
+      auto [it, inserted] = shard.rows.try_emplace(row);
+      if (!inserted) continue;
+      it->second = std::make_shared<Pending>();
+      it->second->prefetch = true;
+      dests.push_back(buffers[rows.size()].data());
+      rows.push_back(row);
+    }
+    const absl::Status s = reader_->Read(rows, dests, nullptr, depth);
+    if (s.ok()) {
+      for (size_t i = 0; i < rows.size(); ++i) cache_->InsertPrefetched(rows[i], dests[i]);
+    }
+    Publish(rows, dests, s);  // waiting demand gets the bytes, or the error
+  }
 }
 
 absl::StatusOr<uint64_t> CachedNvmeTier::Warm(absl::Span<const std::pair<uint64_t, uint32_t>> hot_rows) {

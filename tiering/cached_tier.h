@@ -7,6 +7,8 @@
 #define ENGRAM_TIERING_CACHED_TIER_H_
 
 #include <condition_variable>
+#include <deque>
+#include <thread>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -14,6 +16,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "tiering/cache/row_cache.h"
+#include "tiering/cache/zipf_estimator.h"
 #include "tiering/nvme_reader.h"
 #include "tiering/row_tier.h"
 
@@ -35,6 +38,15 @@ class CachedNvmeTier final : public RowTier {
   RowCache* cache() const { return cache_.get(); }
   const NvmeReader& reader() const { return *reader_; }
   uint64_t shared_reads() const { return shared_reads_.load(std::memory_order_relaxed); }
+  // The frequency model of this layer's row stream (rows read by lookups, after dedup).
+  const ZipfEstimator& frequency() const { return frequency_; }
+
+  PrefetchCounts Prefetch(absl::Span<const uint64_t> rows) override;
+  ~CachedNvmeTier() override;
+  // Demand found a row its prefetch was still reading (the prefetch came too late to help fully).
+  uint64_t prefetch_late() const { return prefetch_late_.load(std::memory_order_relaxed); }
+  uint64_t prefetch_requested() const { return prefetch_requested_.load(std::memory_order_relaxed); }
+  uint64_t prefetch_dropped() const { return prefetch_dropped_.load(std::memory_order_relaxed); }
 
   // Reads `rows` from NVMe and places them in the cache, hottest first, while it has free slots
   // (a warm start). Returns how many rows were placed.
@@ -45,6 +57,7 @@ class CachedNvmeTier final : public RowTier {
     std::vector<uint8_t> bytes;
     absl::Status status;
     bool done = false;
+    bool prefetch = false;  // being read by the background prefetcher
   };
   struct PendingShard {
     std::mutex mu;
@@ -62,6 +75,17 @@ class CachedNvmeTier final : public RowTier {
   const int64_t row_bytes_;
   PendingShard pending_[kPendingShards];
   std::atomic<uint64_t> shared_reads_{0};
+  ZipfEstimator frequency_;
+
+  // Background prefetch: a bounded queue of rows and one thread, started on first use.
+  void PrefetchLoop();
+  static constexpr size_t kPrefetchQueueRows = 1 << 16;
+  std::mutex prefetch_mu_;
+  std::condition_variable prefetch_cv_;
+  std::deque<uint64_t> prefetch_queue_;
+  bool prefetch_stop_ = false;
+  std::thread prefetcher_;
+  std::atomic<uint64_t> prefetch_late_{0}, prefetch_requested_{0}, prefetch_dropped_{0};
 };
 
 }  // namespace engram

@@ -54,9 +54,9 @@ absl::Status Engine::Lookup(absl::string_view table_name, int layer_id, uint32_t
   return Lookup(*table, layer_id, num_tokens, indices, out, stats);
 }
 
-absl::Status Engine::Lookup(const Table& table, int layer_id, uint32_t num_tokens,
-                            absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
-                            LookupStats* stats) {
+absl::StatusOr<const Table::Layer*> Engine::ResolveRows(const Table& table, int layer_id, uint32_t num_tokens,
+                                                        absl::Span<const uint32_t> indices,
+                                                        std::vector<uint64_t>* rows) const {
   const Table::Layer* layer = table.FindLayer(layer_id);
   if (layer == nullptr) {
     return absl::NotFoundError(absl::StrCat("table '", table.name(), "' has no layer ", layer_id));
@@ -74,19 +74,9 @@ absl::Status Engine::Lookup(const Table& table, int layer_id, uint32_t num_token
                                                    num_tokens, " tokens x ", heads,
                                                    " heads x 4 bytes = ", total * 4, " expected"));
   }
-  const int64_t row_bytes = table.row_bytes();
-  if (out.size() != total * static_cast<uint64_t>(row_bytes)) {
-    return absl::InvalidArgumentError(absl::StrCat("output buffer holds ", out.size(), " bytes, ",
-                                                   total * row_bytes, " needed"));
-  }
-
   // Head-local -> global rows, stopping at the first offender.
   const LayerHashLayout& layout = layer->pack_layer->layout;
-  // Reused across requests on this thread: a fresh 8-byte-per-row buffer would cost page faults.
-  // (Bound to a reference: the helpers below must use this thread's buffer, not their own.)
-  thread_local std::vector<uint64_t> tls_rows;
-  std::vector<uint64_t>& rows = tls_rows;
-  rows.resize(total);
+  rows->resize(total);
   for (uint32_t t = 0; t < num_tokens; ++t) {
     for (int h = 0; h < heads; ++h) {
       const size_t i = static_cast<size_t>(t) * heads + h;
@@ -96,8 +86,36 @@ absl::Status Engine::Lookup(const Table& table, int layer_id, uint32_t num_token
             "index ", idx, " for token ", t, ", head ", h, " is out of range: head ", h, " of layer ",
             layer_id, " has ", layout.head_rows[h], " rows (valid 0..", layout.head_rows[h] - 1, ")"));
       }
-      rows[i] = layout.head_offset[h] + idx;
+      (*rows)[i] = layout.head_offset[h] + idx;
     }
+  }
+  return layer;
+}
+
+absl::StatusOr<PrefetchCounts> Engine::Prefetch(const Table& table, int layer_id, uint32_t num_tokens,
+                                                absl::Span<const uint32_t> indices) {
+  std::vector<uint64_t> rows;
+  auto layer = ResolveRows(table, layer_id, num_tokens, indices, &rows);
+  if (!layer.ok()) return layer.status();
+  BatchDedup dedup;
+  dedup.Build(rows);
+  return (*layer)->tier->Prefetch(dedup.unique_rows());
+}
+
+absl::Status Engine::Lookup(const Table& table, int layer_id, uint32_t num_tokens,
+                            absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
+                            LookupStats* stats) {
+  // Reused across requests on this thread: a fresh 8-byte-per-row buffer would cost page faults.
+  // (Bound to a reference: the helpers below must use this thread's buffer, not their own.)
+  thread_local std::vector<uint64_t> tls_rows;
+  std::vector<uint64_t>& rows = tls_rows;
+  auto layer = ResolveRows(table, layer_id, num_tokens, indices, &rows);
+  if (!layer.ok()) return layer.status();
+  const uint64_t total = rows.size();
+  const int64_t row_bytes = table.row_bytes();
+  if (out.size() != total * static_cast<uint64_t>(row_bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat("output buffer holds ", out.size(), " bytes, ",
+                                                   total * row_bytes, " needed"));
   }
 
   const uint32_t piece_rows = options_.rows_per_piece;
@@ -106,7 +124,7 @@ absl::Status Engine::Lookup(const Table& table, int layer_id, uint32_t num_token
   absl::Status first_error;
   LookupStats totals;
   totals.rows_requested = total;
-  RowTier* tier = layer->tier.get();
+  RowTier* tier = (*layer)->tier.get();
   const bool use_dedup = options_.dedup == EngineOptions::Dedup::kOn ||
                          (options_.dedup == EngineOptions::Dedup::kAuto && tier->dedup_saves_reads());
   pool_->ParallelFor(pieces, [&](int piece) {

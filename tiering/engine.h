@@ -63,12 +63,21 @@ class Engine {
                       absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
                       LookupStats* stats);
 
+  // Stages the rows of head-local `indices` into DRAM in the background (no rows returned).
+  // Validates exactly like Lookup.
+  absl::StatusOr<PrefetchCounts> Prefetch(const Table& table, int layer_id, uint32_t num_tokens,
+                                          absl::Span<const uint32_t> indices);
+
   // Hashes raw token ids [batch][seq_len] for `layer_id` into head-local indices
   // [batch*seq_len][heads].
   static absl::Status HashTokens(const Table& table, int layer_id, absl::Span<const int32_t> token_ids,
                                  uint32_t batch, uint32_t seq_len, std::vector<uint32_t>* indices);
 
  private:
+  // Checks the request shape and every index, and maps indices to global rows.
+  absl::StatusOr<const Table::Layer*> ResolveRows(const Table& table, int layer_id, uint32_t num_tokens,
+                                                  absl::Span<const uint32_t> indices, std::vector<uint64_t>* rows) const;
+
   EngineOptions options_;
   std::vector<std::unique_ptr<Table>> tables_;
   std::unique_ptr<WorkerPool> pool_;

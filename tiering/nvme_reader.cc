@@ -154,7 +154,7 @@ absl::Status NvmeReader::FinishExtent(Extent& extent, int64_t result) {
 }
 
 absl::Status NvmeReader::Read(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests,
-                              const std::function<void()>& while_in_flight) {
+                              const std::function<void()>& while_in_flight, uint32_t max_in_flight) {
   if (rows.empty()) {
     if (while_in_flight) while_in_flight();
     return absl::OkStatus();
@@ -198,12 +198,14 @@ absl::Status NvmeReader::Read(absl::Span<const uint64_t> rows, absl::Span<uint8_
     e.buf = scratch;
     scratch += e.length;
   }
-  absl::Status s = engine_ == IoEngine::kIoUring ? ReadUring(extents, while_in_flight) : ReadPread(extents);
+  const uint32_t depth = max_in_flight > 0 ? std::min(max_in_flight, options_.queue_depth) : options_.queue_depth;
+  absl::Status s = engine_ == IoEngine::kIoUring ? ReadUring(extents, while_in_flight, depth) : ReadPread(extents);
   if (!s.ok()) stats_.errors.fetch_add(1, std::memory_order_relaxed);
   return s;
 }
 
-absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::function<void()>& while_in_flight) {
+absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::function<void()>& while_in_flight,
+                                   uint32_t queue_depth) {
   io_uring* ring = tls_ring.Get();
   if (ring == nullptr) {  // this thread could not get a ring: do the work synchronously
     if (while_in_flight) while_in_flight();
@@ -220,7 +222,7 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
     ++e.attempts;
     ++in_flight;
   };
-  while (next < extents.size() && in_flight < options_.queue_depth) submit(next++);
+  while (next < extents.size() && in_flight < queue_depth) submit(next++);
   io_uring_submit(ring);
   if (while_in_flight) while_in_flight();
   while (in_flight > 0) {
@@ -249,7 +251,7 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
       continue;
     }
     bool added = false;
-    while (next < extents.size() && in_flight < options_.queue_depth) {
+    while (next < extents.size() && in_flight < queue_depth) {
       submit(next++);
       added = true;
     }

@@ -49,8 +49,10 @@ class NvmeReader {
   // Copies rows[i] to dests[i]. `while_in_flight`, if set, runs once the first reads are
   // submitted (io_uring) so the caller can do other work, e.g. copy cache hits.
   // REQUIRES: rows < total_rows.
+  // `max_in_flight` (if non-zero) lowers the queue depth for this call: background prefetch uses
+  // it to leave the device to demand reads.
   absl::Status Read(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests,
-                    const std::function<void()>& while_in_flight = nullptr);
+                    const std::function<void()>& while_in_flight = nullptr, uint32_t max_in_flight = 0);
 
   IoEngine engine() const { return engine_; }
   uint64_t total_rows() const { return total_rows_; }
@@ -63,7 +65,8 @@ class NvmeReader {
  private:
   struct Extent;
   NvmeReader() = default;
-  absl::Status ReadUring(std::vector<Extent>& extents, const std::function<void()>& while_in_flight);
+  absl::Status ReadUring(std::vector<Extent>& extents, const std::function<void()>& while_in_flight,
+                         uint32_t queue_depth);
   absl::Status ReadPread(std::vector<Extent>& extents);
   // Checks a completed extent and copies its rows out; DataLoss if it came back short or failed.
   absl::Status FinishExtent(Extent& extent, int64_t result);

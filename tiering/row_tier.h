@@ -19,6 +19,13 @@ enum class TierKind : uint8_t { kHbm = 0, kDram = 1, kNvme = 2 };
 inline constexpr int kNumTierKinds = 3;
 inline constexpr std::array<absl::string_view, kNumTierKinds> kTierNames = {"hbm", "dram", "nvme"};
 
+// What a prefetch did with the rows it was given.
+struct PrefetchCounts {
+  uint64_t queued = 0;   // will be read into DRAM in the background
+  uint64_t skipped = 0;  // already in DRAM, or being read
+  uint64_t dropped = 0;  // the prefetch queue was full
+};
+
 // Rows served by each tier, indexed by TierKind.
 struct TierCounts {
   std::array<uint64_t, kNumTierKinds> rows{};
@@ -41,6 +48,14 @@ class RowTier {
   virtual int64_t row_bytes() const = 0;
   // Bytes of memory this tier holds (DRAM or HBM), for metrics.
   virtual uint64_t resident_bytes() const = 0;
+  // Stages unique, in-range rows into DRAM in the background, below demand reads in priority.
+  // Tiers whose rows are all in DRAM skip them.
+  virtual PrefetchCounts Prefetch(absl::Span<const uint64_t> rows) {
+    PrefetchCounts counts;
+    counts.skipped = rows.size();
+    return counts;
+  }
+
   // True when reading a row twice costs real work (I/O, a cache slot), so the engine should
   // deduplicate a batch before asking. A resident DRAM table says false: a repeated row is a
   // cache hit, cheaper than the hash probe that would find it (measured in bench/RESULTS.md).

@@ -27,6 +27,7 @@ absl::StatusOr<std::unique_ptr<RowCache>> RowCache::Create(uint64_t capacity_row
     first_slot += slots;
     std::lock_guard<std::mutex> lock(shard->mu);
     shard->slot_keys.assign(slots, 0);
+    shard->prefetched.assign(slots, 0);
     shard->free_slots.resize(slots);
     for (uint32_t s = 0; s < slots; ++s) shard->free_slots[s] = static_cast<uint32_t>(slots - 1 - s);
     shard->eviction = MakeEviction(policy, shard->capacity);
@@ -52,6 +53,10 @@ bool RowCache::Lookup(uint64_t key, uint8_t* dest) {
     return false;
   }
   shard.eviction->OnHit(it->second);
+  if (shard.prefetched[it->second]) {
+    shard.prefetched[it->second] = 0;
+    shard.prefetch_useful.fetch_add(1, std::memory_order_relaxed);
+  }
   if (dest != nullptr && row_bytes_ > 0) {
     std::memcpy(dest, shard.data + static_cast<uint64_t>(it->second) * row_bytes_, static_cast<size_t>(row_bytes_));
   }
@@ -65,29 +70,34 @@ bool RowCache::Contains(uint64_t key) const {
   return shard.index.contains(key);
 }
 
-bool RowCache::PlaceLocked(Shard& shard, uint64_t key, const uint8_t* data, bool use_admission) {
+bool RowCache::PlaceLocked(Shard& shard, uint64_t key, const uint8_t* data, Mode mode) {
   if (shard.index.contains(key)) return true;  // a concurrent miss got here first
   uint32_t slot;
   if (!shard.free_slots.empty()) {
     slot = shard.free_slots.back();
     shard.free_slots.pop_back();
   } else {
-    if (!use_admission) return false;
+    if (mode == Mode::kWarm) return false;
     slot = shard.eviction->PickVictim();
     if (slot == kNoSlot) {
       shard.rejected.fetch_add(1, std::memory_order_relaxed);
       return false;
     }
     const uint64_t victim = shard.slot_keys[slot];
-    if (policy_.tinylfu_admission && !shard.eviction->last_victim_probationary() &&
-        !shard.sketch->Admit(key, victim)) {
-      shard.eviction->Restore(slot);  // the victim is worth more: it stays, next in line again
+    const bool probationary = shard.eviction->last_victim_probationary();
+    const bool refuse = mode == Mode::kPrefetch
+                            ? !probationary  // prefetch never displaces a row demand keeps using
+                            : policy_.tinylfu_admission && !probationary && !shard.sketch->Admit(key, victim);
+    if (refuse) {
+      shard.eviction->Restore(slot);  // the victim stays, next in line again
       shard.rejected.fetch_add(1, std::memory_order_relaxed);
       return false;
     }
+    if (shard.prefetched[slot]) shard.prefetch_wasted.fetch_add(1, std::memory_order_relaxed);
     shard.index.erase(victim);
     shard.evictions.fetch_add(1, std::memory_order_relaxed);
   }
+  shard.prefetched[slot] = mode == Mode::kPrefetch ? 1 : 0;
   if (row_bytes_ > 0) std::memcpy(shard.data + static_cast<uint64_t>(slot) * row_bytes_, data, static_cast<size_t>(row_bytes_));
   shard.slot_keys[slot] = key;
   shard.index.emplace(key, slot);
@@ -100,14 +110,23 @@ bool RowCache::Insert(uint64_t key, const uint8_t* data) {
   if (policy_.eviction == PolicySpec::Eviction::kPinned) return false;  // only Warm fills a static set
   Shard& shard = ShardFor(key);
   std::lock_guard<std::mutex> lock(shard.mu);
-  return PlaceLocked(shard, key, data, /*use_admission=*/true);
+  return PlaceLocked(shard, key, data, Mode::kDemand);
+}
+
+bool RowCache::InsertPrefetched(uint64_t key, const uint8_t* data) {
+  if (policy_.eviction == PolicySpec::Eviction::kPinned) return false;
+  Shard& shard = ShardFor(key);
+  std::lock_guard<std::mutex> lock(shard.mu);
+  const bool placed = PlaceLocked(shard, key, data, Mode::kPrefetch);
+  if (!placed) shard.prefetch_wasted.fetch_add(1, std::memory_order_relaxed);
+  return placed;
 }
 
 bool RowCache::Warm(uint64_t key, const uint8_t* data, uint32_t count) {
   Shard& shard = ShardFor(key);
   std::lock_guard<std::mutex> lock(shard.mu);
   for (uint32_t i = 0; i < std::min<uint32_t>(count, 15); ++i) shard.sketch->RecordAccess(key);
-  return PlaceLocked(shard, key, data, /*use_admission=*/false);
+  return PlaceLocked(shard, key, data, Mode::kWarm);
 }
 
 std::vector<std::pair<uint64_t, uint32_t>> RowCache::HotSet(size_t limit) const {
@@ -140,6 +159,8 @@ RowCacheStats RowCache::stats() const {
     s.inserts += shard->inserts.load(std::memory_order_relaxed);
     s.rejected += shard->rejected.load(std::memory_order_relaxed);
     s.evictions += shard->evictions.load(std::memory_order_relaxed);
+    s.prefetch_useful += shard->prefetch_useful.load(std::memory_order_relaxed);
+    s.prefetch_wasted += shard->prefetch_wasted.load(std::memory_order_relaxed);
   }
   return s;
 }

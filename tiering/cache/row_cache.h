@@ -25,6 +25,8 @@ namespace engram {
 
 struct RowCacheStats {
   uint64_t hits = 0, misses = 0, inserts = 0, rejected = 0, evictions = 0;
+  // Prefetched rows: hit by demand before eviction (useful), or evicted / refused unused (wasted).
+  uint64_t prefetch_useful = 0, prefetch_wasted = 0;
 };
 
 class RowCache {
@@ -39,6 +41,9 @@ class RowCache {
   bool Contains(uint64_t key) const;
   // Offers a row that was read from below after a miss. Admission may refuse it (returns false).
   bool Insert(uint64_t key, const uint8_t* data);
+  // A prefetched row: takes a free slot or a probationary victim only, so it never displaces a
+  // row demand is using; refused otherwise. Counted as useful once demand hits it.
+  bool InsertPrefetched(uint64_t key, const uint8_t* data);
   // Inserts without the admission filter while free slots remain (warming from a hot set);
   // `count` seeds the frequency sketch. Returns false once the shard is full.
   bool Warm(uint64_t key, const uint8_t* data, uint32_t count);
@@ -58,18 +63,21 @@ class RowCache {
     absl::flat_hash_map<uint64_t, uint32_t> index ABSL_GUARDED_BY(mu);
     std::vector<uint64_t> slot_keys ABSL_GUARDED_BY(mu);
     std::vector<uint32_t> free_slots ABSL_GUARDED_BY(mu);
+    std::vector<uint8_t> prefetched ABSL_GUARDED_BY(mu);  // 1 while a prefetched row awaits its first hit
     std::unique_ptr<EvictionPolicy> eviction ABSL_GUARDED_BY(mu);
     std::unique_ptr<AdmissionPolicy> sketch ABSL_GUARDED_BY(mu);
     uint8_t* data = nullptr;  // this shard's slots
     uint32_t capacity = 0;
     std::atomic<uint64_t> hits{0}, misses{0}, inserts{0}, rejected{0}, evictions{0};
+    std::atomic<uint64_t> prefetch_useful{0}, prefetch_wasted{0};
   };
 
   RowCache(uint64_t capacity_rows, int64_t row_bytes, PolicySpec policy) noexcept
       : capacity_rows_(capacity_rows), row_bytes_(row_bytes), policy_(std::move(policy)) {}
   Shard& ShardFor(uint64_t key) const;
   // Places key in a slot of `shard` (free, or the policy's victim). REQUIRES shard.mu held.
-  bool PlaceLocked(Shard& shard, uint64_t key, const uint8_t* data, bool use_admission);
+  enum class Mode { kDemand, kWarm, kPrefetch };
+  bool PlaceLocked(Shard& shard, uint64_t key, const uint8_t* data, Mode mode);
 
   const uint64_t capacity_rows_;
   const int64_t row_bytes_;
