@@ -15,6 +15,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "bench/rocksdb_baseline.h"
 #include "bench/simulate.h"
 #include "bench/workload.h"
 #include "engram/v1/engram.grpc.pb.h"
@@ -22,6 +23,7 @@
 #include "service/cli_flags.h"
 #include "service/table_loader.h"
 #include "tiering/cache/policy.h"
+#include "tiering/cached_tier.h"
 #include "tiering/dram_tier.h"
 #include "tiering/engine.h"
 #include "tiering/table.h"
@@ -115,6 +117,26 @@ class GrpcTarget final : public Target {
  private:
   std::string table_;
   std::vector<std::unique_ptr<v1::Engram::Stub>> stubs_;
+};
+
+// The same rows from RocksDB (the baseline a user might pick instead).
+class RocksDbTarget final : public Target {
+ public:
+  RocksDbTarget(std::unique_ptr<RocksDbRows> db, const Table* table) : db_(std::move(db)), table_(table) {}
+  absl::Status Lookup(int, const Batch& batch, std::vector<uint8_t>* out) override {
+    const int layer_index = table_->hasher().LayerIndex(batch.layer_id);
+    const auto& layout = table_->hasher().layers()[layer_index];
+    const int heads = table_->heads();
+    std::vector<uint64_t> rows(batch.indices.size());
+    for (size_t i = 0; i < rows.size(); ++i) rows[i] = layout.head_offset[i % heads] + batch.indices[i];
+    out->resize(rows.size() * table_->row_bytes());
+    return db_->Read(layer_index, rows, out->data());
+  }
+  absl::Status Prefetch(int, const Batch&) override { return absl::OkStatus(); }
+
+ private:
+  std::unique_ptr<RocksDbRows> db_;
+  const Table* table_;
 };
 
 absl::StatusOr<std::unique_ptr<NgramHasher>> HasherFromTableInfo(const v1::TableInfo& info) {
@@ -265,9 +287,14 @@ int Main(int argc, char** argv) {
   bool json = false, ceiling = true;
   std::string dedup = "auto";
   FlagSet flags("engram-bench", kUsage);
-  flags.String("target", &target, "grpc://HOST:PORT or inproc");
+  flags.String("target", &target,
+               "grpc://HOST:PORT, inproc, or rocksdb (the same rows in RocksDB via MultiGet, block cache\n"
+               "                              of --dram-budget, direct reads: the baseline)");
   flags.String("table", &table_name, "table name (gRPC; inproc uses the pack's)");
-  flags.String("pack", &pack, "pack directory (inproc)");
+  flags.String("pack", &pack, "pack directory (inproc, rocksdb)");
+  std::string rocksdb_dir = "/tmp/engram-bench-rocksdb";
+  flags.String("rocksdb-dir", &rocksdb_dir,
+               "--target rocksdb: where the baseline database lives (loaded from the pack on first use)");
   flags.String("workload", &workload_text,
                "zipf:ALPHA (per-head Zipf over rows; zipf:0 is uniform) or trace:FILE.i32 (raw token ids)");
   flags.Int("batch-tokens", &batch_tokens, "tokens per request");
@@ -306,7 +333,7 @@ int Main(int argc, char** argv) {
   std::unique_ptr<NgramHasher> remote_hasher;
   const NgramHasher* hasher = nullptr;
   int64_t row_bytes = 0;
-  if (target == "inproc") {
+  if (target == "inproc" || target == "rocksdb") {
     if (pack.empty()) return fail(absl::InvalidArgumentError("--target inproc needs --pack DIR"));
     EngineOptions options;
     options.worker_threads = static_cast<int>(worker_threads);
@@ -321,7 +348,19 @@ int Main(int argc, char** argv) {
     table_name = table->name();
     hasher = &table->hasher();
     row_bytes = table->row_bytes();
-    driver = std::make_unique<InprocTarget>(engine.get(), table);
+    if (target == "rocksdb") {
+      uint64_t cache_bytes = 0;
+      if (tier_flags.dram_budget != "all") {
+        if (absl::Status s = ParseBytes(tier_flags.dram_budget, &cache_bytes); !s.ok()) return fail(s);
+      } else {
+        cache_bytes = table->manifest().total_bytes();
+      }
+      auto db = RocksDbRows::OpenOrLoad(table->manifest(), pack, rocksdb_dir, cache_bytes);
+      if (!db.ok()) return fail(db.status());
+      driver = std::make_unique<RocksDbTarget>(std::move(*db), table);
+    } else {
+      driver = std::make_unique<InprocTarget>(engine.get(), table);
+    }
   } else if (absl::StartsWith(target, "grpc://")) {
     if (table_name.empty()) return fail(absl::InvalidArgumentError("--target grpc://... needs --table NAME"));
     auto grpc_target = std::make_unique<GrpcTarget>(target.substr(7), table_name, static_cast<int>(concurrency));
@@ -358,6 +397,16 @@ int Main(int argc, char** argv) {
   for (int t = 0; t < concurrency; ++t) {
     if (absl::Status s = driver->Lookup(t, (*batches)[t % batches->size()], &outs[t]); !s.ok()) return fail(s);
   }
+  // Device reads during the timed run (inproc, NVMe-backed tables).
+  auto nvme_reads = [&]() -> uint64_t {
+    uint64_t n = 0;
+    if (table == nullptr) return 0;
+    for (const auto& layer : table->layers()) {
+      if (const auto* t = dynamic_cast<const CachedNvmeTier*>(layer.tier.get())) n += t->reader().stats().reads.load();
+    }
+    return n;
+  };
+  const uint64_t nvme_reads_before = nvme_reads();
   // Step mode: one timed call is a whole step; the time spent inside lookups is the stall.
   std::vector<double> stall_us(concurrency, 0), compute_us(concurrency, 0);
   const size_t steps = batches->size() / num_layers;
@@ -387,7 +436,7 @@ int Main(int argc, char** argv) {
   // The ceiling: plain gathers of uniformly random rows of the same layers, same threads and
   // batch size (the memory system's limit for this table), and of the workload's own rows.
   RunResult ceiling_run, same_rows_run;
-  const bool measure_ceiling = ceiling && table != nullptr && table->resident();
+  const bool measure_ceiling = ceiling && target == "inproc" && table != nullptr && table->resident();
   if (measure_ceiling) {
     std::vector<const DramResidentTier*> tiers;
     std::vector<std::vector<uint64_t>> uniform_rows, workload_rows;
@@ -465,6 +514,9 @@ int Main(int argc, char** argv) {
     out["ratio_to_ceiling"] = rows_per_s / (ceiling_run.rows / ceiling_run.seconds);
     out["memcpy_same_rows_per_s"] = same_rows_run.rows / same_rows_run.seconds;
     out["ratio_to_memcpy_same_rows"] = rows_per_s / (same_rows_run.rows / same_rows_run.seconds);
+  }
+  if (target == "inproc" && table != nullptr && !table->resident()) {
+    out["nvme_reads_per_s"] = static_cast<double>(nvme_reads() - nvme_reads_before) / run.seconds;
   }
   if (step_mode) {
     double stall = 0, compute = 0;
