@@ -225,37 +225,40 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
   while (next < extents.size() && in_flight < queue_depth) submit(next++);
   io_uring_submit(ring);
   if (while_in_flight) while_in_flight();
+  // Each round: wait for at least one completion, reap every completion that is ready, then
+  // refill the queue and submit with one system call (io_uring_submit_and_wait on the next round).
+  constexpr unsigned kReap = 64;
+  io_uring_cqe* cqes[kReap];
+  bool pending_submit = false;
   while (in_flight > 0) {
-    io_uring_cqe* cqe = nullptr;
-    const int rc = io_uring_wait_cqe(ring, &cqe);
+    const int rc = pending_submit ? io_uring_submit_and_wait(ring, 1) : io_uring_wait_cqe(ring, &cqes[0]);
+    pending_submit = false;
     if (rc == -EINTR) continue;
-    if (rc < 0) return absl::InternalError(absl::StrCat("io_uring_wait_cqe: ", std::strerror(-rc)));
-    const size_t index = reinterpret_cast<size_t>(io_uring_cqe_get_data(cqe));
-    const int64_t result = cqe->res;
-    io_uring_cqe_seen(ring, cqe);
-    --in_flight;
-    if (!first_error.ok()) continue;  // drain: buffers stay in use until every read is back
-    Extent& e = extents[index];
-    absl::Status s = FinishExtent(e, result);
-    if (s.code() == absl::StatusCode::kOutOfRange) {
-      if (e.attempts < kMaxAttempts) {
-        stats_.retries.fetch_add(1, std::memory_order_relaxed);
-        submit(index);
-        io_uring_submit(ring);
-        continue;
+    if (rc < 0) return absl::InternalError(absl::StrCat("io_uring wait: ", std::strerror(-rc)));
+    const unsigned ready = io_uring_peek_batch_cqe(ring, cqes, kReap);
+    for (unsigned c = 0; c < ready; ++c) {
+      const size_t index = reinterpret_cast<size_t>(io_uring_cqe_get_data(cqes[c]));
+      const int64_t result = cqes[c]->res;
+      io_uring_cqe_seen(ring, cqes[c]);
+      --in_flight;
+      if (!first_error.ok()) continue;  // drain: buffers stay in use until every read is back
+      Extent& e = extents[index];
+      absl::Status s = FinishExtent(e, result);
+      if (s.code() == absl::StatusCode::kOutOfRange) {
+        if (e.attempts < kMaxAttempts) {
+          stats_.retries.fetch_add(1, std::memory_order_relaxed);
+          submit(index);
+          pending_submit = true;
+          continue;
+        }
+        s = ExtentError(e, absl::StrCat(s.message(), " after ", e.attempts, " attempts"));
       }
-      s = ExtentError(e, absl::StrCat(s.message(), " after ", e.attempts, " attempts"));
+      if (!s.ok()) first_error = s;
     }
-    if (!s.ok()) {
-      first_error = s;
-      continue;
-    }
-    bool added = false;
-    while (next < extents.size() && in_flight < queue_depth) {
+    while (first_error.ok() && next < extents.size() && in_flight < queue_depth) {
       submit(next++);
-      added = true;
+      pending_submit = true;
     }
-    if (added) io_uring_submit(ring);
   }
   return first_error;
 }

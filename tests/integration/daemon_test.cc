@@ -444,11 +444,40 @@ TEST(DaemonNvmeTest, ServesAPackLargerThanItsDramBudgetRowByRow) {
   }
   EXPECT_GT(nvme_rows, 0u);
   EXPECT_GT(dram_rows, 0u);  // the later rounds use a small hot range that the cache holds
+  // Prefetch over gRPC, then the same rows looked up: they come from DRAM, counted as useful.
+  {
+    const PackLayer& layer = m.layers[1];
+    std::vector<uint32_t> idx(8 * heads);
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<uint32_t>(layer.layout.head_rows[i % heads] - 1 - i / heads);
+    v1::PrefetchRequest prefetch;
+    prefetch.set_table("demo");
+    prefetch.set_layer(static_cast<uint32_t>(layer.id));
+    prefetch.set_num_tokens(8);
+    prefetch.set_indices(reinterpret_cast<const char*>(idx.data()), idx.size() * 4);
+    v1::PrefetchResponse queued;
+    grpc::ClientContext pc;
+    ASSERT_TRUE(stub->Prefetch(&pc, prefetch, &queued).ok());
+    EXPECT_EQ(queued.rows_queued() + queued.rows_skipped(), idx.size());
+    v1::LookupResponse response;
+    for (int attempt = 0; attempt < 100; ++attempt) {  // bounded wait for the background reads
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      v1::LookupRequest request;
+      request.set_table("demo");
+      request.set_layer(static_cast<uint32_t>(layer.id));
+      request.set_num_tokens(8);
+      request.set_indices(prefetch.indices());
+      grpc::ClientContext lc;
+      ASSERT_TRUE(stub->Lookup(&lc, request, &response).ok());
+      if (response.stats().nvme_rows() == 0) break;
+    }
+    EXPECT_EQ(response.stats().nvme_rows(), 0u);
+  }
   const auto [code, body] = HttpGet(daemon.metrics_port(), "/metrics");
   ASSERT_EQ(code, 200);
   EXPECT_NE(body.find("engram_tier_enabled{tier=\"nvme\"} 1"), std::string::npos);
   EXPECT_NE(body.find("engram_nvme_io_engine{table=\"demo\",layer=\"1\",engine=\"io_uring\"} 1"), std::string::npos);
   EXPECT_NE(body.find("engram_cache_hit_ratio{table=\"demo\",layer=\"1\"}"), std::string::npos);
+  EXPECT_NE(body.find("engram_prefetch_rows_total{table=\"demo\",layer=\"15\",outcome=\"useful\"}"), std::string::npos);
   std::ofstream(dir.path() + "/m.txt") << body;
   const auto [lint, lint_out] = RunCommand("promtool check metrics < " + dir.path() + "/m.txt");
   EXPECT_EQ(lint, 0) << lint_out;

@@ -148,6 +148,17 @@ class EngramdPeerTest(unittest.TestCase):
         self.assertEqual(resp.rows, self.expected(1, list(range(heads))))
         self.assertIsNone(self.daemon.poll())
 
+    def test_prefetch_on_a_resident_table_skips_every_row(self):
+        heads = len(self.layer(1)["head_rows"])
+        resp = self.stub.Prefetch(self.pb.PrefetchRequest(table="pydemo", layer=1, num_tokens=2,
+                                                          indices=np.arange(2 * heads, dtype="<u4").tobytes()),
+                                  timeout=10)
+        self.assertEqual((resp.rows_queued, resp.rows_skipped), (0, 2 * heads))  # all rows already in DRAM
+        with self.assertRaises(self.grpc.RpcError) as e:
+            self.stub.Prefetch(self.pb.PrefetchRequest(table="pydemo", layer=1, num_tokens=3,
+                                                       indices=np.zeros(heads, dtype="<u4").tobytes()), timeout=10)
+        self.assertEqual(e.exception.code(), self.grpc.StatusCode.INVALID_ARGUMENT)
+
     def test_lookup_tokens(self):
         tokens = np.fromfile(os.path.join(ARGS.data_dir, "fortunes.deepseek_v3.i32"), dtype="<i4")[:96]
         resp = self.stub.LookupTokens(self.pb.LookupTokensRequest(table="pydemo", layers=[15], batch=2, seq_len=48,

@@ -208,5 +208,33 @@ TEST_F(CachedTableTest, WarmingFromAHotSetMakesThoseRowsHits) {
   EXPECT_EQ(tier->cache()->HotSet(1)[0].first, 10u);
 }
 
+TEST(CachedTableFaultTest, ADeviceErrorFailsTheLookupAndLeavesTheCacheClean) {
+  TempDir dir;
+  const PackManifest m = testing::CreateSmallPack(dir.path(), RowDtype::kBf16, 64, /*vocab=*/500);
+  std::atomic<bool> failing{true};
+  TableOptions options;
+  options.dram_budget_bytes = m.total_bytes() / 4;
+  options.nvme.fault_hook = [&](uint64_t, uint32_t, int64_t result) { return failing.load() ? -EIO : result; };
+  auto table = Table::Open(dir.path(), options);
+  ASSERT_TRUE(table.ok()) << table.status();
+  Engine engine(EngineOptions{});
+  const Table* t = table->get();
+  ASSERT_TRUE(engine.AddTable(std::move(*table)).ok());
+  const int heads = t->heads();
+  std::vector<uint32_t> indices(4 * heads, 7);
+  std::vector<uint8_t> out(indices.size() * 128);
+  const absl::Status s = engine.Lookup(*t, 3, 4, indices, absl::MakeSpan(out), nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(s.message().find("table 'small' layer 3 row"), absl::string_view::npos) << s;
+  const auto* tier = dynamic_cast<const CachedNvmeTier*>(t->FindLayer(3)->tier.get());
+  EXPECT_EQ(tier->cache()->size(), 0u);  // nothing from a failed read was cached
+  failing = false;  // the device recovers: the same request now succeeds with the right bytes
+  ASSERT_TRUE(engine.Lookup(*t, 3, 4, indices, absl::MakeSpan(out), nullptr).ok());
+  std::vector<float> scratch(64);
+  std::vector<uint8_t> want(128);
+  SyntheticRow(99, 3, m.layers[0].layout.head_offset[1] + 7, 64, RowDtype::kBf16, scratch.data(), want.data());
+  EXPECT_EQ(0, std::memcmp(out.data() + 128, want.data(), 128));
+}
+
 }  // namespace
 }  // namespace engram
