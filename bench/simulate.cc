@@ -96,26 +96,15 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
   for (const auto& l : manifest.layers) layouts.push_back(l.layout);
   auto hasher = NgramHasher::Create(manifest.hash, layouts);
   if (!hasher.ok()) return hasher.status();
-  const int heads = (*hasher)->heads_per_layer();
   SimulationReport report;
   for (const auto& l : manifest.layers) report.table_rows += l.layout.total_rows;
   for (const std::string& name : options.policies) report.results.push_back({name});
 
-  const size_t seq_len = std::max<uint32_t>(1, options.seq_len);
   std::vector<int64_t> compressed(tokens.size());
   if (absl::Status s = (*hasher)->Compress(tokens, absl::MakeSpan(compressed)); !s.ok()) return s;
   for (size_t li = 0; li < manifest.layers.size(); ++li) {
     const LayerHashLayout& layout = manifest.layers[li].layout;
-    // The layer's access stream: global rows, token by token, head by head.
-    std::vector<uint64_t> stream;
-    stream.reserve(tokens.size() * heads);
-    std::vector<int64_t> local(seq_len * heads);
-    for (size_t start = 0; start < tokens.size(); start += seq_len) {
-      const size_t len = std::min(seq_len, tokens.size() - start);
-      (*hasher)->HashCompressed(absl::MakeConstSpan(compressed.data() + start, len), 1, static_cast<int>(len),
-                                static_cast<int>(li), absl::MakeSpan(local.data(), len * heads));
-      for (size_t i = 0; i < len * heads; ++i) stream.push_back(layout.head_offset[i % heads] + local[i]);
-    }
+    const std::vector<uint64_t> stream = (*hasher)->TraceRows(compressed, options.seq_len, static_cast<int>(li));
     auto capacity = CapacityRows(options.capacity, layout.total_rows, report.table_rows, manifest.row.bytes);
     if (!capacity.ok()) return capacity.status();
     report.capacity_rows += *capacity;

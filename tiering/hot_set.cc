@@ -129,23 +129,15 @@ absl::StatusOr<HotSet> ProfileTokens(const PackManifest& manifest, const std::ve
   if (!hasher.ok()) return hasher.status();
   std::vector<int64_t> compressed(tokens.size());
   if (absl::Status s = (*hasher)->Compress(tokens, absl::MakeSpan(compressed)); !s.ok()) return s;
-  const int heads = (*hasher)->heads_per_layer();
-  seq_len = std::max<uint32_t>(1, seq_len);
   HotSet hot;
   hot.table = manifest.name;
   hot.fingerprint = PackFingerprint(manifest);
-  std::vector<int64_t> local(static_cast<size_t>(seq_len) * heads);
   for (size_t li = 0; li < manifest.layers.size(); ++li) {
     const LayerHashLayout& layout = manifest.layers[li].layout;
     absl::flat_hash_map<uint64_t, uint32_t> counts;
-    for (size_t start = 0; start < tokens.size(); start += seq_len) {
-      const size_t len = std::min<size_t>(seq_len, tokens.size() - start);
-      (*hasher)->HashCompressed(absl::MakeConstSpan(compressed.data() + start, len), 1, static_cast<int>(len),
-                                static_cast<int>(li), absl::MakeSpan(local.data(), len * heads));
-      for (size_t i = 0; i < len * heads; ++i) {
-        uint32_t& c = counts[layout.head_offset[i % heads] + local[i]];
-        if (c < UINT32_MAX) ++c;
-      }
+    for (uint64_t row : (*hasher)->TraceRows(compressed, seq_len, static_cast<int>(li))) {
+      uint32_t& c = counts[row];
+      if (c < UINT32_MAX) ++c;
     }
     LayerHotSet layer{manifest.layers[li].id, {counts.begin(), counts.end()}};
     const size_t keep = std::min(layer.rows.size(), static_cast<size_t>(static_cast<double>(layout.total_rows) * fraction));

@@ -230,6 +230,23 @@ void NgramHasher::HashCompressed(absl::Span<const int64_t> compressed, int batch
   }
 }
 
+std::vector<uint64_t> NgramHasher::TraceRows(absl::Span<const int64_t> compressed, uint32_t seq_len,
+                                             int layer_index) const {
+  const LayerHashLayout& layout = layers_[layer_index];
+  const int heads = heads_per_layer();
+  seq_len = std::max<uint32_t>(1, seq_len);
+  std::vector<uint64_t> rows;
+  rows.reserve(compressed.size() * heads);
+  std::vector<int64_t> local(static_cast<size_t>(seq_len) * heads);
+  for (size_t start = 0; start < compressed.size(); start += seq_len) {
+    const size_t len = std::min<size_t>(seq_len, compressed.size() - start);
+    HashCompressed(compressed.subspan(start, len), 1, static_cast<int>(len), layer_index,
+                   absl::MakeSpan(local.data(), len * heads));
+    for (size_t i = 0; i < len * heads; ++i) rows.push_back(layout.head_offset[i % heads] + local[i]);
+  }
+  return rows;
+}
+
 absl::Status NgramHasher::HashAllLayers(absl::Span<const int32_t> raw, int batch, int seq_len,
                                         std::vector<int64_t>* out) const {
   const size_t tokens = static_cast<size_t>(batch) * seq_len;

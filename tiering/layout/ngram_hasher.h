@@ -74,6 +74,11 @@ class NgramHasher {
   void HashCompressed(absl::Span<const int64_t> compressed, int batch, int seq_len, int layer_index,
                       absl::Span<int64_t> out) const;
 
+  // The global rows a token stream touches in one layer, in order (token by token, head by head),
+  // hashing `compressed` as consecutive sequences of `seq_len` tokens: what a trace replay, a
+  // profile and the cache simulator all need.
+  std::vector<uint64_t> TraceRows(absl::Span<const int64_t> compressed, uint32_t seq_len, int layer_index) const;
+
   // Convenience: compress then hash every layer; out is [batch][seq_len][layers][heads].
   absl::Status HashAllLayers(absl::Span<const int32_t> raw, int batch, int seq_len,
                              std::vector<int64_t>* out) const;
