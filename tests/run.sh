@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
 # Sets up what is missing, builds, and runs every test; the exit code is the verdict.
-#   tests/run.sh            everything (unit, integration with a real engramd, Python grpcio peer)
-#   tests/run.sh -L unit    pass-through arguments go to ctest
+#   tests/run.sh            everything: unit, integration with a real engramd, the Python grpcio
+#                           peer; then all of it again built with AddressSanitizer + UBSan
+#   tests/run.sh -L unit    pass-through arguments go to ctest (both stages)
+#   ENGRAM_SKIP_ASAN=1      only the first stage
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 deploy/install-deps.sh
-BUILD_DIR=${BUILD_DIR:-build}
 JOBS=${JOBS:-$(nproc)}
+
+echo "== stage 1: RelWithDebInfo build and tests"
+BUILD_DIR=${BUILD_DIR:-build}
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DENGRAM_TESTS=ON -DENGRAM_BENCH=ON
 cmake --build "$BUILD_DIR" -j "$JOBS"
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j 2 --timeout 600 "$@"
+
+if [ "${ENGRAM_SKIP_ASAN:-0}" != "1" ]; then
+  echo "== stage 2: the same tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DENGRAM_ASAN=ON -DENGRAM_TESTS=ON -DENGRAM_BENCH=ON
+  cmake --build build-asan -j "$JOBS"
+  # Any report aborts the process that made it (the daemons too), so it fails its test.
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+    ctest --test-dir build-asan --output-on-failure -j 2 --timeout 900 "$@"
+fi
