@@ -11,12 +11,14 @@
 #include <fstream>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "service/cli_flags.h"
 #include "service/daemon_metrics.h"
 #include "service/grpc_service.h"
 #include "service/http_endpoint.h"
 #include "service/log.h"
+#include "service/shm_server.h"
 #include "service/table_loader.h"
 #include "service/warm_state.h"
 #include "tiering/cache/policy.h"
@@ -48,6 +50,9 @@ struct DaemonFlags {
   std::string state_dir;
   std::vector<std::string> warm_from;
   double snapshot_interval_s = 300;
+  std::string socket;
+  std::vector<std::string> allow_uids, allow_gids;
+  std::string max_client_arena = "1G";
 };
 
 int Run(int argc, char** argv) {
@@ -68,6 +73,12 @@ int Run(int argc, char** argv) {
                "directory for the daemon's RocksDB: pack catalog and hot-set snapshots, so a restart\n"
                "                              comes back warm (empty: no state kept)");
   flags.Double("snapshot-interval-s", &f.snapshot_interval_s, "seconds between hot-set snapshots (also taken at shutdown)");
+  flags.String("socket", &f.socket,
+               "Unix socket for the shared-memory transport (default /run/engram/engramd.sock, else\n"
+               "                              $XDG_RUNTIME_DIR/engram/, else /tmp/engram-UID/; 'off' disables it)");
+  flags.StringList("allow-uid", &f.allow_uids, "uid allowed on the socket (default: the daemon's own)");
+  flags.StringList("allow-gid", &f.allow_gids, "gid allowed on the socket");
+  flags.String("max-client-arena", &f.max_client_arena, "largest shared-memory data region one client may ask for");
   flags.StringList("warm-from", &f.warm_from, "hot-set file from `engramctl profile` to warm a table's cache with at start");
   flags.String("ports-file", &f.ports_file,
                "write the bound ports as JSON here once ready (for scripts using port 0)");
@@ -144,6 +155,32 @@ int Run(int argc, char** argv) {
   metrics.RefreshTierGauges(engine);
 
   scraped_engine.store(&engine);
+  std::unique_ptr<ShmServer> shm_server;
+  if (f.socket != "off") {
+    ShmServerOptions shm_options;
+    shm_options.socket_path = f.socket;
+    absl::Status shm_flags = ParseBytes(f.max_client_arena, &shm_options.max_client_arena_bytes);
+    for (const auto& u : f.allow_uids) {
+      uint32_t id;
+      if (!absl::SimpleAtoi(u, &id)) shm_flags = absl::InvalidArgumentError("--allow-uid wants a number, got " + u);
+      shm_options.allow_uids.push_back(id);
+    }
+    for (const auto& g : f.allow_gids) {
+      uint32_t id;
+      if (!absl::SimpleAtoi(g, &id)) shm_flags = absl::InvalidArgumentError("--allow-gid wants a number, got " + g);
+      shm_options.allow_gids.push_back(id);
+    }
+    if (!shm_flags.ok()) {
+      std::fprintf(stderr, "%s (see --help)\n", std::string(shm_flags.message()).c_str());
+      return 2;
+    }
+    shm_server = std::make_unique<ShmServer>(&engine, &metrics, shm_options);
+    if (absl::Status s = shm_server->Start(); !s.ok()) {
+      LogError("shm_listen_failed", {{"error", std::string(s.message())}});
+      return 1;
+    }
+    LogInfo("shm_listening", {{"socket", shm_server->socket_path()}});
+  }
   EngramGrpcService service(&engine, &metrics);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -164,7 +201,8 @@ int Run(int argc, char** argv) {
   metrics.SetReady(true);
   if (!f.ports_file.empty()) {
     const std::string tmp = f.ports_file + ".tmp";
-    std::ofstream(tmp) << "{\"grpc_port\": " << grpc_port << ", \"metrics_port\": " << metrics_port << "}\n";
+    std::ofstream(tmp) << "{\"grpc_port\": " << grpc_port << ", \"metrics_port\": " << metrics_port
+                       << ", \"socket\": \"" << (shm_server ? shm_server->socket_path() : "") << "\"}\n";
     std::rename(tmp.c_str(), f.ports_file.c_str());
   }
   LogInfo("ready", {{"grpc_listen", f.listen}, {"grpc_port", absl::StrCat(grpc_port)},
@@ -191,10 +229,12 @@ int Run(int argc, char** argv) {
   http.set_ready(false);
   metrics.SetReady(false);
   service.set_draining(true);
+  if (shm_server) shm_server->set_draining(true);
   server->GetHealthCheckService()->SetServingStatus(false);
   server->Shutdown(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000)));
   server->Wait();
+  if (shm_server) shm_server->Stop();
   {
     std::lock_guard<std::mutex> lock(snapshot_mu);
     stopping = true;

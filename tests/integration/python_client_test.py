@@ -60,6 +60,7 @@ class EngramdPeerTest(unittest.TestCase):
         cls.log = open(os.path.join(cls.tmp.name, "engramd.log"), "w")
         cls.daemon = subprocess.Popen([ARGS.engramd, "--pack", cls.pack, "--listen", "[::1]:0", "--metrics-listen",
                                        "127.0.0.1:0", "--ports-file", ports, "--max-batch-rows", "8192",
+                                       "--socket", os.path.join(cls.tmp.name, "engramd.sock"),
                                        "--dedup", "on"],
                                       stdout=cls.log, stderr=cls.log)
         deadline = time.time() + 60

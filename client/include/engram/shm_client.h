@@ -1,0 +1,74 @@
+// ShmConnection: a client's end of engramd's shared-memory transport. Connect performs the
+// handshake (peer credentials are checked by the daemon), maps the arena the daemon created, and
+// then each call places indices in the arena's data region, posts a descriptor and waits (briefly
+// spinning, then on an eventfd) for its completion; rows are gathered by the daemon straight into
+// the data region. A daemon that goes away surfaces as UNAVAILABLE.
+// Thread-safe: calls on one connection are serialized (one request in flight).
+#ifndef ENGRAM_CLIENT_SHM_CLIENT_H_
+#define ENGRAM_CLIENT_SHM_CLIENT_H_
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engram/shm_protocol.h"
+
+namespace engram {
+
+struct ShmConnectOptions {
+  uint64_t data_bytes = 64ull << 20;  // the largest request's indices + rows must fit
+  uint32_t ring_entries = 64;
+  int timeout_ms = 30000;             // for one request's completion
+  int spin_us = 50;
+};
+
+struct RemoteTable {
+  uint32_t id = 0;
+  std::string name;
+  uint32_t heads = 0;
+  uint32_t row_bytes = 0;
+  std::string table_info;  // serialized engram.v1.TableInfo: the full layout
+};
+
+struct RemoteLookupStats {
+  uint64_t rows_read = 0, dram_rows = 0, nvme_rows = 0;
+};
+
+class ShmConnection {
+ public:
+  static absl::StatusOr<std::unique_ptr<ShmConnection>> Connect(const std::string& socket_path,
+                                                                const ShmConnectOptions& options = {});
+  ~ShmConnection();
+
+  absl::StatusOr<RemoteTable> OpenTable(const std::string& name);
+  // Rows for head-local `indices` [num_tokens][heads] into `out` ([num_tokens][heads][row_bytes]).
+  absl::Status Lookup(const RemoteTable& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                      absl::Span<uint8_t> out, RemoteLookupStats* stats = nullptr);
+  absl::Status Prefetch(const RemoteTable& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices);
+
+  // Raw access, for tests that play a misbehaving client.
+  shm::ArenaHeader* header() const { return reinterpret_cast<shm::ArenaHeader*>(base_); }
+  uint8_t* data() const { return base_ + reply_.data_offset; }
+  uint64_t data_bytes() const { return reply_.data_bytes; }
+  absl::Status Post(const shm::RequestDescriptor& descriptor);
+  absl::StatusOr<shm::Completion> WaitCompletion();
+
+ private:
+  ShmConnection() = default;
+  absl::Status Call(const shm::RequestDescriptor& d, shm::Completion* c);
+
+  std::mutex mu_;
+  ShmConnectOptions options_;
+  int sock_ = -1, memfd_ = -1, request_efd_ = -1, completion_efd_ = -1;
+  uint8_t* base_ = nullptr;
+  shm::HelloReply reply_{};
+  uint32_t request_tail_ = 0, completion_head_ = 0;
+  uint64_t next_id_ = 1;
+};
+
+}  // namespace engram
+
+#endif  // ENGRAM_CLIENT_SHM_CLIENT_H_

@@ -1,0 +1,193 @@
+#include "engram/shm_client.h"
+
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "engram/shm_socket.h"
+#include "engram/v1/engram.pb.h"
+
+namespace engram {
+
+using shm::ArenaHeader;
+using shm::Completion;
+using shm::RequestDescriptor;
+
+absl::StatusOr<std::unique_ptr<ShmConnection>> ShmConnection::Connect(const std::string& path,
+                                                                      const ShmConnectOptions& options) {
+  std::unique_ptr<ShmConnection> c(new ShmConnection());
+  c->options_ = options;
+  sockaddr_un addr{};
+  if (path.size() >= sizeof(addr.sun_path)) return absl::InvalidArgumentError("socket path too long: " + path);
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  c->sock_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (connect(c->sock_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return absl::UnavailableError(absl::StrCat("cannot connect to engramd at ", path, ": ", std::strerror(errno)));
+  }
+  shm::Hello hello{shm::kMagic, shm::kVersion, options.ring_entries, 0, options.data_bytes};
+  if (absl::Status s = shm::SendFrame(c->sock_, shm::FrameType::kHello,
+                                      std::string(reinterpret_cast<const char*>(&hello), sizeof(hello)), {});
+      !s.ok()) {
+    return s;
+  }
+  auto frame = shm::ReceiveFrame(c->sock_, 10000);
+  if (!frame.ok()) return frame.status();
+  if (frame->type != shm::FrameType::kHelloReply || frame->payload.size() < sizeof(shm::HelloReply)) {
+    for (int fd : frame->fds) close(fd);
+    return absl::UnavailableError("engramd sent no valid hello reply");
+  }
+  std::memcpy(&c->reply_, frame->payload.data(), sizeof(c->reply_));
+  if (c->reply_.status != 0) {
+    for (int fd : frame->fds) close(fd);
+    return absl::Status(static_cast<absl::StatusCode>(c->reply_.status),
+                        absl::StrCat("engramd refused the connection: ", frame->payload.substr(sizeof(shm::HelloReply))));
+  }
+  if (frame->fds.size() != 3) {
+    for (int fd : frame->fds) close(fd);
+    return absl::UnavailableError("engramd's hello reply did not carry the arena and eventfds");
+  }
+  c->memfd_ = frame->fds[0];
+  c->request_efd_ = frame->fds[1];
+  c->completion_efd_ = frame->fds[2];
+  struct stat st {};
+  if (fstat(c->memfd_, &st) != 0 || static_cast<uint64_t>(st.st_size) != c->reply_.arena_bytes) {
+    return absl::UnavailableError("the arena engramd sent does not have the size it announced");
+  }
+  void* p = mmap(nullptr, c->reply_.arena_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, c->memfd_, 0);
+  if (p == MAP_FAILED) return absl::ResourceExhaustedError(absl::StrCat("mmap arena: ", std::strerror(errno)));
+  c->base_ = static_cast<uint8_t*>(p);
+  return c;
+}
+
+ShmConnection::~ShmConnection() {
+  if (base_ != nullptr) munmap(base_, reply_.arena_bytes);
+  for (int fd : {sock_, memfd_, request_efd_, completion_efd_}) {
+    if (fd >= 0) close(fd);
+  }
+}
+
+absl::StatusOr<RemoteTable> ShmConnection::OpenTable(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = shm::SendFrame(sock_, shm::FrameType::kOpenTable, name, {}); !s.ok()) return s;
+  auto frame = shm::ReceiveFrame(sock_, options_.timeout_ms);
+  if (!frame.ok()) return frame.status();
+  for (int fd : frame->fds) close(fd);
+  shm::OpenTableReply reply{};
+  if (frame->type != shm::FrameType::kOpenTableReply || frame->payload.size() < sizeof(reply)) {
+    return absl::UnavailableError("engramd sent no valid table reply");
+  }
+  std::memcpy(&reply, frame->payload.data(), sizeof(reply));
+  const std::string body = frame->payload.substr(sizeof(reply));
+  if (reply.status != 0) return absl::Status(static_cast<absl::StatusCode>(reply.status), body);
+  v1::TableInfo info;
+  if (!info.ParseFromString(body)) return absl::DataLossError("engramd's table layout did not parse");
+  return RemoteTable{reply.table_id, info.name(), info.heads(), info.row_bytes(), body};
+}
+
+absl::Status ShmConnection::Post(const RequestDescriptor& d) {
+  ArenaHeader* h = header();
+  const uint32_t entries = reply_.ring_entries;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeout_ms);
+  while (request_tail_ - h->request_head.load(std::memory_order_acquire) >= entries) {
+    if (std::chrono::steady_clock::now() > deadline) return absl::DeadlineExceededError("request ring stayed full");
+    std::this_thread::yield();
+  }
+  std::memcpy(base_ + reply_.request_ring_offset + (request_tail_ & (entries - 1)) * sizeof(d), &d, sizeof(d));
+  ++request_tail_;
+  h->request_tail.store(request_tail_, std::memory_order_seq_cst);
+  if (h->daemon_sleeping.load(std::memory_order_seq_cst)) {
+    const uint64_t one = 1;
+    (void)!write(request_efd_, &one, sizeof(one));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Completion> ShmConnection::WaitCompletion() {
+  ArenaHeader* h = header();
+  const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(options_.spin_us);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeout_ms);
+  while (h->completion_tail.load(std::memory_order_acquire) == completion_head_) {
+    if (std::chrono::steady_clock::now() < spin_until) continue;
+    h->client_sleeping.store(1, std::memory_order_seq_cst);
+    if (h->completion_tail.load(std::memory_order_seq_cst) != completion_head_) {
+      h->client_sleeping.store(0, std::memory_order_relaxed);
+      break;
+    }
+    pollfd fds[2] = {{completion_efd_, POLLIN, 0}, {sock_, POLLIN, 0}};
+    const int rc = poll(fds, 2, 100);
+    h->client_sleeping.store(0, std::memory_order_relaxed);
+    if (rc > 0 && (fds[0].revents & POLLIN)) {
+      uint64_t counter;
+      (void)!read(completion_efd_, &counter, sizeof(counter));
+    }
+    if (rc > 0 && (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) &&
+        h->completion_tail.load(std::memory_order_acquire) == completion_head_) {
+      return absl::UnavailableError("engramd went away (connection closed); reconnect");
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      return absl::DeadlineExceededError(absl::StrCat("no completion from engramd within ", options_.timeout_ms, " ms"));
+    }
+  }
+  Completion c;
+  std::memcpy(&c, base_ + reply_.completion_ring_offset + (completion_head_ & (reply_.ring_entries - 1)) * sizeof(c),
+              sizeof(c));
+  ++completion_head_;
+  h->completion_head.store(completion_head_, std::memory_order_release);
+  c.message[sizeof(c.message) - 1] = '\0';
+  return c;
+}
+
+absl::Status ShmConnection::Call(const RequestDescriptor& d, Completion* c) {
+  if (absl::Status s = Post(d); !s.ok()) return s;
+  auto done = WaitCompletion();
+  if (!done.ok()) return done.status();
+  *c = *done;
+  if (c->request_id != d.request_id) return absl::InternalError("completion for another request");
+  if (c->status != 0) return absl::Status(static_cast<absl::StatusCode>(c->status), c->message);
+  return absl::OkStatus();
+}
+
+absl::Status ShmConnection::Lookup(const RemoteTable& table, int layer, uint32_t num_tokens,
+                                   absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
+                                   RemoteLookupStats* stats) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t index_bytes = indices.size() * 4;
+  const uint64_t out_offset = (index_bytes + 63) / 64 * 64;
+  if (out_offset + out.size() > reply_.data_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("request needs ", out_offset + out.size(),
+                                                     " bytes of the arena's data region, which has ", reply_.data_bytes,
+                                                     " (connect with a larger ShmConnectOptions::data_bytes)"));
+  }
+  std::memcpy(data(), indices.data(), index_bytes);
+  RequestDescriptor d{next_id_++, static_cast<uint32_t>(shm::Op::kLookup), table.id, static_cast<uint32_t>(layer),
+                      num_tokens, 0, index_bytes, out_offset, out.size()};
+  Completion c;
+  if (absl::Status s = Call(d, &c); !s.ok()) return s;
+  std::memcpy(out.data(), data() + out_offset, out.size());
+  if (stats != nullptr) *stats = {c.rows_read, c.dram_rows, c.nvme_rows};
+  return absl::OkStatus();
+}
+
+absl::Status ShmConnection::Prefetch(const RemoteTable& table, int layer, uint32_t num_tokens,
+                                     absl::Span<const uint32_t> indices) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t index_bytes = indices.size() * 4;
+  if (index_bytes > reply_.data_bytes) return absl::ResourceExhaustedError("indices do not fit the data region");
+  std::memcpy(data(), indices.data(), index_bytes);
+  RequestDescriptor d{next_id_++, static_cast<uint32_t>(shm::Op::kPrefetch), table.id, static_cast<uint32_t>(layer),
+                      num_tokens, 0, index_bytes, 0, 0};
+  Completion c;
+  return Call(d, &c);
+}
+
+}  // namespace engram

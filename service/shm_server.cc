@@ -1,0 +1,410 @@
+#include "service/shm_server.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "engram/shm_protocol.h"
+#include "engram/shm_socket.h"
+#include "engram/v1/engram.pb.h"
+#include "service/grpc_service.h"
+#include "service/log.h"
+
+namespace engram {
+
+using shm::ArenaHeader;
+using shm::Completion;
+using shm::RequestDescriptor;
+
+struct ShmServer::Session {
+  int sock = -1;
+  pid_t pid = 0;
+  uid_t uid = 0;
+  std::thread thread;
+  std::atomic<bool> done{false};
+};
+
+namespace {
+
+bool UsableDir(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  return access(dir.c_str(), W_OK | X_OK) == 0;
+}
+
+// A checked view of one client's arena. Everything read from shared memory goes through here.
+class Arena {
+ public:
+  ~Arena() {
+    if (base_ != nullptr) munmap(base_, bytes_);
+    for (int fd : {memfd_, request_efd_, completion_efd_}) {
+      if (fd >= 0) close(fd);
+    }
+  }
+  absl::Status Create(uint32_t entries, uint64_t data_bytes) {
+    entries_ = entries;
+    request_ring_ = shm::kHeaderBytes;
+    completion_ring_ = request_ring_ + shm::RingBytes(entries, sizeof(RequestDescriptor));
+    data_offset_ = completion_ring_ + shm::RingBytes(entries, sizeof(Completion));
+    data_bytes_ = data_bytes;
+    bytes_ = data_offset_ + data_bytes;
+    memfd_ = memfd_create("engram-client-arena", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (memfd_ < 0) return absl::InternalError(absl::StrCat("memfd_create: ", std::strerror(errno)));
+    if (ftruncate(memfd_, static_cast<off_t>(bytes_)) != 0) {
+      return absl::ResourceExhaustedError(absl::StrCat("cannot size a ", bytes_, "-byte arena: ", std::strerror(errno)));
+    }
+    // Sealed: the client can neither shrink nor grow it, so the daemon's mapping never faults.
+    if (fcntl(memfd_, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+      return absl::InternalError(absl::StrCat("sealing the arena: ", std::strerror(errno)));
+    }
+    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, memfd_, 0);
+    if (p == MAP_FAILED) return absl::ResourceExhaustedError(absl::StrCat("mmap arena: ", std::strerror(errno)));
+    base_ = static_cast<uint8_t*>(p);
+    auto* h = new (base_) ArenaHeader();
+    h->magic = shm::kMagic;
+    h->version = shm::kVersion;
+    h->ring_entries = entries;
+    request_efd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    completion_efd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (request_efd_ < 0 || completion_efd_ < 0) return absl::InternalError("eventfd failed");
+    return absl::OkStatus();
+  }
+  ArenaHeader* header() const { return reinterpret_cast<ArenaHeader*>(base_); }
+  RequestDescriptor ReadRequest(uint32_t position) const {
+    RequestDescriptor d;
+    std::memcpy(&d, base_ + request_ring_ + (position & (entries_ - 1)) * sizeof(d), sizeof(d));
+    return d;
+  }
+  void WriteCompletion(uint32_t position, const Completion& c) {
+    std::memcpy(base_ + completion_ring_ + (position & (entries_ - 1)) * sizeof(c), &c, sizeof(c));
+  }
+  // A data range, or nullptr when it does not lie inside the data region.
+  uint8_t* DataRange(uint64_t offset, uint64_t length) const {
+    if (offset > data_bytes_ || length > data_bytes_ - offset) return nullptr;
+    return base_ + data_offset_ + offset;
+  }
+  shm::HelloReply Reply() const {
+    return {0, entries_, bytes_, request_ring_, completion_ring_, data_offset_, data_bytes_};
+  }
+  uint32_t entries() const { return entries_; }
+  int memfd() const { return memfd_; }
+  int request_efd() const { return request_efd_; }
+  int completion_efd() const { return completion_efd_; }
+
+ private:
+  uint8_t* base_ = nullptr;
+  uint64_t bytes_ = 0, request_ring_ = 0, completion_ring_ = 0, data_offset_ = 0, data_bytes_ = 0;
+  uint32_t entries_ = 0;
+  int memfd_ = -1, request_efd_ = -1, completion_efd_ = -1;
+};
+
+void SetMessage(Completion* c, const absl::Status& s) {
+  c->status = static_cast<int32_t>(s.code());
+  const std::string m(s.message());
+  std::snprintf(c->message, sizeof(c->message), "%s", m.c_str());
+}
+
+}  // namespace
+
+std::string DefaultSocketPath() {
+  if (UsableDir("/run/engram")) return "/run/engram/engramd.sock";
+  if (const char* xdg = std::getenv("XDG_RUNTIME_DIR"); xdg != nullptr && UsableDir(absl::StrCat(xdg, "/engram"))) {
+    return absl::StrCat(xdg, "/engram/engramd.sock");
+  }
+  return absl::StrCat("/tmp/engram-", getuid(), "/engramd.sock");
+}
+
+ShmServer::ShmServer(Engine* engine, DaemonMetrics* metrics, ShmServerOptions options)
+    : engine_(engine), metrics_(metrics), options_(std::move(options)) {
+  if (options_.allow_uids.empty()) options_.allow_uids.push_back(getuid());
+}
+
+ShmServer::~ShmServer() { Stop(); }
+
+absl::Status ShmServer::Start() {
+  path_ = options_.socket_path.empty() ? DefaultSocketPath() : options_.socket_path;
+  sockaddr_un addr{};
+  if (path_.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat("socket path too long (", path_.size(), " bytes): ", path_));
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(path_).parent_path(), ec);
+  unlink(path_.c_str());  // a socket left by an earlier daemon
+  listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path_.data(), path_.size());
+  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(listen_fd_, 64) != 0) {
+    const int err = errno;
+    close(listen_fd_);
+    listen_fd_ = -1;
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", path_, ": ", std::strerror(err)));
+  }
+  chmod(path_.c_str(), 0660);
+  acceptor_ = std::thread([this] { AcceptLoop(); });
+  return absl::OkStatus();
+}
+
+void ShmServer::Stop() {
+  if (stopping_.exchange(true)) return;
+  if (listen_fd_ >= 0) shutdown(listen_fd_, SHUT_RDWR);
+  if (acceptor_.joinable()) acceptor_.join();
+  if (listen_fd_ >= 0) close(listen_fd_);
+  listen_fd_ = -1;
+  std::list<std::unique_ptr<Session>> sessions;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& s : sessions_) shutdown(s->sock, SHUT_RDWR);
+    sessions.swap(sessions_);
+  }
+  for (auto& s : sessions) {
+    if (s->thread.joinable()) s->thread.join();
+  }
+  if (!path_.empty()) unlink(path_.c_str());
+}
+
+size_t ShmServer::sessions() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t n = 0;
+  for (const auto& s : sessions_) n += s->done.load() ? 0 : 1;
+  return n;
+}
+
+void ShmServer::AcceptLoop() {
+  while (!stopping_.load()) {
+    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      return;  // the listener was shut down
+    }
+    auto session = std::make_unique<Session>();
+    session->sock = fd;
+    ucred cred{};
+    socklen_t len = sizeof(cred);
+    getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len);
+    session->pid = cred.pid;
+    session->uid = cred.uid;
+    bool allowed = false;
+    for (uid_t u : options_.allow_uids) allowed |= u == cred.uid;
+    for (gid_t g : options_.allow_gids) allowed |= g == cred.gid;
+    if (!allowed) {
+      const std::string msg = absl::StrCat("uid ", cred.uid, " gid ", cred.gid,
+                                           " may not use this engramd (see --allow-uid / --allow-gid)");
+      shm::HelloReply reply{};
+      reply.status = static_cast<int32_t>(absl::StatusCode::kPermissionDenied);
+      std::string payload(reinterpret_cast<const char*>(&reply), sizeof(reply));
+      payload += msg;
+      (void)shm::SendFrame(fd, shm::FrameType::kHelloReply, payload, {});
+      LogWarn("shm_refused", {{"pid", absl::StrCat(cred.pid)}, {"uid", absl::StrCat(cred.uid)},
+                              {"gid", absl::StrCat(cred.gid)}});
+      close(fd);
+      continue;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    // Reap finished sessions so a long-lived daemon does not keep their threads.
+    for (auto it = sessions_.begin(); it != sessions_.end();) {
+      if ((*it)->done.load()) {
+        (*it)->thread.join();
+        it = sessions_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    Session* raw = session.get();
+    sessions_.push_back(std::move(session));
+    raw->thread = std::thread([this, raw] { Serve(raw); });
+  }
+}
+
+void ShmServer::Serve(Session* session) {
+  const int sock = session->sock;
+  const std::string who = absl::StrCat(session->pid);
+  auto finish = [&](const std::string& reason) {
+    LogInfo("shm_client_gone", {{"pid", who}, {"reason", reason}});
+    close(sock);
+    session->done.store(true);
+  };
+  // Handshake.
+  auto hello_frame = shm::ReceiveFrame(sock, 5000);
+  if (hello_frame.ok()) {
+    for (int fd : hello_frame->fds) close(fd);  // a client has no business sending descriptors
+  }
+  if (!hello_frame.ok() || hello_frame->type != shm::FrameType::kHello ||
+      hello_frame->payload.size() != sizeof(shm::Hello)) {
+    return finish("no valid hello");
+  }
+  shm::Hello hello;
+  std::memcpy(&hello, hello_frame->payload.data(), sizeof(hello));
+  auto refuse = [&](absl::StatusCode code, const std::string& msg) {
+    shm::HelloReply reply{};
+    reply.status = static_cast<int32_t>(code);
+    std::string payload(reinterpret_cast<const char*>(&reply), sizeof(reply));
+    payload += msg;
+    (void)shm::SendFrame(sock, shm::FrameType::kHelloReply, payload, {});
+    finish(msg);
+  };
+  if (hello.magic != shm::kMagic || hello.version != shm::kVersion) {
+    return refuse(absl::StatusCode::kFailedPrecondition,
+                  absl::StrCat("protocol version ", hello.version, " is not supported (this engramd speaks ", shm::kVersion, ")"));
+  }
+  const uint32_t entries = hello.ring_entries;
+  if (entries < 2 || entries > shm::kMaxRingEntries || (entries & (entries - 1)) != 0) {
+    return refuse(absl::StatusCode::kInvalidArgument, absl::StrCat("ring_entries ", entries, " is not a power of two in [2, 4096]"));
+  }
+  if (hello.data_bytes == 0 || hello.data_bytes > options_.max_client_arena_bytes) {
+    return refuse(absl::StatusCode::kResourceExhausted,
+                  absl::StrCat("data region of ", hello.data_bytes, " bytes is outside (0, --max-client-arena ",
+                               options_.max_client_arena_bytes, "]"));
+  }
+  Arena arena;
+  if (absl::Status s = arena.Create(entries, hello.data_bytes); !s.ok()) {
+    return refuse(s.code(), std::string(s.message()));
+  }
+  const shm::HelloReply reply = arena.Reply();
+  if (!shm::SendFrame(sock, shm::FrameType::kHelloReply,
+                      std::string(reinterpret_cast<const char*>(&reply), sizeof(reply)),
+                      {arena.memfd(), arena.request_efd(), arena.completion_efd()})
+           .ok()) {
+    return finish("hello reply not delivered");
+  }
+  LogInfo("shm_client", {{"pid", who}, {"uid", absl::StrCat(session->uid)},
+                         {"arena_bytes", absl::StrCat(reply.arena_bytes)}, {"ring_entries", absl::StrCat(entries)}});
+
+  ArenaHeader* h = arena.header();
+  const auto tables = engine_->tables();
+  uint32_t head = 0, completion_tail = 0;  // the daemon's own copies; shared ones are only published
+  std::vector<uint32_t> indices;
+  for (;;) {
+    const uint32_t tail = h->request_tail.load(std::memory_order_acquire);
+    const uint32_t queued = tail - head;
+    if (queued > entries) return finish("protocol violation: request ring position out of range");
+    if (queued == 0) {
+      // Spin briefly (the next request is usually microseconds away), then sleep on the eventfd,
+      // still watching the socket: its hang-up is how a client's exit shows.
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(options_.spin_us);
+      bool arrived = false;
+      while (std::chrono::steady_clock::now() < spin_until) {
+        if (h->request_tail.load(std::memory_order_acquire) != head) {
+          arrived = true;
+          break;
+        }
+      }
+      if (arrived) continue;
+      h->daemon_sleeping.store(1, std::memory_order_seq_cst);
+      if (h->request_tail.load(std::memory_order_seq_cst) != head) {
+        h->daemon_sleeping.store(0, std::memory_order_relaxed);
+        continue;
+      }
+      pollfd fds[2] = {{sock, POLLIN, 0}, {arena.request_efd(), POLLIN, 0}};
+      const int rc = poll(fds, 2, 1000);
+      h->daemon_sleeping.store(0, std::memory_order_relaxed);
+      if (stopping_.load()) return finish("daemon stopping");
+      if (rc > 0 && (fds[1].revents & POLLIN)) {
+        uint64_t counter;
+        (void)!read(arena.request_efd(), &counter, sizeof(counter));
+      }
+      if (rc > 0 && (fds[0].revents & (POLLIN | POLLHUP | POLLERR))) {
+        auto frame = shm::ReceiveFrame(sock, 1000);
+        if (!frame.ok()) return finish("socket closed");
+        for (int fd : frame->fds) close(fd);
+        if (frame->type != shm::FrameType::kOpenTable) return finish("unexpected frame");
+        shm::OpenTableReply open{};
+        std::string body;
+        const Table* table = engine_->FindTable(frame->payload);
+        if (table == nullptr) {
+          open.status = static_cast<int32_t>(absl::StatusCode::kNotFound);
+          body = absl::StrCat("no table named '", frame->payload, "'");
+        } else {
+          for (size_t i = 0; i < tables.size(); ++i) {
+            if (tables[i] == table) open.table_id = static_cast<uint32_t>(i);
+          }
+          v1::TableInfo info;
+          FillTableInfo(*table, &info);
+          body = info.SerializeAsString();
+        }
+        if (!shm::SendFrame(sock, shm::FrameType::kOpenTableReply,
+                            std::string(reinterpret_cast<const char*>(&open), sizeof(open)) + body, {})
+                 .ok()) {
+          return finish("socket closed");
+        }
+      }
+      continue;
+    }
+
+    // One request: copy the descriptor out of shared memory, then check everything in it.
+    const auto start = std::chrono::steady_clock::now();
+    const RequestDescriptor d = arena.ReadRequest(head);
+    ++head;
+    h->request_head.store(head, std::memory_order_release);
+    Completion c{};
+    c.request_id = d.request_id;
+    absl::Status s;
+    const Table* table = d.table_id < tables.size() ? tables[d.table_id] : nullptr;
+    const char* method = d.op == static_cast<uint32_t>(shm::Op::kPrefetch) ? "Prefetch" : "Lookup";
+    const uint8_t* index_bytes = arena.DataRange(d.indices_offset, d.indices_bytes);
+    if (draining_.load()) {
+      s = absl::UnavailableError("engramd is shutting down; reconnect to the restarted daemon");
+    } else if (table == nullptr) {
+      s = absl::NotFoundError(absl::StrCat("table id ", d.table_id, " is not one this daemon gave out"));
+    } else if (d.op != static_cast<uint32_t>(shm::Op::kLookup) && d.op != static_cast<uint32_t>(shm::Op::kPrefetch)) {
+      s = absl::InvalidArgumentError(absl::StrCat("unknown op ", d.op));
+    } else if (index_bytes == nullptr || d.indices_bytes % 4 != 0) {
+      s = absl::InvalidArgumentError(absl::StrCat("indices [", d.indices_offset, ", +", d.indices_bytes,
+                                                  ") are not whole uint32 values inside the data region"));
+    } else {
+      indices.resize(d.indices_bytes / 4);
+      std::memcpy(indices.data(), index_bytes, d.indices_bytes);  // copied: the client cannot change them now
+      if (d.op == static_cast<uint32_t>(shm::Op::kPrefetch)) {
+        s = engine_->Prefetch(*table, static_cast<int>(d.layer), d.num_tokens, indices).status();
+      } else {
+        uint8_t* out = arena.DataRange(d.out_offset, d.out_bytes);
+        if (out == nullptr) {
+          s = absl::InvalidArgumentError(absl::StrCat("output [", d.out_offset, ", +", d.out_bytes,
+                                                      ") does not lie inside the data region"));
+        } else {
+          LookupStats stats;
+          s = engine_->Lookup(*table, static_cast<int>(d.layer), d.num_tokens, indices,
+                              absl::MakeSpan(out, d.out_bytes), &stats);
+          if (s.ok()) {
+            metrics_->RecordLookup(*table, stats);
+            c.rows_read = stats.rows_read;
+            c.dram_rows = stats.tiers.rows[static_cast<int>(TierKind::kDram)];
+            c.nvme_rows = stats.tiers.rows[static_cast<int>(TierKind::kNvme)];
+          }
+        }
+      }
+    }
+    SetMessage(&c, s);
+    metrics_->RecordRequest("shm", method, s.code(),
+                            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    // Post the completion; a client that stops consuming only stalls its own session.
+    for (;;) {
+      const uint32_t consumed = h->completion_head.load(std::memory_order_acquire);
+      const uint32_t used = completion_tail - consumed;
+      if (used > entries) return finish("protocol violation: completion ring position out of range");
+      if (used < entries) break;
+      pollfd p{sock, POLLIN, 0};
+      if (poll(&p, 1, 10) > 0 && (p.revents & (POLLHUP | POLLERR))) return finish("socket closed");
+      if (stopping_.load()) return finish("daemon stopping");
+    }
+    arena.WriteCompletion(completion_tail, c);
+    ++completion_tail;
+    h->completion_tail.store(completion_tail, std::memory_order_seq_cst);
+    if (h->client_sleeping.load(std::memory_order_seq_cst)) {
+      const uint64_t one = 1;
+      (void)!write(arena.completion_efd(), &one, sizeof(one));
+    }
+  }
+}
+
+}  // namespace engram

@@ -1,0 +1,244 @@
+// The shared-memory transport against the real engramd: rows equal the synthetic formula for
+// batch sizes from 1 token to --max-batch-rows; descriptors written straight into the ring with
+// bad offsets, lengths, table ids or ring positions get an error completion or a disconnect and
+// never take the daemon down; a uid that is not allowed is refused; a client killed mid-request
+// leaves the daemon serving others; a restarted daemon surfaces as UNAVAILABLE, then a new
+// connection works.
+#include <random>
+#include <thread>
+
+#include "engram/shm_client.h"
+#include "gtest/gtest.h"
+#include "tests/integration/daemon_process.h"
+#include "tests/test_util.h"
+#include "tiering/layout/manifest.h"
+#include "tiering/layout/synthetic.h"
+
+namespace engram {
+namespace {
+
+using testing::Daemon;
+using testing::RunCommand;
+using testing::TempDir;
+
+class ShmTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.002 --dtype f16 --quiet --out " +
+                         dir_->path() + "/pack").first, 0);
+    manifest_ = new PackManifest(*LoadPackManifest(dir_->path() + "/pack"));
+  }
+  static void TearDownTestSuite() {
+    delete manifest_;
+    delete dir_;
+  }
+  void StartDaemon(std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"--pack", dir_->path() + "/pack", "--max-batch-rows", "16384"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    daemon_ = std::make_unique<Daemon>(args, dir_->path());
+    ASSERT_TRUE(daemon_->running()) << daemon_->log();
+    ASSERT_FALSE(daemon_->socket().empty());
+  }
+  std::unique_ptr<ShmConnection> Connect() {
+    auto c = ShmConnection::Connect(daemon_->socket());
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+  static void CheckRows(int layer_id, const std::vector<uint32_t>& idx, const std::vector<uint8_t>& out) {
+    const auto& m = *manifest_;
+    const auto& layout = m.FindLayer(layer_id)->layout;
+    const int heads = m.hash.heads_per_layer();
+    std::vector<float> scratch(m.row.dim);
+    std::vector<uint8_t> want(m.row.bytes);
+    for (size_t i = 0; i < idx.size(); ++i) {
+      SyntheticRow(*m.synthetic_seed, layer_id, layout.head_offset[i % heads] + idx[i], m.row.dim, m.row.dtype,
+                   scratch.data(), want.data());
+      ASSERT_EQ(0, std::memcmp(out.data() + i * m.row.bytes, want.data(), m.row.bytes)) << "position " << i;
+    }
+  }
+  static std::vector<uint32_t> RandomIndices(int layer_id, uint32_t tokens, uint32_t seed) {
+    const auto& layout = manifest_->FindLayer(layer_id)->layout;
+    const int heads = manifest_->hash.heads_per_layer();
+    std::mt19937 rng(seed);
+    std::vector<uint32_t> idx(tokens * heads);
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = rng() % layout.head_rows[i % heads];
+    return idx;
+  }
+
+  static TempDir* dir_;
+  static PackManifest* manifest_;
+  std::unique_ptr<Daemon> daemon_;
+};
+
+TempDir* ShmTest::dir_ = nullptr;
+PackManifest* ShmTest::manifest_ = nullptr;
+
+TEST_F(ShmTest, RoundTripsFromOneTokenToTheBatchLimit) {
+  StartDaemon();
+  auto c = Connect();
+  ASSERT_NE(c, nullptr);
+  auto table = c->OpenTable("demo");
+  ASSERT_TRUE(table.ok()) << table.status();
+  EXPECT_EQ(table->heads, 16u);
+  EXPECT_EQ(table->row_bytes, 128u);
+  EXPECT_EQ(c->OpenTable("nope").status().code(), absl::StatusCode::kNotFound);
+  for (uint32_t tokens : {1u, 7u, 256u, 1024u}) {  // 1024 tokens x 16 heads = the 16384-row limit
+    for (int layer : {1, 15}) {
+      const auto idx = RandomIndices(layer, tokens, tokens + layer);
+      std::vector<uint8_t> out(idx.size() * 128);
+      RemoteLookupStats stats;
+      ASSERT_TRUE(c->Lookup(*table, layer, tokens, idx, absl::MakeSpan(out), &stats).ok()) << tokens;
+      CheckRows(layer, idx, out);
+      EXPECT_EQ(stats.dram_rows, stats.rows_read);
+    }
+  }
+  // Above the limit: RESOURCE_EXHAUSTED, and the connection goes on working.
+  const auto big = RandomIndices(1, 1025, 1);
+  std::vector<uint8_t> out(big.size() * 128);
+  EXPECT_EQ(c->Lookup(*table, 1, 1025, big, absl::MakeSpan(out)).code(), absl::StatusCode::kResourceExhausted);
+  const auto idx = RandomIndices(1, 3, 9);
+  std::vector<uint8_t> small(idx.size() * 128);
+  ASSERT_TRUE(c->Lookup(*table, 1, 3, idx, absl::MakeSpan(small)).ok());
+  CheckRows(1, idx, small);
+  // Bad index: the status names it, as over gRPC.
+  auto bad = idx;
+  bad[5] = 4000000000u;
+  const absl::Status s = c->Lookup(*table, 1, 3, bad, absl::MakeSpan(small));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("index 4000000000 for token 0, head 5"), absl::string_view::npos) << s;
+}
+
+TEST_F(ShmTest, ManyConcurrentClients) {
+  StartDaemon();
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      auto c = ShmConnection::Connect(daemon_->socket());
+      if (!c.ok()) {
+        ++failures;
+        return;
+      }
+      auto table = (*c)->OpenTable("demo");
+      for (int i = 0; i < 30 && table.ok(); ++i) {
+        const int layer = (i + t) % 2 ? 1 : 15;
+        const auto idx = RandomIndices(layer, 1 + (i * 37 + t) % 200, t * 100 + i);
+        std::vector<uint8_t> out(idx.size() * 128);
+        if (!(*c)->Lookup(*table, layer, static_cast<uint32_t>(idx.size() / 16), idx, absl::MakeSpan(out)).ok()) {
+          ++failures;
+          continue;
+        }
+        CheckRows(layer, idx, out);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+}
+
+TEST_F(ShmTest, HostileDescriptorsGetErrorsAndTheDaemonKeepsServing) {
+  StartDaemon();
+  auto c = Connect();
+  ASSERT_NE(c, nullptr);
+  auto table = c->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  const uint64_t data = c->data_bytes();
+  auto expect_error = [&](shm::RequestDescriptor d, absl::StatusCode code, const std::string& needle) {
+    d.request_id = 99;
+    ASSERT_TRUE(c->Post(d).ok());
+    auto done = c->WaitCompletion();
+    ASSERT_TRUE(done.ok()) << done.status();
+    EXPECT_EQ(done->status, static_cast<int32_t>(code)) << done->message;
+    EXPECT_NE(std::string(done->message).find(needle), std::string::npos) << done->message;
+  };
+  const uint32_t lookup = static_cast<uint32_t>(shm::Op::kLookup);
+  expect_error({0, lookup, 77, 1, 1, 0, 64, 64, 2048}, absl::StatusCode::kNotFound, "table id 77");
+  expect_error({0, lookup, table->id, 1, 1, data - 8, 64, 0, 2048}, absl::StatusCode::kInvalidArgument, "inside the data region");
+  expect_error({0, lookup, table->id, 1, 1, ~0ull - 10, 64, 0, 2048}, absl::StatusCode::kInvalidArgument, "inside the data region");
+  expect_error({0, lookup, table->id, 1, 1, 0, 64, data - 100, 2048}, absl::StatusCode::kInvalidArgument, "output");
+  expect_error({0, lookup, table->id, 1, 1, 0, 64, 64, 4096}, absl::StatusCode::kInvalidArgument, "output buffer holds 4096");
+  expect_error({0, lookup, table->id, 1, 2, 0, 64, 64, 2048}, absl::StatusCode::kInvalidArgument, "indices hold 64 bytes");
+  expect_error({0, lookup, table->id, 3, 1, 0, 64, 64, 2048}, absl::StatusCode::kNotFound, "no layer 3");
+  expect_error({0, 42, table->id, 1, 1, 0, 64, 64, 2048}, absl::StatusCode::kInvalidArgument, "unknown op 42");
+  std::memset(c->data(), 0xff, 64);  // indices all 0xffffffff
+  expect_error({0, lookup, table->id, 1, 1, 0, 64, 64, 2048}, absl::StatusCode::kInvalidArgument, "out of range");
+  // A valid request after all that: the right rows.
+  const auto idx = RandomIndices(15, 4, 3);
+  std::vector<uint8_t> out(idx.size() * 128);
+  ASSERT_TRUE(c->Lookup(*table, 15, 4, idx, absl::MakeSpan(out)).ok());
+  CheckRows(15, idx, out);
+  // An impossible ring position: the daemon drops this client, and only this client.
+  auto other = Connect();
+  c->header()->request_tail.store(123456789);
+  // The daemon may be asleep on its eventfd (it re-checks at least once a second): wait, bounded.
+  for (int i = 0; i < 100 && daemon_->log().find("protocol violation") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_NE(daemon_->log().find("protocol violation"), std::string::npos) << daemon_->log();
+  EXPECT_EQ(c->Lookup(*table, 15, 4, idx, absl::MakeSpan(out)).code(), absl::StatusCode::kUnavailable);
+  auto other_table = other->OpenTable("demo");
+  ASSERT_TRUE(other_table.ok());
+  ASSERT_TRUE(other->Lookup(*other_table, 15, 4, idx, absl::MakeSpan(out)).ok());
+  CheckRows(15, idx, out);
+  EXPECT_TRUE(daemon_->running());
+}
+
+TEST_F(ShmTest, AUidThatIsNotAllowedIsRefused) {
+  StartDaemon({"--allow-uid", std::to_string(getuid() + 4242)});
+  auto c = ShmConnection::Connect(daemon_->socket());
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_NE(c.status().message().find("may not use this engramd"), absl::string_view::npos) << c.status();
+}
+
+TEST_F(ShmTest, AClientKilledMidRequestLeavesTheDaemonServing) {
+  StartDaemon();
+  const pid_t child = fork();
+  if (child == 0) {
+    auto c = ShmConnection::Connect(daemon_->socket());
+    if (!c.ok()) _exit(2);
+    auto table = (*c)->OpenTable("demo");
+    if (!table.ok()) _exit(3);
+    const auto idx = RandomIndices(1, 1024, 5);
+    std::memcpy((*c)->data(), idx.data(), idx.size() * 4);
+    (void)(*c)->Post({1, static_cast<uint32_t>(shm::Op::kLookup), table->id, 1, 1024, 0, idx.size() * 4, 65536,
+                      idx.size() * 128});
+    _exit(0);  // gone while its request is being served
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  for (int i = 0; i < 100 && daemon_->log().find("event=shm_client_gone") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_NE(daemon_->log().find("event=shm_client_gone"), std::string::npos) << daemon_->log();
+  auto c = Connect();
+  auto table = c->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  const auto idx = RandomIndices(1, 10, 6);
+  std::vector<uint8_t> out(idx.size() * 128);
+  ASSERT_TRUE(c->Lookup(*table, 1, 10, idx, absl::MakeSpan(out)).ok());
+  CheckRows(1, idx, out);
+}
+
+TEST_F(ShmTest, DaemonRestartGivesUnavailableThenANewConnectionWorks) {
+  StartDaemon();
+  auto c = Connect();
+  auto table = c->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  const auto idx = RandomIndices(1, 10, 6);
+  std::vector<uint8_t> out(idx.size() * 128);
+  ASSERT_TRUE(c->Lookup(*table, 1, 10, idx, absl::MakeSpan(out)).ok());
+  ASSERT_EQ(daemon_->Stop(), 0);
+  EXPECT_EQ(c->Lookup(*table, 1, 10, idx, absl::MakeSpan(out)).code(), absl::StatusCode::kUnavailable);
+  StartDaemon();
+  auto again = Connect();
+  auto table2 = again->OpenTable("demo");
+  ASSERT_TRUE(table2.ok());
+  ASSERT_TRUE(again->Lookup(*table2, 1, 10, idx, absl::MakeSpan(out)).ok());
+  CheckRows(1, idx, out);
+}
+
+}  // namespace
+}  // namespace engram
