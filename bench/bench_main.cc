@@ -16,6 +16,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "bench/rocksdb_baseline.h"
+#include "engram/shm_client.h"
 #include "bench/simulate.h"
 #include "bench/workload.h"
 #include "engram/v1/engram.grpc.pb.h"
@@ -117,6 +118,39 @@ class GrpcTarget final : public Target {
  private:
   std::string table_;
   std::vector<std::unique_ptr<v1::Engram::Stub>> stubs_;
+};
+
+// engramd over the shared-memory transport: one connection per thread.
+class ShmTarget final : public Target {
+ public:
+  static absl::StatusOr<std::unique_ptr<ShmTarget>> Connect(const std::string& path, const std::string& table,
+                                                            int threads, uint64_t data_bytes) {
+    std::unique_ptr<ShmTarget> target(new ShmTarget());
+    ShmConnectOptions options;
+    options.data_bytes = data_bytes;
+    for (int i = 0; i < threads; ++i) {
+      auto c = ShmConnection::Connect(path, options);
+      if (!c.ok()) return c.status();
+      auto t = (*c)->OpenTable(table);
+      if (!t.ok()) return t.status();
+      target->tables_.push_back(*t);
+      target->connections_.push_back(std::move(*c));
+    }
+    return target;
+  }
+  const RemoteTable& table() const { return tables_[0]; }
+  absl::Status Lookup(int thread, const Batch& batch, std::vector<uint8_t>* out) override {
+    out->resize(batch.indices.size() * tables_[thread].row_bytes);
+    return connections_[thread]->Lookup(tables_[thread], batch.layer_id, batch.num_tokens, batch.indices,
+                                        absl::MakeSpan(*out));
+  }
+  absl::Status Prefetch(int thread, const Batch& batch) override {
+    return connections_[thread]->Prefetch(tables_[thread], batch.layer_id, batch.num_tokens, batch.indices);
+  }
+
+ private:
+  std::vector<std::unique_ptr<ShmConnection>> connections_;
+  std::vector<RemoteTable> tables_;
 };
 
 // The same rows from RocksDB (the baseline a user might pick instead).
@@ -288,7 +322,7 @@ int Main(int argc, char** argv) {
   std::string dedup = "auto";
   FlagSet flags("engram-bench", kUsage);
   flags.String("target", &target,
-               "grpc://HOST:PORT, inproc, or rocksdb (the same rows in RocksDB via MultiGet, block cache\n"
+               "grpc://HOST:PORT, unix:///SOCKET (shared memory), inproc, or rocksdb (the same rows in RocksDB via MultiGet, block cache\n"
                "                              of --dram-budget, direct reads: the baseline)");
   flags.String("table", &table_name, "table name (gRPC; inproc uses the pack's)");
   flags.String("pack", &pack, "pack directory (inproc, rocksdb)");
@@ -361,6 +395,19 @@ int Main(int argc, char** argv) {
     } else {
       driver = std::make_unique<InprocTarget>(engine.get(), table);
     }
+  } else if (absl::StartsWith(target, "unix://")) {
+    if (table_name.empty()) return fail(absl::InvalidArgumentError("--target unix://... needs --table NAME"));
+    const uint64_t data_bytes = static_cast<uint64_t>(batch_tokens) * 64 * 300 + (1 << 20);  // generous
+    auto shm_target = ShmTarget::Connect(target.substr(7), table_name, static_cast<int>(concurrency), data_bytes);
+    if (!shm_target.ok()) return fail(shm_target.status());
+    v1::TableInfo info;
+    info.ParseFromString((*shm_target)->table().table_info);
+    auto h = HasherFromTableInfo(info);
+    if (!h.ok()) return fail(h.status());
+    remote_hasher = std::move(*h);
+    hasher = remote_hasher.get();
+    row_bytes = info.row_bytes();
+    driver = std::move(*shm_target);
   } else if (absl::StartsWith(target, "grpc://")) {
     if (table_name.empty()) return fail(absl::InvalidArgumentError("--target grpc://... needs --table NAME"));
     auto grpc_target = std::make_unique<GrpcTarget>(target.substr(7), table_name, static_cast<int>(concurrency));
