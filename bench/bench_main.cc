@@ -139,10 +139,9 @@ class ShmTarget final : public Target {
     return target;
   }
   const RemoteTable& table() const { return tables_[0]; }
-  absl::Status Lookup(int thread, const Batch& batch, std::vector<uint8_t>* out) override {
-    out->resize(batch.indices.size() * tables_[thread].row_bytes);
-    return connections_[thread]->Lookup(tables_[thread], batch.layer_id, batch.num_tokens, batch.indices,
-                                        absl::MakeSpan(*out));
+  // Rows are read where the daemon gathered them (LookupInPlace), as an engine would.
+  absl::Status Lookup(int thread, const Batch& batch, std::vector<uint8_t>*) override {
+    return connections_[thread]->LookupInPlace(tables_[thread], batch.layer_id, batch.num_tokens, batch.indices).status();
   }
   absl::Status Prefetch(int thread, const Batch& batch) override {
     return connections_[thread]->Prefetch(tables_[thread], batch.layer_id, batch.num_tokens, batch.indices);

@@ -157,24 +157,41 @@ absl::Status ShmConnection::Call(const RequestDescriptor& d, Completion* c) {
   return absl::OkStatus();
 }
 
-absl::Status ShmConnection::Lookup(const RemoteTable& table, int layer, uint32_t num_tokens,
-                                   absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
-                                   RemoteLookupStats* stats) {
+absl::StatusOr<absl::Span<const uint8_t>> ShmConnection::LookupInPlace(const RemoteTable& table, int layer,
+                                                                       uint32_t num_tokens,
+                                                                       absl::Span<const uint32_t> indices,
+                                                                       RemoteLookupStats* stats) {
   std::lock_guard<std::mutex> lock(mu_);
+  return LookupLocked(table, layer, num_tokens, indices, indices.size() * table.row_bytes, stats);
+}
+
+absl::StatusOr<absl::Span<const uint8_t>> ShmConnection::LookupLocked(const RemoteTable& table, int layer,
+                                                                      uint32_t num_tokens,
+                                                                      absl::Span<const uint32_t> indices,
+                                                                      uint64_t out_bytes, RemoteLookupStats* stats) {
   const uint64_t index_bytes = indices.size() * 4;
   const uint64_t out_offset = (index_bytes + 63) / 64 * 64;
-  if (out_offset + out.size() > reply_.data_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat("request needs ", out_offset + out.size(),
+  if (out_offset + out_bytes > reply_.data_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("request needs ", out_offset + out_bytes,
                                                      " bytes of the arena's data region, which has ", reply_.data_bytes,
                                                      " (connect with a larger ShmConnectOptions::data_bytes)"));
   }
   std::memcpy(data(), indices.data(), index_bytes);
   RequestDescriptor d{next_id_++, static_cast<uint32_t>(shm::Op::kLookup), table.id, static_cast<uint32_t>(layer),
-                      num_tokens, 0, index_bytes, out_offset, out.size()};
+                      num_tokens, 0, index_bytes, out_offset, out_bytes};
   Completion c;
   if (absl::Status s = Call(d, &c); !s.ok()) return s;
-  std::memcpy(out.data(), data() + out_offset, out.size());
   if (stats != nullptr) *stats = {c.rows_read, c.dram_rows, c.nvme_rows};
+  return absl::Span<const uint8_t>(data() + out_offset, out_bytes);
+}
+
+absl::Status ShmConnection::Lookup(const RemoteTable& table, int layer, uint32_t num_tokens,
+                                   absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
+                                   RemoteLookupStats* stats) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto rows = LookupLocked(table, layer, num_tokens, indices, out.size(), stats);
+  if (!rows.ok()) return rows.status();
+  std::memcpy(out.data(), rows->data(), rows->size());
   return absl::OkStatus();
 }
 

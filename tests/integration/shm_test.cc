@@ -93,6 +93,11 @@ TEST_F(ShmTest, RoundTripsFromOneTokenToTheBatchLimit) {
       EXPECT_EQ(stats.dram_rows, stats.rows_read);
     }
   }
+  // In place: the same bytes, read where the daemon gathered them.
+  const auto in_place_idx = RandomIndices(15, 33, 77);
+  auto in_place = c->LookupInPlace(*table, 15, 33, in_place_idx);
+  ASSERT_TRUE(in_place.ok()) << in_place.status();
+  CheckRows(15, in_place_idx, std::vector<uint8_t>(in_place->begin(), in_place->end()));
   // Above the limit: RESOURCE_EXHAUSTED, and the connection goes on working.
   const auto big = RandomIndices(1, 1025, 1);
   std::vector<uint8_t> out(big.size() * 128);

@@ -47,6 +47,12 @@ class ShmConnection {
   // Rows for head-local `indices` [num_tokens][heads] into `out` ([num_tokens][heads][row_bytes]).
   absl::Status Lookup(const RemoteTable& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
                       absl::Span<uint8_t> out, RemoteLookupStats* stats = nullptr);
+  // The same without the copy: the rows stay where the daemon gathered them, in the arena's data
+  // region (register it with cudaHostRegister to copy straight to a GPU). The span is valid until
+  // the next call on this connection.
+  absl::StatusOr<absl::Span<const uint8_t>> LookupInPlace(const RemoteTable& table, int layer, uint32_t num_tokens,
+                                                          absl::Span<const uint32_t> indices,
+                                                          RemoteLookupStats* stats = nullptr);
   absl::Status Prefetch(const RemoteTable& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices);
 
   // Raw access, for tests that play a misbehaving client.
@@ -59,6 +65,9 @@ class ShmConnection {
  private:
   ShmConnection() = default;
   absl::Status Call(const shm::RequestDescriptor& d, shm::Completion* c);
+  absl::StatusOr<absl::Span<const uint8_t>> LookupLocked(const RemoteTable& table, int layer, uint32_t num_tokens,
+                                                         absl::Span<const uint32_t> indices, uint64_t out_bytes,
+                                                         RemoteLookupStats* stats);
 
   std::mutex mu_;
   ShmConnectOptions options_;
