@@ -16,6 +16,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "bench/rocksdb_baseline.h"
+#include "engram/client.h"
 #include "engram/shm_client.h"
 #include "bench/simulate.h"
 #include "bench/workload.h"
@@ -171,27 +172,6 @@ class RocksDbTarget final : public Target {
   std::unique_ptr<RocksDbRows> db_;
   const Table* table_;
 };
-
-absl::StatusOr<std::unique_ptr<NgramHasher>> HasherFromTableInfo(const v1::TableInfo& info) {
-  HashConfig config;
-  config.max_ngram = static_cast<int>(info.hash().max_ngram());
-  config.heads_per_ngram = static_cast<int>(info.hash().heads_per_ngram());
-  config.seed = info.hash().seed();
-  for (uint64_t v : info.hash().vocab_per_ngram()) config.vocab_per_ngram.push_back(static_cast<int64_t>(v));
-  config.pad_id = info.hash().pad_id();
-  config.compressed_vocab = static_cast<int64_t>(info.hash().compressed_vocab());
-  config.compress_lut.resize(info.hash().compress_lut().size() / 4);
-  std::memcpy(config.compress_lut.data(), info.hash().compress_lut().data(), config.compress_lut.size() * 4);
-  std::vector<LayerHashLayout> layers;
-  for (const auto& l : info.layers()) {
-    LayerHashLayout layout;
-    layout.layer_id = static_cast<int>(l.id());
-    for (uint64_t r : l.head_rows()) layout.head_rows.push_back(static_cast<int64_t>(r));
-    for (int64_t m : l.multipliers()) layout.multipliers.push_back(m);
-    layers.push_back(std::move(layout));
-  }
-  return NgramHasher::Create(std::move(config), std::move(layers));
-}
 
 struct RunResult {
   uint64_t requests = 0, rows = 0, errors = 0;
@@ -363,7 +343,7 @@ int Main(int argc, char** argv) {
   std::unique_ptr<Engine> engine;
   const Table* table = nullptr;
   std::unique_ptr<Target> driver;
-  std::unique_ptr<NgramHasher> remote_hasher;
+  std::shared_ptr<TableHandle> remote_table;
   const NgramHasher* hasher = nullptr;
   int64_t row_bytes = 0;
   if (target == "inproc" || target == "rocksdb") {
@@ -399,13 +379,11 @@ int Main(int argc, char** argv) {
     const uint64_t data_bytes = static_cast<uint64_t>(batch_tokens) * 64 * 300 + (1 << 20);  // generous
     auto shm_target = ShmTarget::Connect(target.substr(7), table_name, static_cast<int>(concurrency), data_bytes);
     if (!shm_target.ok()) return fail(shm_target.status());
-    v1::TableInfo info;
-    info.ParseFromString((*shm_target)->table().table_info);
-    auto h = HasherFromTableInfo(info);
-    if (!h.ok()) return fail(h.status());
-    remote_hasher = std::move(*h);
-    hasher = remote_hasher.get();
-    row_bytes = info.row_bytes();
+    auto handle = TableHandle::FromTableInfo((*shm_target)->table().table_info);
+    if (!handle.ok()) return fail(handle.status());
+    remote_table = std::move(*handle);
+    hasher = &remote_table->hasher();
+    row_bytes = remote_table->row_bytes();
     driver = std::move(*shm_target);
   } else if (absl::StartsWith(target, "grpc://")) {
     if (table_name.empty()) return fail(absl::InvalidArgumentError("--target grpc://... needs --table NAME"));
@@ -419,11 +397,11 @@ int Main(int argc, char** argv) {
     if (!s.ok()) {
       return fail(absl::UnavailableError(absl::StrCat("GetTable(", table_name, ") at ", target, ": ", s.error_message())));
     }
-    auto h = HasherFromTableInfo(info);
-    if (!h.ok()) return fail(h.status());
-    remote_hasher = std::move(*h);
-    hasher = remote_hasher.get();
-    row_bytes = info.row_bytes();
+    auto handle = TableHandle::FromTableInfo(info.SerializeAsString());
+    if (!handle.ok()) return fail(handle.status());
+    remote_table = std::move(*handle);
+    hasher = &remote_table->hasher();
+    row_bytes = remote_table->row_bytes();
     driver = std::move(grpc_target);
   } else {
     return fail(absl::InvalidArgumentError(absl::StrCat("--target '", target, "' is not inproc or grpc://HOST:PORT")));

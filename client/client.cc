@@ -1,0 +1,162 @@
+#include "engram/client.h"
+
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "client/transport.h"
+#include "engram/v1/engram.pb.h"
+
+namespace engram {
+
+std::vector<int> TableHandle::layer_ids() const {
+  std::vector<int> ids;
+  for (const auto& l : hasher_->layers()) ids.push_back(l.layer_id);
+  return ids;
+}
+
+absl::StatusOr<std::shared_ptr<TableHandle>> TableHandle::FromTableInfo(const std::string& serialized) {
+  v1::TableInfo info;
+  if (!info.ParseFromString(serialized)) return absl::DataLossError("the table layout from engramd did not parse");
+  HashConfig config;
+  config.max_ngram = static_cast<int>(info.hash().max_ngram());
+  config.heads_per_ngram = static_cast<int>(info.hash().heads_per_ngram());
+  config.seed = info.hash().seed();
+  for (uint64_t v : info.hash().vocab_per_ngram()) config.vocab_per_ngram.push_back(static_cast<int64_t>(v));
+  config.pad_id = info.hash().pad_id();
+  config.compressed_vocab = static_cast<int64_t>(info.hash().compressed_vocab());
+  config.compress_lut.resize(info.hash().compress_lut().size() / 4);
+  std::memcpy(config.compress_lut.data(), info.hash().compress_lut().data(), config.compress_lut.size() * 4);
+  std::vector<LayerHashLayout> layers;
+  for (const auto& l : info.layers()) {
+    LayerHashLayout layout;
+    layout.layer_id = static_cast<int>(l.id());
+    for (uint64_t r : l.head_rows()) layout.head_rows.push_back(static_cast<int64_t>(r));
+    for (int64_t m : l.multipliers()) layout.multipliers.push_back(m);
+    layers.push_back(std::move(layout));
+  }
+  auto hasher = NgramHasher::Create(std::move(config), std::move(layers));
+  if (!hasher.ok()) return hasher.status();
+  auto handle = std::shared_ptr<TableHandle>(new TableHandle());
+  handle->name_ = info.name();
+  handle->dtype_ = info.dtype();
+  handle->dim_ = info.dim();
+  handle->row_bytes_ = info.row_bytes();
+  handle->heads_ = info.heads();
+  handle->hasher_ = std::move(*hasher);
+  return handle;
+}
+
+namespace {
+
+absl::StatusOr<std::unique_ptr<Transport>> MakeTransport(const std::string& uri, const ClientOptions& options) {
+  if (absl::StartsWith(uri, "unix://")) return MakeShmTransport(uri.substr(7), options);
+  if (absl::StartsWith(uri, "grpc://")) return MakeGrpcTransport(uri.substr(7), options);
+  return absl::InvalidArgumentError(absl::StrCat("'", uri, "' is neither unix:///SOCKET nor grpc://HOST:PORT"));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& uri, const ClientOptions& options) {
+  auto transport = MakeTransport(uri, options);
+  if (!transport.ok()) return transport.status();
+  std::unique_ptr<Client> client(new Client(uri, options));
+  client->transport_ = std::move(*transport);
+  return client;
+}
+
+Client::Client(std::string uri, ClientOptions options) : uri_(std::move(uri)), options_(options) {}
+Client::~Client() = default;
+
+absl::Status Client::Reconnect() {
+  int backoff_ms = options_.reconnect_backoff_ms;
+  absl::Status last;
+  for (int attempt = 0; attempt < options_.reconnect_attempts; ++attempt) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
+    backoff_ms *= 2;
+    auto transport = MakeTransport(uri_, options_);
+    if (transport.ok()) {
+      transport_ = std::move(*transport);
+      return absl::OkStatus();
+    }
+    last = transport.status();
+  }
+  return absl::UnavailableError(absl::StrCat("engramd at ", uri_, " is unavailable after ", options_.reconnect_attempts,
+                                             " reconnect attempts: ", last.message()));
+}
+
+template <typename F>
+absl::Status Client::WithRetry(const F& call) {
+  absl::Status s = call(*transport_);
+  if (s.code() != absl::StatusCode::kUnavailable) return s;
+  if (absl::Status r = Reconnect(); !r.ok()) return r;
+  return call(*transport_);
+}
+
+absl::StatusOr<std::shared_ptr<const TableHandle>> Client::OpenTable(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string info;
+  absl::Status s = WithRetry([&](Transport& t) {
+    auto opened = t.OpenTable(name);
+    if (opened.ok()) info = std::move(*opened);
+    return opened.status();
+  });
+  if (!s.ok()) return s;
+  auto handle = TableHandle::FromTableInfo(info);
+  if (!handle.ok()) return handle.status();
+  return std::shared_ptr<const TableHandle>(std::move(*handle));
+}
+
+absl::Status Client::Lookup(const TableHandle& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                            absl::Span<uint8_t> out, ClientLookupStats* stats) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return WithRetry([&](Transport& t) {
+    absl::Status s = t.Lookup(table.name(), layer, num_tokens, indices, out, stats);
+    if (s.code() == absl::StatusCode::kFailedPrecondition) {  // a new connection: open the table on it
+      auto opened = t.OpenTable(table.name());
+      if (!opened.ok()) return opened.status();
+      s = t.Lookup(table.name(), layer, num_tokens, indices, out, stats);
+    }
+    return s;
+  });
+}
+
+std::future<absl::Status> Client::LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
+                                              absl::Span<const uint32_t> indices, absl::Span<uint8_t> out) {
+  return std::async(std::launch::async, [this, table, layer, num_tokens, indices, out] {
+    return Lookup(*table, layer, num_tokens, indices, out);
+  });
+}
+
+absl::Status Client::Prefetch(const TableHandle& table, int layer, uint32_t num_tokens,
+                              absl::Span<const uint32_t> indices) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return WithRetry([&](Transport& t) {
+    absl::Status s = t.Prefetch(table.name(), layer, num_tokens, indices);
+    if (s.code() == absl::StatusCode::kFailedPrecondition) {
+      auto opened = t.OpenTable(table.name());
+      if (!opened.ok()) return opened.status();
+      s = t.Prefetch(table.name(), layer, num_tokens, indices);
+    }
+    return s;
+  });
+}
+
+absl::Status Client::LookupTokens(const TableHandle& table, int layer, absl::Span<const int32_t> token_ids,
+                                  uint32_t batch, uint32_t seq_len, absl::Span<uint8_t> out) {
+  const NgramHasher& hasher = table.hasher();
+  const int layer_index = hasher.LayerIndex(layer);
+  if (layer_index < 0) return absl::NotFoundError(absl::StrCat("table '", table.name(), "' has no layer ", layer));
+  const size_t tokens = static_cast<size_t>(batch) * seq_len;
+  if (token_ids.size() != tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(token_ids.size(), " token ids for shape ", batch, "x", seq_len));
+  }
+  std::vector<int64_t> compressed(tokens);
+  if (absl::Status s = hasher.Compress(token_ids, absl::MakeSpan(compressed)); !s.ok()) return s;
+  std::vector<int64_t> local(tokens * hasher.heads_per_layer());
+  hasher.HashCompressed(compressed, static_cast<int>(batch), static_cast<int>(seq_len), layer_index, absl::MakeSpan(local));
+  const std::vector<uint32_t> indices(local.begin(), local.end());
+  return Lookup(table, layer, static_cast<uint32_t>(tokens), indices, out);
+}
+
+}  // namespace engram

@@ -1,0 +1,97 @@
+// libengram_client: what an inference engine links to talk to engramd.
+//
+//   auto client = engram::Client::Connect("unix:///run/engram/engramd.sock");  // or "grpc://host:port"
+//   auto table = (*client)->OpenTable("demo");            // layout from the daemon
+//   (*table)->hasher().HashCompressed(...)                // or LookupTokens to hash and fetch at once
+//   (*client)->Lookup(**table, layer, num_tokens, indices, out);
+//
+// Rows land in caller-provided host buffers. Errors are absl::Status values carrying the
+// daemon's message. When the daemon restarts, a call fails with UNAVAILABLE and the client
+// reconnects (with backoff) and retries once. Thread-safe: calls are serialized per Client;
+// use one Client per engine thread for parallelism.
+#ifndef ENGRAM_CLIENT_CLIENT_H_
+#define ENGRAM_CLIENT_CLIENT_H_
+
+#include <cstdint>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "tiering/layout/ngram_hasher.h"
+
+namespace engram {
+
+struct ClientOptions {
+  uint64_t shm_data_bytes = 64ull << 20;  // unix://: the largest request's indices + rows must fit
+  int timeout_ms = 30000;
+  int reconnect_attempts = 5;             // after UNAVAILABLE, with doubling backoff
+  int reconnect_backoff_ms = 50;
+};
+
+// A table's layout as the daemon describes it, with the hasher for its N-gram indices.
+class TableHandle {
+ public:
+  const std::string& name() const { return name_; }
+  const std::string& dtype() const { return dtype_; }
+  uint32_t dim() const { return dim_; }
+  uint32_t row_bytes() const { return row_bytes_; }
+  uint32_t heads() const { return heads_; }
+  std::vector<int> layer_ids() const;
+  const NgramHasher& hasher() const { return *hasher_; }
+
+  // Builds one from a serialized engram.v1.TableInfo.
+  static absl::StatusOr<std::shared_ptr<TableHandle>> FromTableInfo(const std::string& serialized);
+
+ private:
+  std::string name_, dtype_;
+  uint32_t dim_ = 0, row_bytes_ = 0, heads_ = 0;
+  std::unique_ptr<NgramHasher> hasher_;
+};
+
+struct ClientLookupStats {
+  uint64_t rows_read = 0, dram_rows = 0, nvme_rows = 0;
+};
+
+class Transport;
+
+class Client {
+ public:
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const std::string& uri, const ClientOptions& options = {});
+  ~Client();
+
+  absl::StatusOr<std::shared_ptr<const TableHandle>> OpenTable(const std::string& name);
+
+  // Rows of head-local `indices` [num_tokens][heads] into `out` ([num_tokens][heads][row_bytes]).
+  absl::Status Lookup(const TableHandle& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                      absl::Span<uint8_t> out, ClientLookupStats* stats = nullptr);
+  // The same, run on the client's background thread. `indices` and `out` must stay alive until the
+  // future is ready.
+  std::future<absl::Status> LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
+                                        absl::Span<const uint32_t> indices, absl::Span<uint8_t> out);
+  absl::Status Prefetch(const TableHandle& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices);
+  // Hashes raw token ids [batch][seq_len] here (the table's layout) and looks up one layer.
+  absl::Status LookupTokens(const TableHandle& table, int layer, absl::Span<const int32_t> token_ids, uint32_t batch,
+                            uint32_t seq_len, absl::Span<uint8_t> out);
+
+  const std::string& uri() const { return uri_; }
+
+ private:
+  Client(std::string uri, ClientOptions options);
+  absl::Status Reconnect();
+  // Runs `call` with the transport; on UNAVAILABLE reconnects and runs it once more.
+  template <typename F>
+  absl::Status WithRetry(const F& call);
+
+  std::string uri_;
+  ClientOptions options_;
+  std::mutex mu_;
+  std::unique_ptr<Transport> transport_;
+};
+
+}  // namespace engram
+
+#endif  // ENGRAM_CLIENT_CLIENT_H_

@@ -1,0 +1,31 @@
+// The client's transports behind one small interface: shared memory (unix://) and gRPC
+// (grpc://). Internal to libengram_client. Not thread-safe; Client serializes calls.
+#ifndef ENGRAM_CLIENT_TRANSPORT_H_
+#define ENGRAM_CLIENT_TRANSPORT_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engram/client.h"
+
+namespace engram {
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  // The serialized engram.v1.TableInfo of `name`; remembers whatever the transport needs for it.
+  virtual absl::StatusOr<std::string> OpenTable(const std::string& name) = 0;
+  virtual absl::Status Lookup(const std::string& table, int layer, uint32_t num_tokens,
+                              absl::Span<const uint32_t> indices, absl::Span<uint8_t> out, ClientLookupStats* stats) = 0;
+  virtual absl::Status Prefetch(const std::string& table, int layer, uint32_t num_tokens,
+                                absl::Span<const uint32_t> indices) = 0;
+};
+
+absl::StatusOr<std::unique_ptr<Transport>> MakeShmTransport(const std::string& socket_path, const ClientOptions& options);
+absl::StatusOr<std::unique_ptr<Transport>> MakeGrpcTransport(const std::string& address, const ClientOptions& options);
+
+}  // namespace engram
+
+#endif  // ENGRAM_CLIENT_TRANSPORT_H_

@@ -1,0 +1,127 @@
+// Shared-memory and gRPC transports for Client.
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "client/transport.h"
+#include "engram/shm_client.h"
+#include "engram/v1/engram.grpc.pb.h"
+
+namespace engram {
+namespace {
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  return s.ok() ? absl::OkStatus() : absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+class ShmTransport final : public Transport {
+ public:
+  explicit ShmTransport(std::unique_ptr<ShmConnection> connection) : connection_(std::move(connection)) {}
+  absl::StatusOr<std::string> OpenTable(const std::string& name) override {
+    auto table = connection_->OpenTable(name);
+    if (!table.ok()) return table.status();
+    tables_[name] = *table;
+    return table->table_info;
+  }
+  absl::Status Lookup(const std::string& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                      absl::Span<uint8_t> out, ClientLookupStats* stats) override {
+    auto it = tables_.find(table);
+    if (it == tables_.end()) return absl::FailedPreconditionError(absl::StrCat("table '", table, "' is not open"));
+    RemoteLookupStats s;
+    absl::Status status = connection_->Lookup(it->second, layer, num_tokens, indices, out, &s);
+    if (status.ok() && stats != nullptr) *stats = {s.rows_read, s.dram_rows, s.nvme_rows};
+    return status;
+  }
+  absl::Status Prefetch(const std::string& table, int layer, uint32_t num_tokens,
+                        absl::Span<const uint32_t> indices) override {
+    auto it = tables_.find(table);
+    if (it == tables_.end()) return absl::FailedPreconditionError(absl::StrCat("table '", table, "' is not open"));
+    return connection_->Prefetch(it->second, layer, num_tokens, indices);
+  }
+
+ private:
+  std::unique_ptr<ShmConnection> connection_;
+  std::map<std::string, RemoteTable> tables_;
+};
+
+class GrpcTransport final : public Transport {
+ public:
+  GrpcTransport(std::unique_ptr<v1::Engram::Stub> stub, int timeout_ms) : stub_(std::move(stub)), timeout_ms_(timeout_ms) {}
+  absl::StatusOr<std::string> OpenTable(const std::string& name) override {
+    v1::GetTableRequest request;
+    request.set_table(name);
+    v1::TableInfo info;
+    grpc::ClientContext context;
+    SetDeadline(&context);
+    if (absl::Status s = FromGrpc(stub_->GetTable(&context, request, &info)); !s.ok()) return s;
+    return info.SerializeAsString();
+  }
+  absl::Status Lookup(const std::string& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                      absl::Span<uint8_t> out, ClientLookupStats* stats) override {
+    v1::LookupRequest request;
+    request.set_table(table);
+    request.set_layer(static_cast<uint32_t>(layer));
+    request.set_num_tokens(num_tokens);
+    request.set_indices(reinterpret_cast<const char*>(indices.data()), indices.size() * 4);
+    v1::LookupResponse response;
+    grpc::ClientContext context;
+    SetDeadline(&context);
+    if (absl::Status s = FromGrpc(stub_->Lookup(&context, request, &response)); !s.ok()) return s;
+    if (response.rows().size() != out.size()) {
+      return absl::InternalError(absl::StrCat("engramd sent ", response.rows().size(), " bytes of rows, ", out.size(),
+                                              " expected"));
+    }
+    std::memcpy(out.data(), response.rows().data(), out.size());
+    if (stats != nullptr) {
+      *stats = {response.stats().rows_read(), response.stats().dram_rows(), response.stats().nvme_rows()};
+    }
+    return absl::OkStatus();
+  }
+  absl::Status Prefetch(const std::string& table, int layer, uint32_t num_tokens,
+                        absl::Span<const uint32_t> indices) override {
+    v1::PrefetchRequest request;
+    request.set_table(table);
+    request.set_layer(static_cast<uint32_t>(layer));
+    request.set_num_tokens(num_tokens);
+    request.set_indices(reinterpret_cast<const char*>(indices.data()), indices.size() * 4);
+    v1::PrefetchResponse response;
+    grpc::ClientContext context;
+    SetDeadline(&context);
+    return FromGrpc(stub_->Prefetch(&context, request, &response));
+  }
+
+ private:
+  void SetDeadline(grpc::ClientContext* context) const {
+    context->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms_));
+  }
+  std::unique_ptr<v1::Engram::Stub> stub_;
+  int timeout_ms_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Transport>> MakeShmTransport(const std::string& socket_path, const ClientOptions& options) {
+  ShmConnectOptions shm_options;
+  shm_options.data_bytes = options.shm_data_bytes;
+  shm_options.timeout_ms = options.timeout_ms;
+  auto connection = ShmConnection::Connect(socket_path, shm_options);
+  if (!connection.ok()) return connection.status();
+  return std::unique_ptr<Transport>(new ShmTransport(std::move(*connection)));
+}
+
+absl::StatusOr<std::unique_ptr<Transport>> MakeGrpcTransport(const std::string& address, const ClientOptions& options) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  // Replies are megabytes: a fixed wide window rather than BDP probing (bench/RESULTS.md).
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
+  auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::milliseconds(options.timeout_ms))) {
+    return absl::UnavailableError(absl::StrCat("cannot connect to engramd at grpc://", address));
+  }
+  return std::unique_ptr<Transport>(new GrpcTransport(v1::Engram::NewStub(channel), options.timeout_ms));
+}
+
+}  // namespace engram
