@@ -3,6 +3,7 @@
 // latency percentiles with the conditions beside them (--json: one line for scripts).
 #include <grpcpp/grpcpp.h>
 #include <sys/utsname.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,6 +40,7 @@ constexpr char kUsage[] =
     "Usage:\n"
     "  engram-bench --target grpc://HOST:PORT --table NAME [workload flags]\n"
     "  engram-bench --target inproc --pack DIR [workload flags]\n"
+    "  engram-bench compare --pack DIR --socket PATH --grpc HOST:PORT [workload flags]\n"
     "  engram-bench simulate --pack DIR --tokens FILE.i32 [--policy P ...] [--capacity 1%|10%|BYTES]\n"
     "\n"
     "Each request is one batch: --batch-tokens tokens of one layer (layers taken in turn). The\n"
@@ -292,8 +294,116 @@ int Simulate(int argc, char** argv) {
   return 0;
 }
 
+// Runs this binary with `args` and returns its standard output (exit status in *status).
+std::string RunSelf(const std::vector<std::string>& args, int* status) {
+  int pipe_fds[2];
+  if (pipe(pipe_fds) != 0) {
+    *status = -1;
+    return "";
+  }
+  const pid_t child = fork();
+  if (child == 0) {
+    dup2(pipe_fds[1], 1);
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    std::vector<char*> argv;
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execv("/proc/self/exe", argv.data());
+    _exit(127);
+  }
+  close(pipe_fds[1]);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(pipe_fds[0], buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
+  close(pipe_fds[0]);
+  int wstatus = 0;
+  waitpid(child, &wstatus, 0);
+  *status = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1;
+  return out;
+}
+
+// `engram-bench compare`: the same workload in-process, over shared memory and over gRPC, side by side.
+int Compare(int argc, char** argv) {
+  std::string pack, socket, grpc_address, table;
+  bool json = false;
+  std::vector<std::string> passthrough;
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](std::string* out) {
+      if (i + 1 >= argc) return false;
+      *out = argv[++i];
+      return true;
+    };
+    if (a == "--help" || a == "-h") {
+      std::puts("engram-bench compare --pack DIR --socket PATH --grpc HOST:PORT [--table NAME] [bench flags]\n\n"
+                "Runs the same workload (every other flag is passed on: --workload, --batch-tokens, --duration,\n"
+                "...) in-process on DIR, then against a running engramd serving it over shared memory (--socket)\n"
+                "and gRPC (--grpc), and prints the three side by side (--json: one object).");
+      return 0;
+    }
+    if (a == "--pack" ? !value(&pack) : a == "--socket" ? !value(&socket) : a == "--grpc" ? !value(&grpc_address)
+        : a == "--table" ? !value(&table) : false) {
+      std::fprintf(stderr, "engram-bench compare: %s needs a value\n", a.c_str());
+      return 2;
+    }
+    if (a == "--pack" || a == "--socket" || a == "--grpc" || a == "--table") continue;
+    if (a == "--json") {
+      json = true;
+      continue;
+    }
+    passthrough.push_back(a);
+  }
+  if (pack.empty() || socket.empty() || grpc_address.empty()) {
+    std::fprintf(stderr, "engram-bench compare needs --pack, --socket and --grpc (see --help)\n");
+    return 2;
+  }
+  if (table.empty()) {
+    auto m = LoadPackManifest(pack);
+    if (!m.ok()) {
+      std::fprintf(stderr, "engram-bench compare: %s\n", std::string(m.status().message()).c_str());
+      return 1;
+    }
+    table = m->name;
+  }
+  const std::vector<std::pair<std::string, std::vector<std::string>>> runs = {
+      {"inproc", {"--target", "inproc", "--pack", pack, "--no-ceiling"}},
+      {"shm", {"--target", "unix://" + socket, "--table", table}},
+      {"grpc", {"--target", "grpc://" + grpc_address, "--table", table}}};
+  nlohmann::json all = nlohmann::json::object();
+  for (const auto& [name, target_args] : runs) {
+    std::vector<std::string> args = {"engram-bench", "--json"};
+    args.insert(args.end(), target_args.begin(), target_args.end());
+    args.insert(args.end(), passthrough.begin(), passthrough.end());
+    int status = 0;
+    const std::string out = RunSelf(args, &status);
+    if (status != 0) {
+      std::fprintf(stderr, "engram-bench compare: the %s run failed (exit %d)\n", name.c_str(), status);
+      return 1;
+    }
+    all[name] = nlohmann::json::parse(out);
+  }
+  if (json) {
+    std::printf("%s\n", all.dump().c_str());
+    return 0;
+  }
+  const double base = all["inproc"]["rows_per_s"].get<double>();
+  std::printf("engram-bench compare  table=%s workload=%s batch_tokens=%lld\n", table.c_str(),
+              all["inproc"]["workload"].get<std::string>().c_str(),
+              static_cast<long long>(all["inproc"]["batch_tokens"].get<int64_t>()));
+  std::printf("  %-8s %14s %12s %12s %12s\n", "target", "rows/s", "p50 us", "p99 us", "vs inproc");
+  for (const char* name : {"inproc", "shm", "grpc"}) {
+    const auto& r = all[name];
+    std::printf("  %-8s %14.4g %12.1f %12.1f %11.0f%%\n", name, r["rows_per_s"].get<double>(), r["p50_us"].get<double>(),
+                r["p99_us"].get<double>(), 100 * r["rows_per_s"].get<double>() / base);
+  }
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "simulate") return Simulate(argc, argv);
+  if (argc > 1 && std::string(argv[1]) == "compare") return Compare(argc, argv);
   std::string target = "inproc", table_name, pack, workload_text = "zipf:1.0";
   int64_t batch_tokens = 4096, concurrency = 1, worker_threads = -1, seed = 1, max_batches = 64;
   double duration = 5;

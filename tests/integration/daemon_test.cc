@@ -295,6 +295,18 @@ TEST_F(DaemonTest, BenchDrivesTheDaemon) {
   ASSERT_EQ(code, 0) << out;
   const auto j = nlohmann::json::parse(out);
   EXPECT_GT(j["ceiling_rows_per_s"].get<double>(), 0);
+  // compare: the same workload in-process, over shared memory and over gRPC.
+  const auto [ccode, cout] = RunCommand(std::string(ENGRAM_BENCH_PATH) + " compare --json --pack " + pack_dir() +
+                                        " --socket " + daemon_->socket() + " --grpc 127.0.0.1:" +
+                                        std::to_string(daemon_->grpc_port()) + " --batch-tokens 64 --duration 0.3",
+                                        /*with_stderr=*/false);
+  ASSERT_EQ(ccode, 0) << cout;
+  const auto c = nlohmann::json::parse(cout);
+  for (const char* target : {"inproc", "shm", "grpc"}) {
+    EXPECT_GT(c[target]["requests"].get<int>(), 0) << target;
+    EXPECT_EQ(c[target]["errors"], 0) << target;
+    EXPECT_EQ(c[target]["batch_tokens"], 64) << target;
+  }
 }
 
 // A pack five times the DRAM budget: rows come from NVMe (io_uring, O_DIRECT) through the cache.
