@@ -38,7 +38,7 @@ PORTS=$DIR/ports.json
 LOG=$DIR/engramd.log
 rm -f "$PORTS"
 "$BIN/service/engramd" --pack "$PACK" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --ports-file "$PORTS" \
-  >"$LOG" 2>&1 &
+  --socket "$DIR/engramd.sock" >"$LOG" 2>&1 &
 DAEMON=$!
 trap 'kill -TERM $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null || true' EXIT
 for _ in $(seq 1 600); do
@@ -49,6 +49,7 @@ done
 [ -f "$PORTS" ] || { cat "$LOG"; echo "engramd did not become ready" >&2; exit 1; }
 GRPC_PORT=$(sed -E 's/.*"grpc_port": ([0-9]+).*/\1/' "$PORTS")
 METRICS_PORT=$(sed -E 's/.*"metrics_port": ([0-9]+).*/\1/' "$PORTS")
+SOCKET=$(sed -E 's/.*"socket": "([^"]*)".*/\1/' "$PORTS")
 cat "$LOG"
 echo "readyz: $(curl -s "http://127.0.0.1:$METRICS_PORT/readyz")"
 
@@ -59,6 +60,10 @@ step "engram-bench over gRPC: Zipf(1.0) row draws, 4096-token batches, ${SECONDS
 step "engram-bench over gRPC: real text (fortunes, DeepSeek-V3 tokens) hashed client-side, 512-token batches"
 "$BIN/bench/engram-bench" --target "grpc://127.0.0.1:$GRPC_PORT" --table demo \
   --workload "trace:$ROOT/tests/data/fortunes.deepseek_v3.i32" --batch-tokens 512 --duration "$SECONDS_PER_RUN"
+
+step "engram-bench over shared memory ($SOCKET): one-token lookups, the latency an engine sees per step"
+"$BIN/bench/engram-bench" --target "unix://$SOCKET" --table demo --workload zipf:1.0 --batch-tokens 1 \
+  --duration "$SECONDS_PER_RUN"
 
 step "engram-bench in-process (no transport), with the memcpy ceiling beside it"
 "$BIN/bench/engram-bench" --target inproc --pack "$PACK" --workload zipf:1.0 --batch-tokens 4096 \

@@ -140,10 +140,18 @@ absl::Status ShmServer::Start() {
   }
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(path_).parent_path(), ec);
-  unlink(path_.c_str());  // a socket left by an earlier daemon
-  listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   addr.sun_family = AF_UNIX;
   std::memcpy(addr.sun_path, path_.data(), path_.size());
+  // A socket file left by an earlier daemon is replaced; one a live daemon answers on is not.
+  const int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const bool live = connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  close(probe);
+  if (live) {
+    return absl::AlreadyExistsError(absl::StrCat("another engramd is serving ", path_,
+                                                 " (stop it, or give this one its own --socket)"));
+  }
+  unlink(path_.c_str());
+  listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(listen_fd_, 64) != 0) {
     const int err = errno;
     close(listen_fd_);
@@ -151,6 +159,7 @@ absl::Status ShmServer::Start() {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", path_, ": ", std::strerror(err)));
   }
   chmod(path_.c_str(), 0660);
+  bound_ = true;
   acceptor_ = std::thread([this] { AcceptLoop(); });
   return absl::OkStatus();
 }
@@ -170,7 +179,7 @@ void ShmServer::Stop() {
   for (auto& s : sessions) {
     if (s->thread.joinable()) s->thread.join();
   }
-  if (!path_.empty()) unlink(path_.c_str());
+  if (bound_) unlink(path_.c_str());  // only a socket this server created; never another daemon's
 }
 
 size_t ShmServer::sessions() const {

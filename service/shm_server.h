@@ -55,6 +55,7 @@ class ShmServer {
   ShmServerOptions options_;
   std::string path_;
   int listen_fd_ = -1;
+  bool bound_ = false;
   std::atomic<bool> stopping_{false};
   std::atomic<bool> draining_{false};
   std::thread acceptor_;

@@ -189,6 +189,18 @@ TEST_F(ShmTest, HostileDescriptorsGetErrorsAndTheDaemonKeepsServing) {
   EXPECT_TRUE(daemon_->running());
 }
 
+TEST_F(ShmTest, ASecondDaemonDoesNotTakeALiveSocket) {
+  StartDaemon();
+  testing::TempDir other;
+  const auto [code, out] = RunCommand(std::string(ENGRAMD_PATH) + " --pack " + dir_->path() +
+                                      "/pack --listen 127.0.0.1:0 --metrics-listen off --socket " + daemon_->socket());
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(out.find("another engramd is serving"), std::string::npos) << out;
+  auto c = Connect();  // the first daemon still answers on it
+  ASSERT_NE(c, nullptr);
+  EXPECT_TRUE(c->OpenTable("demo").ok());
+}
+
 TEST_F(ShmTest, AUidThatIsNotAllowedIsRefused) {
   StartDaemon({"--allow-uid", std::to_string(getuid() + 4242)});
   auto c = ShmConnection::Connect(daemon_->socket());
