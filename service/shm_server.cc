@@ -403,7 +403,9 @@ void ShmServer::Serve(Session* session) {
       if (used > entries) return finish("protocol violation: completion ring position out of range");
       if (used < entries) break;
       pollfd p{sock, POLLIN, 0};
-      if (poll(&p, 1, 10) > 0 && (p.revents & (POLLHUP | POLLERR))) return finish("socket closed");
+      const int ready = poll(&p, 1, 10);
+      if (ready > 0 && (p.revents & (POLLHUP | POLLERR))) return finish("socket closed");
+      if (ready > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));  // data, not a hang-up: no spin
       if (stopping_.load()) return finish("daemon stopping");
     }
     arena.WriteCompletion(completion_tail, c);

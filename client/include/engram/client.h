@@ -68,7 +68,7 @@ class Client {
   // Rows of head-local `indices` [num_tokens][heads] into `out` ([num_tokens][heads][row_bytes]).
   absl::Status Lookup(const TableHandle& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
                       absl::Span<uint8_t> out, ClientLookupStats* stats = nullptr);
-  // The same, run on the client's background thread. `indices` and `out` must stay alive until the
+  // The same, on another thread. `indices`, `out`, and this Client must stay alive until the
   // future is ready.
   std::future<absl::Status> LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
                                         absl::Span<const uint32_t> indices, absl::Span<uint8_t> out);
