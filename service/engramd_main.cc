@@ -2,6 +2,8 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grp.h>
+#include <pwd.h>
 #include <signal.h>
 
 #include <chrono>
@@ -76,8 +78,8 @@ int Run(int argc, char** argv) {
   flags.String("socket", &f.socket,
                "Unix socket for the shared-memory transport (default /run/engram/engramd.sock, else\n"
                "                              $XDG_RUNTIME_DIR/engram/, else /tmp/engram-UID/; 'off' disables it)");
-  flags.StringList("allow-uid", &f.allow_uids, "uid allowed on the socket (default: the daemon's own)");
-  flags.StringList("allow-gid", &f.allow_gids, "gid allowed on the socket");
+  flags.StringList("allow-uid", &f.allow_uids, "user (name or uid) allowed on the socket (default: the daemon's own)");
+  flags.StringList("allow-gid", &f.allow_gids, "group (name or gid) whose members may use the socket");
   flags.String("max-client-arena", &f.max_client_arena, "largest shared-memory data region one client may ask for");
   flags.StringList("warm-from", &f.warm_from, "hot-set file from `engramctl profile` to warm a table's cache with at start");
   flags.String("ports-file", &f.ports_file,
@@ -162,13 +164,23 @@ int Run(int argc, char** argv) {
     absl::Status shm_flags = ParseBytes(f.max_client_arena, &shm_options.max_client_arena_bytes);
     for (const auto& u : f.allow_uids) {
       uint32_t id;
-      if (!absl::SimpleAtoi(u, &id)) shm_flags = absl::InvalidArgumentError("--allow-uid wants a number, got " + u);
-      shm_options.allow_uids.push_back(id);
+      if (absl::SimpleAtoi(u, &id)) {
+        shm_options.allow_uids.push_back(id);
+      } else if (const passwd* pw = getpwnam(u.c_str())) {
+        shm_options.allow_uids.push_back(pw->pw_uid);
+      } else {
+        shm_flags = absl::InvalidArgumentError("--allow-uid: no user '" + u + "'");
+      }
     }
     for (const auto& g : f.allow_gids) {
       uint32_t id;
-      if (!absl::SimpleAtoi(g, &id)) shm_flags = absl::InvalidArgumentError("--allow-gid wants a number, got " + g);
-      shm_options.allow_gids.push_back(id);
+      if (absl::SimpleAtoi(g, &id)) {
+        shm_options.allow_gids.push_back(id);
+      } else if (const group* gr = getgrnam(g.c_str())) {
+        shm_options.allow_gids.push_back(gr->gr_gid);
+      } else {
+        shm_flags = absl::InvalidArgumentError("--allow-gid: no group '" + g + "'");
+      }
     }
     if (!shm_flags.ok()) {
       std::fprintf(stderr, "%s (see --help)\n", std::string(shm_flags.message()).c_str());

@@ -209,6 +209,17 @@ TEST_F(ShmTest, AUidThatIsNotAllowedIsRefused) {
   EXPECT_NE(c.status().message().find("may not use this engramd"), absl::string_view::npos) << c.status();
 }
 
+TEST_F(ShmTest, UsersAndGroupsCanBeNamed) {
+  // "root" (uid 0) names a user that exists everywhere; a name that does not exist is a flag error.
+  const auto [code, out] = RunCommand(std::string(ENGRAMD_PATH) + " --pack " + dir_->path() +
+                                      "/pack --metrics-listen off --allow-uid no-such-user-here");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--allow-uid: no user 'no-such-user-here'"), std::string::npos) << out;
+  StartDaemon({"--allow-uid", getuid() == 0 ? "root" : std::to_string(getuid())});
+  auto c = ShmConnection::Connect(daemon_->socket());
+  EXPECT_TRUE(c.ok()) << c.status();
+}
+
 TEST_F(ShmTest, AClientKilledMidRequestLeavesTheDaemonServing) {
   StartDaemon();
   const pid_t child = fork();
