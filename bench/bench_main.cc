@@ -74,53 +74,34 @@ class InprocTarget final : public Target {
   const Table* table_;
 };
 
-class GrpcTarget final : public Target {
+// engramd over gRPC through libengram_client, as an engine would call it: one Client per thread.
+class ClientTarget final : public Target {
  public:
-  GrpcTarget(const std::string& address, const std::string& table, int threads) : table_(table) {
+  static absl::StatusOr<std::unique_ptr<ClientTarget>> Connect(const std::string& uri, const std::string& table,
+                                                               int threads) {
+    std::unique_ptr<ClientTarget> target(new ClientTarget());
     for (int i = 0; i < threads; ++i) {
-      grpc::ChannelArguments args;
-      args.SetMaxReceiveMessageSize(-1);
-      args.SetInt("engram.bench.channel", i);  // a distinct channel (connection) per thread
-      // Replies are megabytes: a fixed wide receive window beats BDP probing, which kept the
-      // window small and stalled 8 MB replies (p90 43 ms -> 11 ms here, bench/RESULTS.md). The
-      // same settings on the server made replies slower, so the daemon keeps gRPC's defaults.
-      args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-      args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
-      stubs_.push_back(v1::Engram::NewStub(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
+      auto client = Client::Connect(uri);
+      if (!client.ok()) return client.status();
+      auto handle = (*client)->OpenTable(table);
+      if (!handle.ok()) return handle.status();
+      target->table_ = *handle;
+      target->clients_.push_back(std::move(*client));
     }
+    return target;
   }
-  v1::Engram::Stub* stub(int i) { return stubs_[i].get(); }
+  const TableHandle& table() const { return *table_; }
   absl::Status Lookup(int thread, const Batch& batch, std::vector<uint8_t>* out) override {
-    v1::LookupRequest request;
-    request.set_table(table_);
-    request.set_layer(static_cast<uint32_t>(batch.layer_id));
-    request.set_num_tokens(batch.num_tokens);
-    request.set_indices(reinterpret_cast<const char*>(batch.indices.data()), batch.indices.size() * 4);
-    v1::LookupResponse response;
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-    const grpc::Status s = stubs_[thread]->Lookup(&context, request, &response);
-    if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-    out->assign(response.rows().begin(), response.rows().end());
-    return absl::OkStatus();
+    out->resize(batch.indices.size() * table_->row_bytes());
+    return clients_[thread]->Lookup(*table_, batch.layer_id, batch.num_tokens, batch.indices, absl::MakeSpan(*out));
   }
   absl::Status Prefetch(int thread, const Batch& batch) override {
-    v1::PrefetchRequest request;
-    request.set_table(table_);
-    request.set_layer(static_cast<uint32_t>(batch.layer_id));
-    request.set_num_tokens(batch.num_tokens);
-    request.set_indices(reinterpret_cast<const char*>(batch.indices.data()), batch.indices.size() * 4);
-    v1::PrefetchResponse response;
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-    const grpc::Status s = stubs_[thread]->Prefetch(&context, request, &response);
-    if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-    return absl::OkStatus();
+    return clients_[thread]->Prefetch(*table_, batch.layer_id, batch.num_tokens, batch.indices);
   }
 
  private:
-  std::string table_;
-  std::vector<std::unique_ptr<v1::Engram::Stub>> stubs_;
+  std::vector<std::unique_ptr<Client>> clients_;
+  std::shared_ptr<const TableHandle> table_;
 };
 
 // engramd over the shared-memory transport: one connection per thread.
@@ -453,7 +434,7 @@ int Main(int argc, char** argv) {
   std::unique_ptr<Engine> engine;
   const Table* table = nullptr;
   std::unique_ptr<Target> driver;
-  std::shared_ptr<TableHandle> remote_table;
+  std::shared_ptr<const TableHandle> remote_table;
   const NgramHasher* hasher = nullptr;
   int64_t row_bytes = 0;
   if (target == "inproc" || target == "rocksdb") {
@@ -497,22 +478,13 @@ int Main(int argc, char** argv) {
     driver = std::move(*shm_target);
   } else if (absl::StartsWith(target, "grpc://")) {
     if (table_name.empty()) return fail(absl::InvalidArgumentError("--target grpc://... needs --table NAME"));
-    auto grpc_target = std::make_unique<GrpcTarget>(target.substr(7), table_name, static_cast<int>(concurrency));
-    v1::GetTableRequest request;
-    request.set_table(table_name);
-    v1::TableInfo info;
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    const grpc::Status s = grpc_target->stub(0)->GetTable(&context, request, &info);
-    if (!s.ok()) {
-      return fail(absl::UnavailableError(absl::StrCat("GetTable(", table_name, ") at ", target, ": ", s.error_message())));
+    auto client_target = ClientTarget::Connect(target, table_name, static_cast<int>(concurrency));
+    if (!client_target.ok()) {
+      return fail(absl::UnavailableError(absl::StrCat(target, ": ", client_target.status().message())));
     }
-    auto handle = TableHandle::FromTableInfo(info.SerializeAsString());
-    if (!handle.ok()) return fail(handle.status());
-    remote_table = std::move(*handle);
-    hasher = &remote_table->hasher();
-    row_bytes = remote_table->row_bytes();
-    driver = std::move(grpc_target);
+    hasher = &(*client_target)->table().hasher();
+    row_bytes = (*client_target)->table().row_bytes();
+    driver = std::move(*client_target);
   } else {
     return fail(absl::InvalidArgumentError(absl::StrCat("--target '", target, "' is not inproc or grpc://HOST:PORT")));
   }
