@@ -135,32 +135,10 @@ int Run(int argc, char** argv) {
     std::fprintf(stderr, "%s (see --help)\n", std::string(placement.status().message()).c_str());
     return 2;
   }
-  if (absl::Status s = LoadTables(f.packs, *placement, &engine); !s.ok()) {
-    LogError("table_load_failed", {{"error", std::string(s.message())}});
-    return 1;
-  }
-  std::unique_ptr<StateStore> store;
-  if (!f.state_dir.empty()) {
-    auto opened = StateStore::Open(f.state_dir);
-    if (!opened.ok()) {
-      LogError("state_store_failed", {{"dir", f.state_dir}, {"error", std::string(opened.status().message())}});
-      return 1;
-    }
-    store = std::move(*opened);
-  }
-  if (absl::Status s = WarmTables(engine, store.get(), f.warm_from); !s.ok()) {
-    LogError("warm_failed", {{"error", std::string(s.message())}});
-    return 1;
-  }
-  LogInfo("tier_hbm_off", {{"reason", "this engramd has no HBM tier: GPU support is not built"}});
-  metrics.RecordTables(engine, /*hbm_enabled=*/false);
-  metrics.RefreshTierGauges(engine);
-
-  scraped_engine.store(&engine);
-  std::unique_ptr<ShmServer> shm_server;
-  if (f.socket != "off") {
-    ShmServerOptions shm_options;
-    shm_options.socket_path = f.socket;
+  // Every flag is checked before anything slow (loading tables) starts.
+  ShmServerOptions shm_options;
+  shm_options.socket_path = f.socket;
+  {
     absl::Status shm_flags = ParseBytes(f.max_client_arena, &shm_options.max_client_arena_bytes);
     for (const auto& u : f.allow_uids) {
       uint32_t id;
@@ -186,6 +164,31 @@ int Run(int argc, char** argv) {
       std::fprintf(stderr, "%s (see --help)\n", std::string(shm_flags.message()).c_str());
       return 2;
     }
+  }
+  if (absl::Status s = LoadTables(f.packs, *placement, &engine); !s.ok()) {
+    LogError("table_load_failed", {{"error", std::string(s.message())}});
+    return 1;
+  }
+  std::unique_ptr<StateStore> store;
+  if (!f.state_dir.empty()) {
+    auto opened = StateStore::Open(f.state_dir);
+    if (!opened.ok()) {
+      LogError("state_store_failed", {{"dir", f.state_dir}, {"error", std::string(opened.status().message())}});
+      return 1;
+    }
+    store = std::move(*opened);
+  }
+  if (absl::Status s = WarmTables(engine, store.get(), f.warm_from); !s.ok()) {
+    LogError("warm_failed", {{"error", std::string(s.message())}});
+    return 1;
+  }
+  LogInfo("tier_hbm_off", {{"reason", "this engramd has no HBM tier: GPU support is not built"}});
+  metrics.RecordTables(engine, /*hbm_enabled=*/false);
+  metrics.RefreshTierGauges(engine);
+
+  scraped_engine.store(&engine);
+  std::unique_ptr<ShmServer> shm_server;
+  if (f.socket != "off") {
     shm_server = std::make_unique<ShmServer>(&engine, &metrics, shm_options);
     if (absl::Status s = shm_server->Start(); !s.ok()) {
       LogError("shm_listen_failed", {{"error", std::string(s.message())}});
