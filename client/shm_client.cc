@@ -35,13 +35,12 @@ absl::StatusOr<std::unique_ptr<ShmConnection>> ShmConnection::Connect(const std:
     return absl::UnavailableError(absl::StrCat("cannot connect to engramd at ", path, ": ", std::strerror(errno)));
   }
   shm::Hello hello{shm::kMagic, shm::kVersion, options.ring_entries, 0, options.data_bytes};
-  if (absl::Status s = shm::SendFrame(c->sock_, shm::FrameType::kHello,
-                                      std::string(reinterpret_cast<const char*>(&hello), sizeof(hello)), {});
-      !s.ok()) {
-    return s;
-  }
-  auto frame = shm::ReceiveFrame(c->sock_, 10000);
-  if (!frame.ok()) return frame.status();
+  const absl::Status sent = shm::SendFrame(c->sock_, shm::FrameType::kHello,
+                                           std::string(reinterpret_cast<const char*>(&hello), sizeof(hello)), {});
+  // Read the reply even if the send failed: a daemon that refuses this peer answers at once and
+  // hangs up, possibly before the hello went out, and its reply says why.
+  auto frame = shm::ReceiveFrame(c->sock_, sent.ok() ? 10000 : 1000);
+  if (!frame.ok()) return sent.ok() ? frame.status() : sent;
   if (frame->type != shm::FrameType::kHelloReply || frame->payload.size() < sizeof(shm::HelloReply)) {
     for (int fd : frame->fds) close(fd);
     return absl::UnavailableError("engramd sent no valid hello reply");
