@@ -123,6 +123,14 @@ class Daemon {
   int metrics_port() const { return metrics_port_; }
   std::string socket() const { return socket_; }
   std::string log() const { return ReadFile(log_path_); }
+  // Waits (at most timeout_ms) until the daemon's log contains `needle`; true if it does.
+  bool WaitForLog(const std::string& needle, int timeout_ms = 5000) const {
+    for (int waited = 0; log().find(needle) == std::string::npos; waited += 50) {
+      if (waited >= timeout_ms) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return true;
+  }
 
  private:
   std::string log_path_;

@@ -177,10 +177,7 @@ TEST_F(ShmTest, HostileDescriptorsGetErrorsAndTheDaemonKeepsServing) {
   auto other = Connect();
   c->header()->request_tail.store(123456789);
   // The daemon may be asleep on its eventfd (it re-checks at least once a second): wait, bounded.
-  for (int i = 0; i < 100 && daemon_->log().find("protocol violation") == std::string::npos; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  EXPECT_NE(daemon_->log().find("protocol violation"), std::string::npos) << daemon_->log();
+  EXPECT_TRUE(daemon_->WaitForLog("protocol violation")) << daemon_->log();
   EXPECT_EQ(c->Lookup(*table, 15, 4, idx, absl::MakeSpan(out)).code(), absl::StatusCode::kUnavailable);
   auto other_table = other->OpenTable("demo");
   ASSERT_TRUE(other_table.ok());
@@ -237,10 +234,7 @@ TEST_F(ShmTest, AClientKilledMidRequestLeavesTheDaemonServing) {
   int status = 0;
   waitpid(child, &status, 0);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-  for (int i = 0; i < 100 && daemon_->log().find("event=shm_client_gone") == std::string::npos; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  EXPECT_NE(daemon_->log().find("event=shm_client_gone"), std::string::npos) << daemon_->log();
+  EXPECT_TRUE(daemon_->WaitForLog("event=shm_client_gone")) << daemon_->log();
   auto c = Connect();
   auto table = c->OpenTable("demo");
   ASSERT_TRUE(table.ok());
