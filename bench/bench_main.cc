@@ -107,8 +107,9 @@ class ClientTarget final : public Target {
 // engramd over the shared-memory transport: one connection per thread.
 class ShmTarget final : public Target {
  public:
+  // With `mapped`, each thread maps the (resident) table and gathers from it itself.
   static absl::StatusOr<std::unique_ptr<ShmTarget>> Connect(const std::string& path, const std::string& table,
-                                                            int threads, uint64_t data_bytes) {
+                                                            int threads, uint64_t data_bytes, bool mapped) {
     std::unique_ptr<ShmTarget> target(new ShmTarget());
     ShmConnectOptions options;
     options.data_bytes = data_bytes;
@@ -117,14 +118,25 @@ class ShmTarget final : public Target {
       if (!c.ok()) return c.status();
       auto t = (*c)->OpenTable(table);
       if (!t.ok()) return t.status();
+      if (mapped) {
+        auto m = (*c)->MapTable(*t);
+        if (!m.ok()) return m.status();
+        target->mapped_.push_back(std::move(*m));
+      }
       target->tables_.push_back(*t);
       target->connections_.push_back(std::move(*c));
     }
     return target;
   }
+  ~ShmTarget() override { mapped_.clear(); }  // they report through their connections
   const RemoteTable& table() const { return tables_[0]; }
-  // Rows are read where the daemon gathered them (LookupInPlace), as an engine would.
-  absl::Status Lookup(int thread, const Batch& batch, std::vector<uint8_t>*) override {
+  // Rows are read where the daemon gathered them (LookupInPlace), as an engine would; mapped,
+  // gathered here into the thread's buffer.
+  absl::Status Lookup(int thread, const Batch& batch, std::vector<uint8_t>* out) override {
+    if (!mapped_.empty()) {
+      out->resize(batch.indices.size() * tables_[thread].row_bytes);
+      return mapped_[thread]->Lookup(batch.layer_id, batch.num_tokens, batch.indices, absl::MakeSpan(*out));
+    }
     return connections_[thread]->LookupInPlace(tables_[thread], batch.layer_id, batch.num_tokens, batch.indices).status();
   }
   absl::Status Prefetch(int thread, const Batch& batch) override {
@@ -134,6 +146,7 @@ class ShmTarget final : public Target {
  private:
   std::vector<std::unique_ptr<ShmConnection>> connections_;
   std::vector<RemoteTable> tables_;
+  std::vector<std::unique_ptr<MappedTable>> mapped_;
 };
 
 // The same rows from RocksDB (the baseline a user might pick instead).
@@ -320,8 +333,9 @@ int Compare(int argc, char** argv) {
     if (a == "--help" || a == "-h") {
       std::puts("engram-bench compare --pack DIR --socket PATH --grpc HOST:PORT [--table NAME] [bench flags]\n\n"
                 "Runs the same workload (every other flag is passed on: --workload, --batch-tokens, --duration,\n"
-                "...) in-process on DIR, then against a running engramd serving it over shared memory (--socket)\n"
-                "and gRPC (--grpc), and prints the three side by side (--json: one object).");
+                "...) in-process on DIR, then against a running engramd serving it over shared memory (--socket),\n"
+                "gathering from the table mapped read-only (--socket, --mapped) and over gRPC (--grpc), and\n"
+                "prints them side by side (--json: one object).");
       return 0;
     }
     if (a == "--pack" ? !value(&pack) : a == "--socket" ? !value(&socket) : a == "--grpc" ? !value(&grpc_address)
@@ -351,6 +365,7 @@ int Compare(int argc, char** argv) {
   const std::vector<std::pair<std::string, std::vector<std::string>>> runs = {
       {"inproc", {"--target", "inproc", "--pack", pack, "--no-ceiling"}},
       {"shm", {"--target", "unix://" + socket, "--table", table}},
+      {"mapped", {"--target", "unix://" + socket, "--table", table, "--mapped"}},
       {"grpc", {"--target", "grpc://" + grpc_address, "--table", table}}};
   nlohmann::json all = nlohmann::json::object();
   for (const auto& [name, target_args] : runs) {
@@ -374,7 +389,7 @@ int Compare(int argc, char** argv) {
               all["inproc"]["workload"].get<std::string>().c_str(),
               static_cast<long long>(all["inproc"]["batch_tokens"].get<int64_t>()));
   std::printf("  %-8s %14s %12s %12s %12s\n", "target", "rows/s", "p50 us", "p99 us", "vs inproc");
-  for (const char* name : {"inproc", "shm", "grpc"}) {
+  for (const char* name : {"inproc", "shm", "mapped", "grpc"}) {
     const auto& r = all[name];
     std::printf("  %-8s %14.4g %12.1f %12.1f %11.0f%%\n", name, r["rows_per_s"].get<double>(), r["p50_us"].get<double>(),
                 r["p99_us"].get<double>(), 100 * r["rows_per_s"].get<double>() / base);
@@ -388,7 +403,7 @@ int Main(int argc, char** argv) {
   std::string target = "inproc", table_name, pack, workload_text = "zipf:1.0";
   int64_t batch_tokens = 4096, concurrency = 1, worker_threads = -1, seed = 1, max_batches = 64;
   double duration = 5;
-  bool json = false, ceiling = true;
+  bool json = false, ceiling = true, mapped = false;
   std::string dedup = "auto";
   FlagSet flags("engram-bench", kUsage);
   flags.String("target", &target,
@@ -409,6 +424,8 @@ int Main(int argc, char** argv) {
   flags.Int("seed", &seed, "workload seed");
   flags.String("dedup", &dedup, "inproc: auto (the tier decides), on or off: dedup each batch piece before reading");
   flags.Bool("ceiling", &ceiling, "inproc: also measure the plain memcpy gather ceiling");
+  flags.Bool("mapped", &mapped,
+             "unix://: map the (resident) table read-only and gather in this process, no round trip");
   flags.Bool("json", &json, "print one JSON object on one line instead of text");
   double compute_window_us = 0;
   bool prefetch_layers = false;
@@ -468,7 +485,7 @@ int Main(int argc, char** argv) {
   } else if (absl::StartsWith(target, "unix://")) {
     if (table_name.empty()) return fail(absl::InvalidArgumentError("--target unix://... needs --table NAME"));
     const uint64_t data_bytes = static_cast<uint64_t>(batch_tokens) * 64 * 300 + (1 << 20);  // generous
-    auto shm_target = ShmTarget::Connect(target.substr(7), table_name, static_cast<int>(concurrency), data_bytes);
+    auto shm_target = ShmTarget::Connect(target.substr(7), table_name, static_cast<int>(concurrency), data_bytes, mapped);
     if (!shm_target.ok()) return fail(shm_target.status());
     auto handle = TableHandle::FromTableInfo((*shm_target)->table().table_info);
     if (!handle.ok()) return fail(handle.status());
@@ -590,6 +607,7 @@ int Main(int argc, char** argv) {
       {"tool", "engram-bench"},
       {"target", target.substr(0, target.find("://") == std::string::npos ? target.size() : target.find("://"))},
       {"table", table_name},
+      {"mapped", mapped},
       {"workload", spec->text},
       {"batch_tokens", batch_tokens},
       {"heads", heads},

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Transports side by side, interleaved, REPEATS times: one-token batches (latency) over shared
-# memory and gRPC, and 4096-token batches (throughput) in-process, over shared memory and gRPC.
+# memory (through the ring, and gathered from the mapped table) and gRPC, and 4096-token batches
+# (throughput) in-process (rows in anonymous memory, and in the shared memfd engramd maps to
+# clients), over shared memory, from the mapped table (1 and 2 client threads) and gRPC.
 # Usage: bench/run_transports.sh PACK [REPEATS] [SECONDS]   (prints JSON lines)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +22,12 @@ B="$BIN/bench/engram-bench --json --workload zipf:1.0 --duration $SECS"
 $B --target "grpc://127.0.0.1:$PORT" --table "$TABLE" >/dev/null  # warm-up, discarded
 for r in $(seq 1 "$REPEATS"); do
   $B --target "unix://$OUT/engramd.sock" --table "$TABLE" --batch-tokens 1
+  $B --target "unix://$OUT/engramd.sock" --table "$TABLE" --batch-tokens 1 --mapped
   $B --target "grpc://127.0.0.1:$PORT" --table "$TABLE" --batch-tokens 1
-  $B --target inproc --pack "$PACK" --batch-tokens 4096 --no-ceiling 2>/dev/null
+  $B --target inproc --pack "$PACK" --batch-tokens 4096 --no-ceiling --no-share-tables 2>/dev/null | sed 's/}$/,"rows_in":"anonymous"}/'
+  $B --target inproc --pack "$PACK" --batch-tokens 4096 --no-ceiling --share-tables 2>/dev/null | sed 's/}$/,"rows_in":"memfd"}/'
   $B --target "unix://$OUT/engramd.sock" --table "$TABLE" --batch-tokens 4096
+  $B --target "unix://$OUT/engramd.sock" --table "$TABLE" --batch-tokens 4096 --mapped
+  $B --target "unix://$OUT/engramd.sock" --table "$TABLE" --batch-tokens 4096 --mapped --concurrency 2
   $B --target "grpc://127.0.0.1:$PORT" --table "$TABLE" --batch-tokens 4096
 done

@@ -121,6 +121,11 @@ absl::Status Client::Lookup(const TableHandle& table, int layer, uint32_t num_to
   });
 }
 
+bool Client::IsMapped(const TableHandle& table) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return transport_->Mapped(table.name());
+}
+
 std::future<absl::Status> Client::LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
                                               absl::Span<const uint32_t> indices, absl::Span<uint8_t> out) {
   return std::async(std::launch::async, [this, table, layer, num_tokens, indices, out] {

@@ -7,12 +7,15 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <fcntl.h>
+
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "engram/kernels/gather_host.h"
 #include "engram/shm_socket.h"
 #include "engram/v1/engram.pb.h"
 
@@ -204,6 +207,178 @@ absl::Status ShmConnection::Prefetch(const RemoteTable& table, int layer, uint32
                       num_tokens, 0, index_bytes, 0, 0};
   Completion c;
   return Call(d, &c);
+}
+
+namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+absl::Status ShmConnection::SendCounters(const std::vector<shm::CounterReport>& reports) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return shm::SendFrame(
+      sock_, shm::FrameType::kCounterReport,
+      std::string(reinterpret_cast<const char*>(reports.data()), reports.size() * sizeof(shm::CounterReport)), {});
+}
+
+absl::StatusOr<std::unique_ptr<MappedTable>> ShmConnection::MapTable(const RemoteTable& table) {
+  v1::TableInfo info;
+  if (!info.ParseFromString(table.table_info)) return absl::InvalidArgumentError("the table's layout does not parse");
+  shm::Frame frame;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const shm::MapTableRequest request{table.id};
+    if (absl::Status s = shm::SendFrame(sock_, shm::FrameType::kMapTable,
+                                        std::string(reinterpret_cast<const char*>(&request), sizeof(request)), {});
+        !s.ok()) {
+      return s;
+    }
+    auto got = shm::ReceiveFrame(sock_, options_.timeout_ms);
+    if (!got.ok()) return got.status();
+    frame = std::move(*got);
+  }
+  std::unique_ptr<MappedTable> mapped(new MappedTable());
+  // Close whatever descriptors came; the mappings keep the memory.
+  struct Closer {
+    std::vector<int>* fds;
+    ~Closer() {
+      for (int fd : *fds) close(fd);
+    }
+  } closer{&frame.fds};
+  shm::MapTableReply reply{};
+  if (frame.type != shm::FrameType::kMapTableReply || frame.payload.size() < sizeof(reply)) {
+    return absl::UnavailableError("engramd sent no valid map reply");
+  }
+  std::memcpy(&reply, frame.payload.data(), sizeof(reply));
+  const std::string body = frame.payload.substr(sizeof(reply));
+  if (reply.status != 0) return absl::Status(static_cast<absl::StatusCode>(reply.status), body);
+  if (reply.layers != static_cast<uint32_t>(info.layers_size()) || frame.fds.size() != reply.layers ||
+      body.size() != reply.layers * sizeof(shm::MappedLayer)) {
+    return absl::DataLossError(absl::StrCat("engramd's map reply for '", table.name, "' does not match its layout"));
+  }
+  mapped->connection_ = this;
+  mapped->table_ = table;
+  mapped->row_bytes_ = table.row_bytes;
+  for (uint32_t i = 0; i < reply.layers; ++i) {
+    shm::MappedLayer m{};
+    std::memcpy(&m, body.data() + i * sizeof(m), sizeof(m));
+    const auto& layer_info = info.layers(static_cast<int>(i));
+    const int fd = frame.fds[i];
+    struct stat st {};
+    const int seals = fcntl(fd, F_GET_SEALS);
+    if (m.layer_id != static_cast<int32_t>(layer_info.id()) || m.total_rows != layer_info.total_rows() ||
+        m.row_bytes != table.row_bytes || fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != m.file_bytes ||
+        m.file_bytes < m.total_rows * m.row_bytes) {
+      return absl::DataLossError(
+          absl::StrCat("engramd's mapping of '", table.name, "' layer ", layer_info.id(), " does not match its layout"));
+    }
+    // The daemon sealed the file against shrinking: a mapped row can never turn into SIGBUS.
+    if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("engramd's rows of '", table.name, "' are not sealed against shrinking; refusing to map them"));
+    }
+    auto layer = std::make_unique<MappedTable::Layer>();
+    layer->id = m.layer_id;
+    layer->total_rows = m.total_rows;
+    uint64_t offset = 0;
+    for (uint64_t rows : layer_info.head_rows()) {
+      layer->head_rows.push_back(rows);
+      layer->head_offset.push_back(offset);
+      offset += rows;
+    }
+    if (offset != m.total_rows || layer->head_rows.size() != table.heads) {
+      return absl::DataLossError(absl::StrCat("'", table.name, "' layer ", m.layer_id, ": head sizes do not add up"));
+    }
+    void* p = mmap(nullptr, m.file_bytes, PROT_READ, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+      return absl::ResourceExhaustedError(absl::StrCat("mapping '", table.name, "' layer ", m.layer_id, " (",
+                                                       m.file_bytes, " bytes): ", std::strerror(errno)));
+    }
+    layer->base = static_cast<const uint8_t*>(p);
+    layer->map_bytes = m.file_bytes;
+    mapped->layers_.push_back(std::move(layer));
+  }
+  mapped->report_interval_ns_ = static_cast<int64_t>(options_.mapped_report_interval_ms) * 1'000'000;
+  mapped->last_report_ns_.store(NowNs());
+  return mapped;
+}
+
+MappedTable::~MappedTable() {
+  if (connection_ != nullptr) (void)ReportCounters();
+  for (const auto& layer : layers_) munmap(const_cast<uint8_t*>(layer->base), layer->map_bytes);
+}
+
+uint64_t MappedTable::mapped_bytes() const {
+  uint64_t total = 0;
+  for (const auto& layer : layers_) total += layer->map_bytes;
+  return total;
+}
+
+absl::Status MappedTable::Lookup(int layer_id, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                                 absl::Span<uint8_t> out) {
+  Layer* layer = nullptr;
+  for (const auto& l : layers_) {
+    if (l->id == layer_id) layer = l.get();
+  }
+  if (layer == nullptr) return absl::NotFoundError(absl::StrCat("table '", table_.name, "' has no layer ", layer_id));
+  if (num_tokens == 0) return absl::InvalidArgumentError("num_tokens must be at least 1");
+  const size_t heads = layer->head_rows.size();
+  const uint64_t total = static_cast<uint64_t>(num_tokens) * heads;
+  if (indices.size() != total) {
+    return absl::InvalidArgumentError(absl::StrCat("indices hold ", indices.size() * 4, " bytes; ", num_tokens,
+                                                   " tokens x ", heads, " heads x 4 bytes = ", total * 4, " expected"));
+  }
+  if (out.size() != total * row_bytes_) {
+    return absl::InvalidArgumentError(absl::StrCat("output buffer holds ", out.size(), " bytes; ", total, " rows x ",
+                                                   row_bytes_, " bytes = ", total * row_bytes_, " expected"));
+  }
+  // Every index is checked before any row is copied.
+  for (uint64_t i = 0; i < total; ++i) {
+    const size_t h = i % heads;
+    if (indices[i] >= layer->head_rows[h]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "index ", indices[i], " for token ", i / heads, ", head ", h, " is out of range: head ", h, " of layer ",
+          layer_id, " has ", layer->head_rows[h], " rows (valid 0..", layer->head_rows[h] - 1, ")"));
+    }
+  }
+  kernels::GatherRowsHost(
+      layer->base, row_bytes_, total, [&](size_t i) { return layer->head_offset[i % heads] + indices[i]; },
+      [&](size_t i) { return out.data() + i * row_bytes_; });
+  layer->lookups.fetch_add(1, std::memory_order_relaxed);
+  layer->rows.fetch_add(total, std::memory_order_relaxed);
+  if (NowNs() - last_report_ns_.load(std::memory_order_relaxed) >= report_interval_ns_) return ReportCounters();
+  return absl::OkStatus();
+}
+
+absl::Status MappedTable::ReportCounters() {
+  std::lock_guard<std::mutex> lock(report_mu_);
+  last_report_ns_.store(NowNs(), std::memory_order_relaxed);
+  std::vector<shm::CounterReport> reports;
+  for (const auto& layer : layers_) {
+    const uint64_t lookups = layer->lookups.exchange(0, std::memory_order_relaxed);
+    const uint64_t rows = layer->rows.exchange(0, std::memory_order_relaxed);
+    if (lookups > 0) reports.push_back({table_.id, layer->id, lookups, rows});
+  }
+  if (reports.empty()) return absl::OkStatus();
+  absl::Status s = connection_->SendCounters(reports);
+  if (!s.ok()) {
+    // Keep the counts for a later report (to a reconnected daemon, if it comes to that).
+    for (const auto& r : reports) {
+      for (const auto& layer : layers_) {
+        if (layer->id == r.layer_id) {
+          layer->lookups.fetch_add(r.lookups, std::memory_order_relaxed);
+          layer->rows.fetch_add(r.rows, std::memory_order_relaxed);
+        }
+      }
+    }
+    return absl::UnavailableError(absl::StrCat("engramd went away (reporting mapped lookups failed: ", s.message(),
+                                               "); reconnect"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace engram

@@ -21,6 +21,8 @@ class Transport {
                               absl::Span<const uint32_t> indices, absl::Span<uint8_t> out, ClientLookupStats* stats) = 0;
   virtual absl::Status Prefetch(const std::string& table, int layer, uint32_t num_tokens,
                                 absl::Span<const uint32_t> indices) = 0;
+  // True when lookups of an open table gather from a read-only mapping of its rows.
+  virtual bool Mapped(const std::string& table) const { return false; }
 };
 
 absl::StatusOr<std::unique_ptr<Transport>> MakeShmTransport(const std::string& socket_path, const ClientOptions& options);

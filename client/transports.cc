@@ -18,17 +18,34 @@ absl::Status FromGrpc(const grpc::Status& s) {
 
 class ShmTransport final : public Transport {
  public:
-  explicit ShmTransport(std::unique_ptr<ShmConnection> connection) : connection_(std::move(connection)) {}
+  ShmTransport(std::unique_ptr<ShmConnection> connection, bool map_tables)
+      : connection_(std::move(connection)), map_tables_(map_tables) {}
   absl::StatusOr<std::string> OpenTable(const std::string& name) override {
     auto table = connection_->OpenTable(name);
     if (!table.ok()) return table.status();
     tables_[name] = *table;
+    mapped_.erase(name);
+    if (map_tables_) {
+      auto mapped = connection_->MapTable(*table);
+      // Not resident or not shared: lookups go through the ring instead.
+      if (mapped.ok()) {
+        mapped_[name] = std::move(*mapped);
+      } else if (mapped.status().code() != absl::StatusCode::kFailedPrecondition) {
+        return mapped.status();
+      }
+    }
     return table->table_info;
   }
+  bool Mapped(const std::string& table) const override { return mapped_.count(table) > 0; }
   absl::Status Lookup(const std::string& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
                       absl::Span<uint8_t> out, ClientLookupStats* stats) override {
     auto it = tables_.find(table);
     if (it == tables_.end()) return absl::FailedPreconditionError(absl::StrCat("table '", table, "' is not open"));
+    if (auto m = mapped_.find(table); m != mapped_.end()) {
+      absl::Status status = m->second->Lookup(layer, num_tokens, indices, out);
+      if (stats != nullptr) *stats = {indices.size(), indices.size(), 0};
+      return status;
+    }
     RemoteLookupStats s;
     absl::Status status = connection_->Lookup(it->second, layer, num_tokens, indices, out, &s);
     if (status.ok() && stats != nullptr) *stats = {s.rows_read, s.dram_rows, s.nvme_rows};
@@ -43,7 +60,9 @@ class ShmTransport final : public Transport {
 
  private:
   std::unique_ptr<ShmConnection> connection_;
+  bool map_tables_;
   std::map<std::string, RemoteTable> tables_;
+  std::map<std::string, std::unique_ptr<MappedTable>> mapped_;  // destroyed first: they report through connection_
 };
 
 class GrpcTransport final : public Transport {
@@ -106,9 +125,10 @@ absl::StatusOr<std::unique_ptr<Transport>> MakeShmTransport(const std::string& s
   ShmConnectOptions shm_options;
   shm_options.data_bytes = options.shm_data_bytes;
   shm_options.timeout_ms = options.timeout_ms;
+  shm_options.mapped_report_interval_ms = options.mapped_report_interval_ms;
   auto connection = ShmConnection::Connect(socket_path, shm_options);
   if (!connection.ok()) return connection.status();
-  return std::unique_ptr<Transport>(new ShmTransport(std::move(*connection)));
+  return std::unique_ptr<Transport>(new ShmTransport(std::move(*connection), options.map_tables));
 }
 
 absl::StatusOr<std::unique_ptr<Transport>> MakeGrpcTransport(const std::string& address, const ClientOptions& options) {

@@ -58,6 +58,23 @@ void DaemonMetrics::RecordLookup(const Table& table, const LookupStats& stats) {
   }
 }
 
+void DaemonMetrics::RecordMappedLookups(const Table& table, uint64_t lookups, uint64_t rows) {
+  registry_
+      ->GetCounter("engram_mapped_lookups_total",
+                   "Lookups clients served themselves from a mapped table (as they reported them)", {"table"},
+                   {table.name()})
+      ->Add(static_cast<double>(lookups));
+  LookupStats stats;
+  stats.rows_requested = stats.rows_read = rows;
+  stats.tiers.rows[static_cast<int>(TierKind::kDram)] = rows;
+  RecordLookup(table, stats);
+  registry_
+      ->GetCounter("engram_mapped_rows_total",
+                   "Rows clients gathered themselves from a mapped table (included in engram_lookup_rows_total)",
+                   {"table"}, {table.name()})
+      ->Add(static_cast<double>(rows));
+}
+
 void DaemonMetrics::RecordTables(const Engine& engine, bool hbm_enabled) {
   const auto tables = engine.tables();
   registry_->GetGauge("engram_tables_loaded", "Tables being served", {}, {})->Set(tables.size());

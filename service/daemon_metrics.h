@@ -21,6 +21,8 @@ class DaemonMetrics {
                      double seconds);
   // Rows a lookup returned and where they came from.
   void RecordLookup(const Table& table, const LookupStats& stats);
+  // What a client served itself from a mapped table (its batched report).
+  void RecordMappedLookups(const Table& table, uint64_t lookups, uint64_t rows);
   // Tables and tiers, set once at start-up.
   void RecordTables(const Engine& engine, bool hbm_enabled);
   void SetReady(bool ready);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "engram/shm_socket.h"
 #include "service/daemon_metrics.h"
 #include "tiering/engine.h"
 
@@ -49,6 +50,9 @@ class ShmServer {
   struct Session;
   void AcceptLoop();
   void Serve(Session* session);
+  // A frame on a session's socket (OpenTable, MapTable, CounterReport). An error ends the session.
+  absl::Status HandleControlFrame(const shm::Frame& frame, int sock, const std::vector<const Table*>& tables,
+                                  std::vector<bool>* mapped, const std::string& who);
 
   Engine* engine_;
   DaemonMetrics* metrics_;

@@ -23,11 +23,15 @@ void TierFlags::Register(FlagSet& flags) {
   flags.Bool("verify-checksums", &verify_checksums,
              "check each resident row file's xxh3_64 against the manifest while loading (NVMe-served\n"
              "                              files are not read whole at start; `engramctl pack verify` checks them)");
+  flags.Bool("share-tables", &share_tables,
+             "hold resident tables in sealed memfds that shared-memory clients may map read-only and\n"
+             "                              gather from without a round trip (they report their counts back)");
 }
 
 absl::StatusOr<PlacementOptions> TierFlags::ToPlacement() const {
   PlacementOptions placement;
   placement.table.verify_checksums = verify_checksums;
+  placement.table.share_resident = share_tables;
   if (cache_shards < 1) return absl::InvalidArgumentError("--cache-shards must be at least 1");
   placement.table.cache_shards = static_cast<int>(cache_shards);
   if (nvme_queue_depth < 1 || nvme_queue_depth > 256) {

@@ -6,18 +6,28 @@
 #include <unistd.h>
 
 #include <cerrno>
+
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010  // Linux 5.1; older libc headers lack the name
+#endif
 #include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engram/kernels/gather_host.h"
 #include "xxhash.h"
 
 namespace engram {
 namespace {
 
 constexpr uint64_t kHugePage = 2ull << 20;
-constexpr int kPrefetchDistanceRows = 8;
+
+// memfd names are limited to 249 bytes; the end of the path is the telling part.
+std::string MemfdName(const std::string& path) {
+  const size_t keep = 200;
+  return absl::StrCat("engram-rows:", path.size() > keep ? path.substr(path.size() - keep) : path);
+}
 
 }  // namespace
 
@@ -36,27 +46,65 @@ absl::StatusOr<HostRegion> HostRegion::Allocate(uint64_t bytes) {
   return region;
 }
 
+absl::StatusOr<HostRegion> HostRegion::AllocateShared(uint64_t bytes, const std::string& name) {
+  HostRegion region;
+  region.size_ = bytes;
+  region.mapped_ = std::max<uint64_t>((bytes + kHugePage - 1) / kHugePage * kHugePage, kHugePage);
+  region.fd_ = memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (region.fd_ < 0) {
+    return absl::ResourceExhaustedError(absl::StrCat("memfd_create(", name, "): ", std::strerror(errno)));
+  }
+  if (ftruncate(region.fd_, static_cast<off_t>(region.mapped_)) != 0) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot size shared memory ", name, " to ", region.mapped_, " bytes: ", std::strerror(errno)));
+  }
+  void* p = mmap(nullptr, region.mapped_, PROT_READ | PROT_WRITE, MAP_SHARED, region.fd_, 0);
+  if (p == MAP_FAILED) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot map ", bytes, " bytes of shared memory ", name, ": ", std::strerror(errno)));
+  }
+  madvise(p, region.mapped_, MADV_HUGEPAGE);  // honoured when shmem THP is "advise" or better
+  region.data_ = static_cast<uint8_t*>(p);
+  return region;
+}
+
+absl::Status HostRegion::SealReadOnly() {
+  if (fd_ >= 0) {
+    // FUTURE_WRITE rather than WRITE: it refuses every new writable mapping and write() while our
+    // own mapping stays, and F_SEAL_WRITE would wait on page references the load may still hold.
+    if (fcntl(fd_, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+      return absl::InternalError(absl::StrCat("sealing shared rows: ", std::strerror(errno)));
+    }
+  }
+  mprotect(data_, mapped_, PROT_READ);  // a stray write of ours faults
+  return absl::OkStatus();
+}
+
 HostRegion::HostRegion(HostRegion&& other) noexcept { *this = std::move(other); }
 
 HostRegion& HostRegion::operator=(HostRegion&& other) noexcept {
   if (this != &other) {
     if (data_ != nullptr) munmap(data_, mapped_);
+    if (fd_ >= 0) close(fd_);
     data_ = other.data_;
     size_ = other.size_;
     mapped_ = other.mapped_;
+    fd_ = other.fd_;
     other.data_ = nullptr;
     other.size_ = other.mapped_ = 0;
+    other.fd_ = -1;
   }
   return *this;
 }
 
 HostRegion::~HostRegion() {
   if (data_ != nullptr) munmap(data_, mapped_);
+  if (fd_ >= 0) close(fd_);
 }
 
 absl::StatusOr<std::unique_ptr<DramResidentTier>> DramResidentTier::Load(
     const std::string& path, uint64_t total_rows, int64_t row_bytes,
-    const std::string& expected_xxh3_hex) {
+    const std::string& expected_xxh3_hex, bool shareable) {
   const uint64_t bytes = total_rows * static_cast<uint64_t>(row_bytes);
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
@@ -66,7 +114,8 @@ absl::StatusOr<std::unique_ptr<DramResidentTier>> DramResidentTier::Load(
     return absl::DataLossError(absl::StrCat(path, " has ", st.st_size, " bytes; the manifest says ",
                                             total_rows, " rows x ", row_bytes, " = ", bytes));
   }
-  auto region = HostRegion::Allocate(bytes);
+  auto region = shareable ? HostRegion::AllocateShared(bytes, MemfdName(path))
+                          : HostRegion::Allocate(bytes);
   if (!region.ok()) {
     close(fd);
     return region.status();
@@ -97,26 +146,16 @@ absl::StatusOr<std::unique_ptr<DramResidentTier>> DramResidentTier::Load(
                                               ", the manifest says ", expected_xxh3_hex));
     }
   }
-  mprotect(region->data(), bytes, PROT_READ);  // read-only from here on: a stray write faults
+  if (absl::Status s = region->SealReadOnly(); !s.ok()) return s;
   return std::unique_ptr<DramResidentTier>(
       new DramResidentTier(std::move(*region), total_rows, row_bytes));
 }
 
 void GatherRows(const uint8_t* base, int64_t row_bytes, absl::Span<const uint64_t> rows,
                 absl::Span<uint8_t* const> dests) {
-  const size_t n = rows.size();
-  const uint64_t stride = static_cast<uint64_t>(row_bytes);
-  for (size_t i = 0; i < n && i < static_cast<size_t>(kPrefetchDistanceRows); ++i) {
-    const uint8_t* p = base + rows[i] * stride;
-    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
-  }
-  for (size_t i = 0; i < n; ++i) {
-    if (i + kPrefetchDistanceRows < n) {
-      const uint8_t* p = base + rows[i + kPrefetchDistanceRows] * stride;
-      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
-    }
-    std::memcpy(dests[i], base + rows[i] * stride, static_cast<size_t>(row_bytes));
-  }
+  kernels::GatherRowsHost(
+      base, static_cast<uint64_t>(row_bytes), rows.size(), [&](size_t i) { return rows[i]; },
+      [&](size_t i) { return dests[i]; });
 }
 
 absl::Status DramResidentTier::ReadRows(absl::Span<const uint64_t> rows,

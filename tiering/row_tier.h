@@ -62,6 +62,9 @@ class RowTier {
   virtual bool dedup_saves_reads() const = 0;
   // Which tier a start-up log line should name.
   virtual absl::string_view description() const = 0;
+  // A sealed, read-only memfd holding all total_rows() rows back to back, which clients on this
+  // host may map and gather from themselves; -1 when the tier has none. Owned by the tier.
+  virtual int shared_fd() const { return -1; }
 };
 
 }  // namespace engram

@@ -25,7 +25,7 @@ absl::StatusOr<std::unique_ptr<Table>> Table::Open(const std::string& dir, const
     const std::string path = absl::StrCat(dir, "/", pack_layer.file);
     if (table->resident_) {
       auto tier = DramResidentTier::Load(path, pack_layer.layout.total_rows, m.row.bytes,
-                                         options.verify_checksums ? pack_layer.xxh3_64 : "");
+                                         options.verify_checksums ? pack_layer.xxh3_64 : "", options.share_resident);
       if (!tier.ok()) return tier.status();
       table->layers_.push_back(Layer{&pack_layer, std::move(*tier)});
       continue;

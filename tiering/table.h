@@ -21,6 +21,8 @@ struct TableOptions {
   // otherwise its layers are read from NVMe with a DRAM cache of this size, split by rows.
   uint64_t dram_budget_bytes = UINT64_MAX;
   bool verify_checksums = true;  // resident tables: refuse a row file that fails its xxh3_64
+  // Resident tables: hold rows in sealed memfds that shared-memory clients may map read-only.
+  bool share_resident = false;
   PolicySpec cache_policy = *ParsePolicy(kDefaultPolicy);
   int cache_shards = 16;
   NvmeOptions nvme;

@@ -36,7 +36,13 @@ class ClientTest : public ::testing::TestWithParam<std::string> {
     ASSERT_TRUE(daemon_->running()) << daemon_->log();
   }
   std::string Uri() const {
-    return GetParam() == "unix" ? "unix://" + daemon_->socket() : "grpc://127.0.0.1:" + std::to_string(daemon_->grpc_port());
+    return GetParam() == "grpc" ? "grpc://127.0.0.1:" + std::to_string(daemon_->grpc_port()) : "unix://" + daemon_->socket();
+  }
+  // "unix": resident tables mapped (the default); "unix_ring": every lookup through the ring.
+  ClientOptions Options() const {
+    ClientOptions options;
+    options.map_tables = GetParam() != "unix_ring";
+    return options;
   }
   static std::vector<uint8_t> Expected(int layer_id, const std::vector<uint32_t>& idx) {
     const auto& m = *manifest_;
@@ -60,10 +66,11 @@ TempDir* ClientTest::dir_ = nullptr;
 PackManifest* ClientTest::manifest_ = nullptr;
 
 TEST_P(ClientTest, LookupLookupTokensAsyncAndPrefetch) {
-  auto client = Client::Connect(Uri());
+  auto client = Client::Connect(Uri(), Options());
   ASSERT_TRUE(client.ok()) << client.status();
   auto table = (*client)->OpenTable("demo");
   ASSERT_TRUE(table.ok()) << table.status();
+  EXPECT_EQ((*client)->IsMapped(**table), GetParam() == "unix");
   EXPECT_EQ((*table)->layer_ids(), (std::vector<int>{1, 15}));
   EXPECT_EQ((*table)->row_bytes(), 128u);
   EXPECT_EQ((*client)->OpenTable("nope").status().code(), absl::StatusCode::kNotFound);
@@ -126,10 +133,14 @@ TEST_P(ClientTest, ExampleEnginePrintsTheFormulasChecksums) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, ClientTest, ::testing::Values("unix", "grpc"),
+INSTANTIATE_TEST_SUITE_P(Transports, ClientTest, ::testing::Values("unix", "unix_ring", "grpc"),
                          [](const auto& info) { return info.param; });
 
-TEST(ClientRestartTest, UnavailableWhileDownThenReconnects) {
+class ClientRestartTest : public ::testing::TestWithParam<bool> {};
+
+// Mapped (GetParam() true) or not, a lookup after the daemon went away says UNAVAILABLE: a mapped
+// table notices at its next report, here due at every lookup.
+TEST_P(ClientRestartTest, UnavailableWhileDownThenReconnects) {
   TempDir dir;
   ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.001 --quiet --out " +
                        dir.path() + "/p").first, 0);
@@ -138,10 +149,13 @@ TEST(ClientRestartTest, UnavailableWhileDownThenReconnects) {
   ClientOptions options;
   options.reconnect_attempts = 3;
   options.reconnect_backoff_ms = 20;
+  options.map_tables = GetParam();
+  options.mapped_report_interval_ms = 0;
   auto client = Client::Connect("unix://" + daemon->socket(), options);
   ASSERT_TRUE(client.ok()) << client.status();
   auto table = (*client)->OpenTable("demo");
   ASSERT_TRUE(table.ok());
+  EXPECT_EQ((*client)->IsMapped(**table), GetParam());
   std::vector<uint32_t> idx(16, 2);
   std::vector<uint8_t> out(16 * 128);
   ASSERT_TRUE((*client)->Lookup(**table, 1, 1, idx, absl::MakeSpan(out)).ok());
@@ -157,6 +171,9 @@ TEST(ClientRestartTest, UnavailableWhileDownThenReconnects) {
   ASSERT_TRUE((*client)->Lookup(**table, 1, 1, idx, absl::MakeSpan(again)).ok());
   EXPECT_EQ(out, again);
 }
+
+INSTANTIATE_TEST_SUITE_P(Mapped, ClientRestartTest, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "mapped" : "ring"; });
 
 }  // namespace
 }  // namespace engram

@@ -4,10 +4,16 @@
 // never take the daemon down; a uid that is not allowed is refused; a client killed mid-request
 // leaves the daemon serving others; a restarted daemon surfaces as UNAVAILABLE, then a new
 // connection works.
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <random>
 #include <thread>
 
 #include "engram/shm_client.h"
+#include "engram/shm_socket.h"
 #include "gtest/gtest.h"
 #include "tests/integration/daemon_process.h"
 #include "tests/test_util.h"
@@ -184,6 +190,150 @@ TEST_F(ShmTest, HostileDescriptorsGetErrorsAndTheDaemonKeepsServing) {
   ASSERT_TRUE(other->Lookup(*other_table, 15, 4, idx, absl::MakeSpan(out)).ok());
   CheckRows(15, idx, out);
   EXPECT_TRUE(daemon_->running());
+}
+
+// The value of one exposition line ("name{labels}"), or -1 when the daemon does not export it.
+double MetricValue(int port, const std::string& series) {
+  const auto [code, body] = testing::HttpGet(port, "/metrics");
+  if (code != 200) return -1;
+  const size_t at = body.find("\n" + series + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(body.substr(at + series.size() + 2));
+}
+
+TEST_F(ShmTest, AResidentTableIsMappedReadOnlyAndItsLookupsAreCounted) {
+  StartDaemon();
+  auto c = Connect();
+  ASSERT_NE(c, nullptr);
+  auto table = c->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  auto mapped = c->MapTable(*table);
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  EXPECT_TRUE(daemon_->WaitForLog("event=shm_table_mapped")) << daemon_->log();
+  uint64_t lookups = 0, rows = 0;
+  for (int layer : {1, 15}) {
+    for (uint32_t tokens : {1u, 7u, 3000u}) {
+      const auto idx = RandomIndices(layer, tokens, tokens + layer);
+      std::vector<uint8_t> out(idx.size() * manifest_->row.bytes);
+      ASSERT_TRUE((*mapped)->Lookup(layer, tokens, idx, absl::MakeSpan(out)).ok());
+      CheckRows(layer, idx, out);
+      ++lookups;
+      rows += idx.size();
+    }
+  }
+  // The same checks as the daemon's, before any byte is written.
+  auto idx = RandomIndices(1, 4, 9);
+  idx[manifest_->hash.heads_per_layer() + 5] = 0xffffffffu;  // token 1, head 5
+  std::vector<uint8_t> out(idx.size() * manifest_->row.bytes, 0xab);
+  absl::Status bad = (*mapped)->Lookup(1, 4, idx, absl::MakeSpan(out));
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("index 4294967295 for token 1, head 5 is out of range"), std::string::npos) << bad;
+  EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](uint8_t b) { return b == 0xab; })) << "rows written on error";
+  EXPECT_EQ((*mapped)->Lookup(1, 5, idx, absl::MakeSpan(out)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*mapped)->Lookup(1, 4, RandomIndices(1, 4, 9), absl::MakeSpan(out).subspan(1)).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*mapped)->Lookup(3, 4, RandomIndices(1, 4, 9), absl::MakeSpan(out)).code(), absl::StatusCode::kNotFound);
+  // Mapped read-only and shared: the kernel says so.
+  const std::string maps = testing::ReadFile("/proc/self/maps");
+  size_t mappings = 0;
+  for (size_t at = maps.find("engram-rows:"); at != std::string::npos; at = maps.find("engram-rows:", at + 1)) {
+    const size_t line = maps.rfind('\n', at) + 1;
+    EXPECT_EQ(maps.substr(maps.find(' ', line) + 1, 4), "r--s") << maps.substr(line, at - line);
+    ++mappings;
+  }
+  EXPECT_EQ(mappings, 2u) << maps;
+  // Closing the table reports what it served; the daemon's metrics count it.
+  mapped->reset();
+  const std::string labels = "{table=\"demo\"}";
+  for (int i = 0; i < 100 && MetricValue(daemon_->metrics_port(), "engram_mapped_rows_total" + labels) < 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(MetricValue(daemon_->metrics_port(), "engram_mapped_rows_total" + labels), static_cast<double>(rows));
+  EXPECT_EQ(MetricValue(daemon_->metrics_port(), "engram_mapped_lookups_total" + labels), static_cast<double>(lookups));
+  EXPECT_EQ(MetricValue(daemon_->metrics_port(), "engram_lookup_rows_total" + labels), static_cast<double>(rows));
+  // Unmapped, the client's memory no longer holds the rows.
+  EXPECT_EQ(testing::ReadFile("/proc/self/maps").find("engram-rows:"), std::string::npos);
+}
+
+TEST_F(ShmTest, OnlySharedResidentTablesCanBeMapped) {
+  for (const std::vector<std::string>& flags :
+       {std::vector<std::string>{"--share-tables=false"}, std::vector<std::string>{"--dram-budget", "1M"}}) {
+    StartDaemon(flags);
+    auto c = Connect();
+    ASSERT_NE(c, nullptr);
+    auto table = c->OpenTable("demo");
+    ASSERT_TRUE(table.ok());
+    auto mapped = c->MapTable(*table);
+    EXPECT_EQ(mapped.status().code(), absl::StatusCode::kFailedPrecondition) << flags[0];
+    EXPECT_NE(mapped.status().message().find("only tables resident in DRAM with --share-tables"), std::string::npos)
+        << mapped.status();
+    // The connection still serves lookups through the ring.
+    const auto idx = RandomIndices(15, 5, 1);
+    std::vector<uint8_t> out(idx.size() * manifest_->row.bytes);
+    ASSERT_TRUE(c->Lookup(*table, 15, 5, idx, absl::MakeSpan(out)).ok());
+    CheckRows(15, idx, out);
+    c.reset();
+    daemon_.reset();
+  }
+}
+
+// Control frames a client has no business sending, or sends wrong: refused, and only that client
+// is dropped.
+TEST_F(ShmTest, HostileControlFramesAreRefused) {
+  StartDaemon();
+  auto raw_session = [&]() {
+    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, daemon_->socket().c_str(), sizeof(addr.sun_path) - 1);
+    EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    shm::Hello hello{shm::kMagic, shm::kVersion, 8, 0, 1 << 20};
+    EXPECT_TRUE(shm::SendFrame(fd, shm::FrameType::kHello, std::string(reinterpret_cast<char*>(&hello), sizeof(hello)), {}).ok());
+    auto reply = shm::ReceiveFrame(fd, 5000);
+    EXPECT_TRUE(reply.ok());
+    if (reply.ok()) {
+      for (int f : reply->fds) close(f);
+    }
+    return fd;
+  };
+  // Counts for a table this client never mapped, then impossible counts: ignored, logged.
+  const int fd = raw_session();
+  shm::CounterReport report{0, 1, 10, 160};
+  ASSERT_TRUE(shm::SendFrame(fd, shm::FrameType::kCounterReport,
+                             std::string(reinterpret_cast<char*>(&report), sizeof(report)), {}).ok());
+  EXPECT_TRUE(daemon_->WaitForLog("was not mapped by this client")) << daemon_->log();
+  const shm::MapTableRequest request{0};
+  ASSERT_TRUE(shm::SendFrame(fd, shm::FrameType::kMapTable, std::string(reinterpret_cast<const char*>(&request), sizeof(request)), {}).ok());
+  auto map_reply = shm::ReceiveFrame(fd, 5000);
+  ASSERT_TRUE(map_reply.ok()) << map_reply.status();
+  EXPECT_EQ(map_reply->fds.size(), 2u);
+  for (int f : map_reply->fds) close(f);
+  report = {0, 1, 1000, 10};  // fewer rows than lookups
+  ASSERT_TRUE(shm::SendFrame(fd, shm::FrameType::kCounterReport,
+                             std::string(reinterpret_cast<char*>(&report), sizeof(report)), {}).ok());
+  EXPECT_TRUE(daemon_->WaitForLog("is not a possible count")) << daemon_->log();
+  report = {0, 99, 1, 16};  // no such layer
+  ASSERT_TRUE(shm::SendFrame(fd, shm::FrameType::kCounterReport,
+                             std::string(reinterpret_cast<char*>(&report), sizeof(report)), {}).ok());
+  EXPECT_TRUE(daemon_->WaitForLog("has no layer 99")) << daemon_->log();
+  EXPECT_EQ(MetricValue(daemon_->metrics_port(), "engram_mapped_rows_total{table=\"demo\"}"), -1);
+  // A torn report and an unknown frame type: the client is dropped.
+  ASSERT_TRUE(shm::SendFrame(fd, shm::FrameType::kCounterReport, "short", {}).ok());
+  EXPECT_TRUE(daemon_->WaitForLog("CounterReport frame of the wrong size")) << daemon_->log();
+  close(fd);
+  const int fd2 = raw_session();
+  ASSERT_TRUE(shm::SendFrame(fd2, static_cast<shm::FrameType>(99), "", {}).ok());
+  EXPECT_TRUE(daemon_->WaitForLog("unexpected frame type 99")) << daemon_->log();
+  close(fd2);
+  // Everyone else is served.
+  auto c = Connect();
+  ASSERT_NE(c, nullptr);
+  auto table = c->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  const auto idx = RandomIndices(1, 3, 2);
+  std::vector<uint8_t> out(idx.size() * manifest_->row.bytes);
+  ASSERT_TRUE(c->Lookup(*table, 1, 3, idx, absl::MakeSpan(out)).ok());
+  CheckRows(1, idx, out);
 }
 
 TEST_F(ShmTest, ASecondDaemonDoesNotTakeALiveSocket) {

@@ -2,6 +2,11 @@
 // status naming the first offender, and concurrent callers all get the right bytes.
 #include "tiering/engine.h"
 
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <random>
 #include <thread>
 
@@ -163,6 +168,45 @@ INSTANTIATE_TEST_SUITE_P(DedupModes, EngineTest,
                            return info.param == EngineOptions::Dedup::kAuto ? "auto"
                                   : info.param == EngineOptions::Dedup::kOn ? "on" : "off";
                          });
+
+// A shared resident table: its memfd holds exactly the rows the table serves, and nobody (the
+// daemon included) can write, resize or map it writable: clients can be handed it safely.
+TEST(SharedResidentTableTest, MemfdIsSealedReadOnlyAndHoldsTheRows) {
+  TempDir dir;
+  const PackManifest manifest = CreateSmallPack(dir.path(), RowDtype::kBf16, 64, /*vocab=*/1000);
+  TableOptions options;
+  options.share_resident = true;
+  auto table = Table::Open(dir.path(), options);
+  ASSERT_TRUE(table.ok()) << table.status();
+  for (const auto& layer : (*table)->layers()) {
+    const int fd = layer.tier->shared_fd();
+    ASSERT_GE(fd, 0);
+    EXPECT_EQ(layer.tier->description(), "dram-resident-shared");
+    struct stat st {};
+    ASSERT_EQ(fstat(fd, &st), 0);
+    const uint64_t bytes = layer.tier->total_rows() * 128;
+    ASSERT_GE(static_cast<uint64_t>(st.st_size), bytes);
+    EXPECT_EQ(mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), MAP_FAILED);
+    EXPECT_EQ(errno, EPERM);
+    EXPECT_NE(ftruncate(fd, 4096), 0);
+    EXPECT_NE(pwrite(fd, "x", 1, 0), 1);
+    void* p = mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);
+    ASSERT_NE(p, MAP_FAILED);
+    EXPECT_NE(mprotect(p, bytes, PROT_READ | PROT_WRITE), 0) << "a read-only mapping must not become writable";
+    const auto& layout = layer.pack_layer->layout;
+    std::vector<float> scratch(64);
+    std::vector<uint8_t> want(128);
+    for (uint64_t row : {uint64_t{0}, layout.total_rows / 2, layout.total_rows - 1}) {
+      SyntheticRow(99, layer.pack_layer->id, row, 64, RowDtype::kBf16, scratch.data(), want.data());
+      EXPECT_EQ(0, std::memcmp(static_cast<uint8_t*>(p) + row * 128, want.data(), 128)) << "row " << row;
+    }
+    munmap(p, bytes);
+  }
+  // Not shared by default in a plain Table: no descriptor to hand out.
+  auto plain = Table::Open(dir.path(), TableOptions{});
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ((*plain)->layers()[0].tier->shared_fd(), -1);
+}
 
 TEST(EngineOptionsTest, ParseDedup) {
   EXPECT_EQ(*ParseDedup("on"), EngineOptions::Dedup::kOn);

@@ -5,7 +5,8 @@
 //   (*table)->hasher().HashCompressed(...)                // or LookupTokens to hash and fetch at once
 //   (*client)->Lookup(**table, layer, num_tokens, indices, out);
 //
-// Rows land in caller-provided host buffers. Errors are absl::Status values carrying the
+// Rows land in caller-provided host buffers. Over unix:// a table the daemon holds resident is
+// mapped read-only and gathered here without a round trip (ClientOptions::map_tables). Errors are absl::Status values carrying the
 // daemon's message. When the daemon restarts, a call fails with UNAVAILABLE and the client
 // reconnects (with backoff) and retries once. Thread-safe: calls are serialized per Client;
 // use one Client per engine thread for parallelism.
@@ -30,6 +31,12 @@ struct ClientOptions {
   int timeout_ms = 30000;
   int reconnect_attempts = 5;             // after UNAVAILABLE, with doubling backoff
   int reconnect_backoff_ms = 50;
+  // unix://: map tables the daemon holds resident (read-only) and gather from them here, with no
+  // round trip; the daemon still counts them (the client reports about once a second).
+  bool map_tables = true;
+  // How often a mapped table reports its counts, which is also how soon it notices the daemon
+  // went away (then UNAVAILABLE and a reconnect, like any other call).
+  int mapped_report_interval_ms = 1000;
 };
 
 // A table's layout as the daemon describes it, with the hasher for its N-gram indices.
@@ -77,6 +84,8 @@ class Client {
   absl::Status LookupTokens(const TableHandle& table, int layer, absl::Span<const int32_t> token_ids, uint32_t batch,
                             uint32_t seq_len, absl::Span<uint8_t> out);
 
+  // True when `table`'s lookups are gathered here from a read-only mapping (see map_tables).
+  bool IsMapped(const TableHandle& table);
   const std::string& uri() const { return uri_; }
 
  private:

@@ -2,15 +2,18 @@
 // handshake (peer credentials are checked by the daemon), maps the arena the daemon created, and
 // then each call places indices in the arena's data region, posts a descriptor and waits (briefly
 // spinning, then on an eventfd) for its completion; rows are gathered by the daemon straight into
-// the data region. A daemon that goes away surfaces as UNAVAILABLE.
+// the data region. A daemon that goes away surfaces as UNAVAILABLE. Tables the daemon holds
+// resident can also be mapped read-only (MapTable) and gathered from here without a round trip.
 // Thread-safe: calls on one connection are serialized (one request in flight).
 #ifndef ENGRAM_CLIENT_SHM_CLIENT_H_
 #define ENGRAM_CLIENT_SHM_CLIENT_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -23,6 +26,9 @@ struct ShmConnectOptions {
   uint32_t ring_entries = 64;
   int timeout_ms = 30000;             // for one request's completion
   int spin_us = 50;
+  // Mapped tables report their counts this often; a report is also how a mapped table notices
+  // that the daemon went away (UNAVAILABLE), so this bounds how long it serves without one.
+  int mapped_report_interval_ms = 1000;
 };
 
 struct RemoteTable {
@@ -35,6 +41,48 @@ struct RemoteTable {
 
 struct RemoteLookupStats {
   uint64_t rows_read = 0, dram_rows = 0, nvme_rows = 0;
+};
+
+class ShmConnection;
+
+// A resident table's rows mapped read-only into this process (ShmConnection::MapTable): lookups
+// gather from the mapping, with no round trip to the daemon. What was served is counted here and
+// reported to the daemon about once a second (and when the table is destroyed), so its metrics
+// still see the load. Thread-safe. The ShmConnection must outlive it.
+class MappedTable {
+ public:
+  ~MappedTable();
+  MappedTable(const MappedTable&) = delete;
+  MappedTable& operator=(const MappedTable&) = delete;
+
+  // Rows for head-local `indices` [num_tokens][heads] into `out` ([num_tokens][heads][row_bytes]),
+  // checked exactly as the daemon checks them. When a due report fails (the daemon is gone) that
+  // status is returned although `out` holds the rows.
+  absl::Status Lookup(int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices, absl::Span<uint8_t> out);
+  // Sends the counts not yet reported (Lookup does so every mapped_report_interval_ms).
+  absl::Status ReportCounters();
+  const RemoteTable& table() const { return table_; }
+  uint64_t mapped_bytes() const;
+
+ private:
+  friend class ShmConnection;
+  struct Layer {
+    int id = 0;
+    const uint8_t* base = nullptr;
+    uint64_t map_bytes = 0;
+    uint64_t total_rows = 0;
+    std::vector<uint64_t> head_rows, head_offset;
+    std::atomic<uint64_t> lookups{0}, rows{0};  // served, not yet reported
+  };
+  MappedTable() = default;
+
+  ShmConnection* connection_ = nullptr;
+  RemoteTable table_;
+  uint64_t row_bytes_ = 0;
+  std::vector<std::unique_ptr<Layer>> layers_;
+  int64_t report_interval_ns_ = 0;
+  std::atomic<int64_t> last_report_ns_{0};
+  std::mutex report_mu_;
 };
 
 class ShmConnection {
@@ -54,6 +102,9 @@ class ShmConnection {
                                                           absl::Span<const uint32_t> indices,
                                                           RemoteLookupStats* stats = nullptr);
   absl::Status Prefetch(const RemoteTable& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices);
+  // Maps a table the daemon holds resident and shares (engramd --share-tables, the default):
+  // FailedPrecondition when it is served from NVMe or not shared.
+  absl::StatusOr<std::unique_ptr<MappedTable>> MapTable(const RemoteTable& table);
 
   // Raw access, for tests that play a misbehaving client.
   shm::ArenaHeader* header() const { return reinterpret_cast<shm::ArenaHeader*>(base_); }
@@ -63,7 +114,9 @@ class ShmConnection {
   absl::StatusOr<shm::Completion> WaitCompletion();
 
  private:
+  friend class MappedTable;
   ShmConnection() = default;
+  absl::Status SendCounters(const std::vector<shm::CounterReport>& reports);
   absl::Status Call(const shm::RequestDescriptor& d, shm::Completion* c);
   absl::StatusOr<absl::Span<const uint8_t>> LookupLocked(const RemoteTable& table, int layer, uint32_t num_tokens,
                                                          absl::Span<const uint32_t> indices, uint64_t out_bytes,

@@ -12,6 +12,11 @@
 // checked, the indices too, so a client that rewrites memory under the daemon's feet only hurts
 // itself. Ring positions are free-running uint32 counters; the daemon keeps its own copies and
 // treats an impossible producer position as a protocol violation (disconnect).
+//
+// Mapped tables: a MapTable frame asks for a resident table's rows themselves. The reply carries one
+// sealed memfd per layer (read-only for good: no writable mapping, no resize), and the client
+// gathers from its own mapping with no round trip. It reports what it served in CounterReport
+// frames (batched, about once a second), which the daemon adds to its metrics.
 #ifndef ENGRAM_CLIENT_SHM_PROTOCOL_H_
 #define ENGRAM_CLIENT_SHM_PROTOCOL_H_
 
@@ -25,7 +30,15 @@ inline constexpr uint32_t kVersion = 1;
 inline constexpr uint32_t kMaxRingEntries = 4096;
 inline constexpr uint64_t kHeaderBytes = 4096;
 
-enum class FrameType : uint32_t { kHello = 1, kHelloReply = 2, kOpenTable = 3, kOpenTableReply = 4 };
+enum class FrameType : uint32_t {
+  kHello = 1,
+  kHelloReply = 2,
+  kOpenTable = 3,
+  kOpenTableReply = 4,
+  kMapTable = 5,       // payload: MapTableRequest
+  kMapTableReply = 6,  // payload: MapTableReply + MappedLayer[layers] (OK, one fd each) or a message
+  kCounterReport = 7,  // payload: CounterReport[1..kMaxCounterReports]; no reply
+};
 
 struct FrameHeader {
   uint32_t type;
@@ -55,6 +68,33 @@ struct OpenTableReply {
   int32_t status;
   uint32_t table_id;
   // followed by a serialized engram.v1.TableInfo (OK) or a message (error)
+};
+
+struct MapTableRequest {
+  uint32_t table_id;
+};
+
+struct MapTableReply {
+  int32_t status;
+  uint32_t layers;
+};
+
+struct MappedLayer {
+  int32_t layer_id;
+  uint32_t reserved;
+  uint64_t total_rows;
+  uint64_t row_bytes;
+  uint64_t file_bytes;  // the memfd's size (>= total_rows * row_bytes)
+};
+
+inline constexpr uint32_t kMaxCounterReports = 256;
+
+// What a client served from a mapped table's layer since its last report.
+struct CounterReport {
+  uint32_t table_id;
+  int32_t layer_id;
+  uint64_t lookups;
+  uint64_t rows;
 };
 
 enum class Op : uint32_t { kLookup = 1, kPrefetch = 2 };

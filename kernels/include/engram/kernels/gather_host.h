@@ -1,0 +1,32 @@
+// Row gather on the host: copy rows of a flat table to their destinations, with the next rows'
+// cache lines requested a few rows ahead (a random row is a DRAM miss; overlapping the misses is
+// most of the speed). Used by the DRAM tier, by clients gathering from a mapped table, and by the
+// CPU twin; the CUDA gather kernel covers the device side.
+#ifndef ENGRAM_KERNELS_GATHER_HOST_H_
+#define ENGRAM_KERNELS_GATHER_HOST_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+namespace engram::kernels {
+
+inline constexpr size_t kGatherPrefetchRows = 8;
+
+// For i in [0, n): copies row_bytes bytes from base + row_of(i) * row_bytes to dest_of(i).
+template <typename RowOf, typename DestOf>
+inline void GatherRowsHost(const uint8_t* base, uint64_t row_bytes, size_t n, RowOf row_of, DestOf dest_of) {
+  auto touch = [&](size_t i) {
+    const uint8_t* p = base + static_cast<uint64_t>(row_of(i)) * row_bytes;
+    for (uint64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
+  };
+  for (size_t i = 0; i < n && i < kGatherPrefetchRows; ++i) touch(i);
+  for (size_t i = 0; i < n; ++i) {
+    if (i + kGatherPrefetchRows < n) touch(i + kGatherPrefetchRows);
+    std::memcpy(dest_of(i), base + static_cast<uint64_t>(row_of(i)) * row_bytes, row_bytes);
+  }
+}
+
+}  // namespace engram::kernels
+
+#endif  // ENGRAM_KERNELS_GATHER_HOST_H_
