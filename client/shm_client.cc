@@ -336,17 +336,22 @@ absl::Status MappedTable::Lookup(int layer_id, uint32_t num_tokens, absl::Span<c
     return absl::InvalidArgumentError(absl::StrCat("output buffer holds ", out.size(), " bytes; ", total, " rows x ",
                                                    row_bytes_, " bytes = ", total * row_bytes_, " expected"));
   }
-  // Every index is checked before any row is copied.
-  for (uint64_t i = 0; i < total; ++i) {
-    const size_t h = i % heads;
-    if (indices[i] >= layer->head_rows[h]) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "index ", indices[i], " for token ", i / heads, ", head ", h, " is out of range: head ", h, " of layer ",
-          layer_id, " has ", layer->head_rows[h], " rows (valid 0..", layer->head_rows[h] - 1, ")"));
+  // Every index is checked (and turned into a row of the layer) before any row is copied.
+  thread_local std::vector<uint64_t> rows;
+  rows.resize(total);
+  for (uint32_t t = 0; t < num_tokens; ++t) {
+    for (size_t h = 0; h < heads; ++h) {
+      const size_t i = static_cast<size_t>(t) * heads + h;
+      if (indices[i] >= layer->head_rows[h]) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "index ", indices[i], " for token ", t, ", head ", h, " is out of range: head ", h, " of layer ",
+            layer_id, " has ", layer->head_rows[h], " rows (valid 0..", layer->head_rows[h] - 1, ")"));
+      }
+      rows[i] = layer->head_offset[h] + indices[i];
     }
   }
   kernels::GatherRowsHost(
-      layer->base, row_bytes_, total, [&](size_t i) { return layer->head_offset[i % heads] + indices[i]; },
+      layer->base, row_bytes_, total, [&](size_t i) { return rows[i]; },
       [&](size_t i) { return out.data() + i * row_bytes_; });
   layer->lookups.fetch_add(1, std::memory_order_relaxed);
   layer->rows.fetch_add(total, std::memory_order_relaxed);
