@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Installs the Debian packages engramd needs to build, test and run, skipping what is present.
 # Used by deploy/quickstart.sh and tests/run.sh; safe to run again. Debian 12 (bookworm).
+#   deploy/install-deps.sh           what building and running need
+#   deploy/install-deps.sh --tests   also what only the tests and benchmarks use (PyTorch: the
+#                                    reference the CPU twin is checked against)
 set -euo pipefail
 
 PACKAGES=(
   build-essential cmake ninja-build pkg-config curl
-  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev libopenblas-dev
   librocksdb-dev liburing-dev libcivetweb-dev libxxhash-dev nlohmann-json3-dev libgtest-dev
   prometheus                                   # promtool checks the /metrics exposition
   python3-grpcio python3-grpc-tools python3-numpy  # the Python peer in the tests (/usr/bin/python3)
 )
+if [ "${1:-}" = "--tests" ]; then
+  PACKAGES+=(python3-torch)  # the PyTorch re-statement of the Engram module (tests, engram-bench)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,4 +1,5 @@
-// engramctl: make, check and inspect table packs; hash token files the way engramd does.
+// engramctl: make, check and inspect table packs; hash token files the way engramd does; run an
+// Engram layer on files.
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -8,7 +9,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "engram/engram_layer.h"
 #include "service/cli_flags.h"
+#include "tiering/engine.h"
 #include "tiering/layout/manifest.h"
 #include "tiering/hot_set.h"
 #include "tiering/pack_writer.h"
@@ -27,6 +30,8 @@ constexpr char kUsage[] =
     "  engramctl pack info DIR\n"
     "  engramctl hash --pack DIR --tokens FILE.i32 --shape B,T --out FILE.i64\n"
     "  engramctl profile --pack DIR --tokens FILE.i32 --out HOTSET [--fraction 0.1]\n"
+    "  engramctl forward --pack DIR --layer L --weights FILE.safetensors --tokens FILE.i32 --shape B,T\n"
+    "                    --hidden FILE.f32 --hc G --out FILE.f32 [--device cpu|cuda|auto]\n"
     "\n"
     "Run a command with --help for its flags.";
 
@@ -248,6 +253,124 @@ int Profile(int argc, char** argv) {
   return 0;
 }
 
+absl::StatusOr<std::vector<float>> ReadF32File(const std::string& path, size_t expected, const char* what) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  const size_t bytes = static_cast<size_t>(in.tellg());
+  if (bytes != expected * 4) {
+    return absl::InvalidArgumentError(absl::StrCat(path, " has ", bytes, " bytes; ", what, " needs ", expected,
+                                                   " f32 values = ", expected * 4, " bytes"));
+  }
+  std::vector<float> values(expected);
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(values.data()), static_cast<std::streamsize>(bytes));
+  if (!in) return absl::DataLossError(absl::StrCat("reading ", path));
+  return values;
+}
+
+absl::Status WriteFile(const std::string& path, const void* data, size_t bytes) {
+  std::ofstream o(path, std::ios::binary);
+  o.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+  return o ? absl::OkStatus() : absl::InternalError(absl::StrCat("cannot write ", path));
+}
+
+int Forward(int argc, char** argv) {
+  std::string pack, weights_path, tokens, shape, hidden_path, out, device = "cpu", dump_embeddings, dump_indices;
+  int64_t layer_id = -1, hc = 0, threads = 0;
+  FlagSet flags("engramctl forward",
+                "engramctl forward: runs one Engram layer (EngramLayer: hash, look up, dequantize, gate, fuse)\n"
+                "on files, with rows read from the pack itself (no daemon), and writes Y = V + ShortConv(V),\n"
+                "the module's output before the block's residual add. Hidden states and output are\n"
+                "little-endian f32 [B][T][G][D]. For debugging and for checking other implementations.");
+  flags.String("pack", &pack, "pack directory");
+  flags.Int("layer", &layer_id, "layer id (as in the pack's manifest)");
+  flags.String("weights", &weights_path, "safetensors file with the module's weights (reference state-dict names)");
+  flags.String("tokens", &tokens, "raw token ids [B][T], little-endian int32");
+  flags.String("shape", &shape, "B,T");
+  flags.String("hidden", &hidden_path, "hidden states [B][T][G][D], little-endian f32");
+  flags.Int("hc", &hc, "G, the hyper-connection branches (must match the weights)");
+  flags.String("out", &out, "output file: Y [B][T][G][D], little-endian f32");
+  flags.String("device", &device, "cpu (the CPU twin), cuda, or auto (cuda when a device is present)");
+  flags.Int("threads", &threads, "CPU twin threads (0: every core)");
+  flags.String("dump-embeddings", &dump_embeddings, "also write the dequantized rows E [B*T][M] (f32) here");
+  flags.String("dump-indices", &dump_indices, "also write the head-local indices [B*T][heads] (uint32) here");
+  ParseOrExit(flags, argc, argv, 2, nullptr);
+  if (pack.empty() || weights_path.empty() || tokens.empty() || shape.empty() || hidden_path.empty() || out.empty() ||
+      layer_id < 0 || hc < 1) {
+    return Fail(absl::InvalidArgumentError(
+        "--pack, --layer, --weights, --tokens, --shape, --hidden, --hc and --out are all required"));
+  }
+  std::vector<std::string> parts = absl::StrSplit(shape, ',');
+  int batch = 0, seq_len = 0;
+  if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &batch) || !absl::SimpleAtoi(parts[1], &seq_len) ||
+      batch < 1 || seq_len < 1) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--shape '", shape, "' is not B,T with B, T >= 1")));
+  }
+  EngramLayerOptions options;
+  if (device == "cpu") {
+    options.device = EngramDevice::kCpu;
+  } else if (device == "cuda") {
+    options.device = EngramDevice::kCuda;
+  } else if (device == "auto") {
+    options.device = EngramDevice::kAuto;
+  } else {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--device '", device, "' is not cpu, cuda or auto")));
+  }
+  if (options.device != EngramDevice::kCpu) {
+    return Fail(absl::UnimplementedError(
+        "--device cuda|auto: engramctl forward reads and writes host files; the CUDA path takes device buffers "
+        "(use EngramLayer in an engine); run with --device cpu"));
+  }
+  options.cpu_threads = static_cast<int>(threads);
+  auto weights = LoadEngramWeights(weights_path);
+  if (!weights.ok()) return Fail(weights.status());
+  if (weights->branches != hc) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--hc ", hc, " but ", weights_path, " holds ", weights->branches, " key projections")));
+  }
+  auto ids = ReadInt32File(tokens);
+  if (!ids.ok()) return Fail(ids.status());
+  const size_t state_values = static_cast<size_t>(batch) * seq_len * weights->branches * weights->hidden;
+  auto hidden = ReadF32File(hidden_path, state_values, "--shape x --hc x D");
+  if (!hidden.ok()) return Fail(hidden.status());
+  // Rows straight from the pack: resident when it fits a modest budget, else NVMe with a cache.
+  TableOptions table_options;
+  table_options.dram_budget_bytes = 4ull << 30;
+  auto table = Table::Open(pack, table_options);
+  if (!table.ok()) return Fail(table.status());
+  auto dtype = (*table)->manifest().row.dtype;
+  EngineOptions engine_options;
+  engine_options.worker_threads = 0;
+  engine_options.max_batch_rows = UINT64_MAX;
+  Engine engine(engine_options);
+  const Table* t = table->get();
+  if (absl::Status s = engine.AddTable(std::move(*table)); !s.ok()) return Fail(s);
+  RowSource source;
+  source.hasher = &t->hasher();
+  source.dtype = dtype;
+  source.row_dim = static_cast<int>(t->manifest().row.dim);
+  source.lookup = [&](int layer, uint32_t n, absl::Span<const uint32_t> idx, absl::Span<uint8_t> rows) {
+    return engine.Lookup(*t, layer, n, idx, rows, nullptr);
+  };
+  auto layer = EngramLayer::Create(std::move(source), static_cast<int>(layer_id), std::move(*weights), options);
+  if (!layer.ok()) return Fail(layer.status());
+  std::vector<float> y(state_values);
+  if (absl::Status s = (*layer)->Forward(*ids, batch, seq_len, *hidden, absl::MakeSpan(y)); !s.ok()) return Fail(s);
+  if (absl::Status s = WriteFile(out, y.data(), y.size() * 4); !s.ok()) return Fail(s);
+  if (!dump_embeddings.empty()) {
+    const auto& e = (*layer)->last_embeddings();
+    if (absl::Status s = WriteFile(dump_embeddings, e.data(), e.size() * 4); !s.ok()) return Fail(s);
+  }
+  if (!dump_indices.empty()) {
+    const auto& idx = (*layer)->last_indices();
+    if (absl::Status s = WriteFile(dump_indices, idx.data(), idx.size() * 4); !s.ok()) return Fail(s);
+  }
+  std::printf("layer %lld: B=%d T=%d G=%d D=%d M=%d dtype=%s device=cpu -> %s\n", static_cast<long long>(layer_id),
+              batch, seq_len, (*layer)->weights().branches, (*layer)->weights().hidden, (*layer)->weights().embed,
+              std::string(RowDtypeName(dtype)).c_str(), out.c_str());
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   const std::string a1 = argc > 1 ? argv[1] : "", a2 = argc > 2 ? argv[2] : "";
   if (a1 == "pack" && a2 == "create") return PackCreate(argc, argv);
@@ -255,6 +378,7 @@ int Main(int argc, char** argv) {
   if (a1 == "pack" && a2 == "info") return PackInfo(argc, argv);
   if (a1 == "hash") return Hash(argc, argv);
   if (a1 == "profile") return Profile(argc, argv);
+  if (a1 == "forward") return Forward(argc, argv);
   if (a1.empty() || a1 == "--help" || a1 == "-h" || a1 == "help") {
     std::puts(kUsage);
     return a1.empty() ? 2 : 0;

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-deploy/install-deps.sh
+deploy/install-deps.sh --tests
 JOBS=${JOBS:-$(nproc)}
 
 echo "== stage 1: RelWithDebInfo build and tests"

@@ -1,0 +1,30 @@
+// EngramLayer's CUDA path (internal): the layer's weights on the device, a cuBLAS handle, pinned
+// staging for rows, and the kernels of engram/kernels/cuda_kernels.h. Create fails with
+// FailedPrecondition when the library was built without CUDA or no device is present; EngramLayer
+// then runs the CPU twin.
+#ifndef ENGRAM_CLIENT_ENGRAM_LAYER_CUDA_H_
+#define ENGRAM_CLIENT_ENGRAM_LAYER_CUDA_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engram/kernels/cpu_twin.h"
+#include "engram/kernels/row_dtype.h"
+
+namespace engram {
+
+class EngramLayerCuda {
+ public:
+  static absl::StatusOr<std::unique_ptr<EngramLayerCuda>> Create(const kernels::EngramWeights& weights, RowDtype dtype,
+                                                                 int row_dim);
+  virtual ~EngramLayerCuda() = default;
+  // `rows`: n_rows raw rows in host memory; hidden/out: device pointers; work on `stream`.
+  virtual absl::Status Forward(absl::Span<const uint8_t> rows, int64_t n_rows, const kernels::ForwardShape& shape,
+                               absl::Span<const float> hidden, absl::Span<float> out, void* stream) = 0;
+};
+
+}  // namespace engram
+
+#endif  // ENGRAM_CLIENT_ENGRAM_LAYER_CUDA_H_
