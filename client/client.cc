@@ -4,6 +4,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "client/device_staging.h"
 #include "client/transport.h"
 #include "engram/v1/engram.pb.h"
 
@@ -67,6 +68,30 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& uri, 
 
 Client::Client(std::string uri, ClientOptions options) : uri_(std::move(uri)), options_(options) {}
 Client::~Client() = default;
+
+absl::Status Client::LookupToDevice(const TableHandle& table, int layer, uint32_t num_tokens,
+                                    absl::Span<const uint32_t> indices, void* device_out, uint64_t device_bytes,
+                                    void* cuda_stream) {
+  const uint64_t bytes = static_cast<uint64_t>(indices.size()) * table.row_bytes();
+  if (device_bytes != bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("device buffer holds ", device_bytes, " bytes; ", indices.size(),
+                                                   " rows x ", table.row_bytes(), " bytes = ", bytes, " expected"));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (staging_ == nullptr) {
+      auto staging = DeviceStaging::Create();
+      if (!staging.ok()) return staging.status();
+      staging_ = std::move(*staging);
+    }
+  }
+  // One LookupToDevice at a time per Client: the staging buffer is shared.
+  std::lock_guard<std::mutex> device_lock(device_mu_);
+  auto buffer = staging_->Acquire(bytes);
+  if (!buffer.ok()) return buffer.status();
+  if (absl::Status s = Lookup(table, layer, num_tokens, indices, *buffer); !s.ok()) return s;
+  return staging_->CopyToDevice(device_out, bytes, cuda_stream);
+}
 
 absl::Status Client::Reconnect() {
   int backoff_ms = options_.reconnect_backoff_ms;

@@ -131,22 +131,34 @@ absl::Status EngramLayer::Prefetch(absl::Span<const int32_t> token_ids, int batc
   return source_.prefetch(layer_id_, static_cast<uint32_t>(token_ids.size()), indices_);
 }
 
-absl::Status EngramLayer::Forward(absl::Span<const int32_t> token_ids, int batch, int seq_len,
-                                  absl::Span<const float> hidden, absl::Span<float> out, void* cuda_stream) {
+absl::Status EngramLayer::FetchRows(absl::Span<const int32_t> token_ids, int batch, int seq_len) {
   if (absl::Status s = Hash(token_ids, batch, seq_len); !s.ok()) return s;
-  const uint32_t tokens = static_cast<uint32_t>(token_ids.size());
   const int64_t row_bytes = RowBytesFor(source_.dtype, source_.row_dim);
   rows_.resize(indices_.size() * static_cast<size_t>(row_bytes));
-  if (absl::Status s = source_.lookup(layer_id_, tokens, indices_, absl::MakeSpan(rows_)); !s.ok()) return s;
-  kernels::ForwardShape shape{batch, seq_len, source_.hasher->config().max_ngram};
+  return source_.lookup(layer_id_, static_cast<uint32_t>(token_ids.size()), indices_, absl::MakeSpan(rows_));
+}
+
+absl::Status EngramLayer::Forward(absl::Span<const int32_t> token_ids, int batch, int seq_len,
+                                  absl::Span<const float> hidden, absl::Span<float> out, void* cuda_stream) {
+  if (absl::Status s = FetchRows(token_ids, batch, seq_len); !s.ok()) return s;
+  const kernels::ForwardShape shape{batch, seq_len, source_.hasher->config().max_ngram};
   if (cuda_ != nullptr) {
     embeddings_.clear();
     return cuda_->Forward(rows_, static_cast<int64_t>(indices_.size()), shape, hidden, out, cuda_stream);
   }
-  embeddings_.resize(static_cast<size_t>(tokens) * weights_.embed);
+  embeddings_.resize(token_ids.size() * static_cast<size_t>(weights_.embed));
   kernels::DequantizeRows(rows_.data(), static_cast<int64_t>(indices_.size()), source_.row_dim, source_.dtype,
                           embeddings_.data(), cpu_threads_);
   return kernels::EngramForwardCpu(weights_, shape, embeddings_, hidden, out, cpu_threads_);
+}
+
+absl::Status EngramLayer::ForwardHost(absl::Span<const int32_t> token_ids, int batch, int seq_len,
+                                      absl::Span<const float> hidden, absl::Span<float> out) {
+  if (cuda_ == nullptr) return Forward(token_ids, batch, seq_len, hidden, out);
+  if (absl::Status s = FetchRows(token_ids, batch, seq_len); !s.ok()) return s;
+  embeddings_.clear();
+  const kernels::ForwardShape shape{batch, seq_len, source_.hasher->config().max_ngram};
+  return cuda_->ForwardHostBuffers(rows_, static_cast<int64_t>(indices_.size()), shape, hidden, out);
 }
 
 }  // namespace engram

@@ -23,6 +23,10 @@ class EngramLayerCuda {
   // `rows`: n_rows raw rows in host memory; hidden/out: device pointers; work on `stream`.
   virtual absl::Status Forward(absl::Span<const uint8_t> rows, int64_t n_rows, const kernels::ForwardShape& shape,
                                absl::Span<const float> hidden, absl::Span<float> out, void* stream) = 0;
+  // The same with hidden states and output in host memory (copied in and out; synchronous).
+  virtual absl::Status ForwardHostBuffers(absl::Span<const uint8_t> rows, int64_t n_rows,
+                                          const kernels::ForwardShape& shape, absl::Span<const float> hidden,
+                                          absl::Span<float> out) = 0;
 };
 
 }  // namespace engram

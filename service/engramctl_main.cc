@@ -290,7 +290,8 @@ int Forward(int argc, char** argv) {
   flags.String("hidden", &hidden_path, "hidden states [B][T][G][D], little-endian f32");
   flags.Int("hc", &hc, "G, the hyper-connection branches (must match the weights)");
   flags.String("out", &out, "output file: Y [B][T][G][D], little-endian f32");
-  flags.String("device", &device, "cpu (the CPU twin), cuda, or auto (cuda when a device is present)");
+  flags.String("device", &device,
+               "cpu (the CPU twin), cuda (fails without a device), or auto (cuda when a device is present)");
   flags.Int("threads", &threads, "CPU twin threads (0: every core)");
   flags.String("dump-embeddings", &dump_embeddings, "also write the dequantized rows E [B*T][M] (f32) here");
   flags.String("dump-indices", &dump_indices, "also write the head-local indices [B*T][heads] (uint32) here");
@@ -315,11 +316,6 @@ int Forward(int argc, char** argv) {
     options.device = EngramDevice::kAuto;
   } else {
     return Fail(absl::InvalidArgumentError(absl::StrCat("--device '", device, "' is not cpu, cuda or auto")));
-  }
-  if (options.device != EngramDevice::kCpu) {
-    return Fail(absl::UnimplementedError(
-        "--device cuda|auto: engramctl forward reads and writes host files; the CUDA path takes device buffers "
-        "(use EngramLayer in an engine); run with --device cpu"));
   }
   options.cpu_threads = static_cast<int>(threads);
   auto weights = LoadEngramWeights(weights_path);
@@ -355,7 +351,7 @@ int Forward(int argc, char** argv) {
   auto layer = EngramLayer::Create(std::move(source), static_cast<int>(layer_id), std::move(*weights), options);
   if (!layer.ok()) return Fail(layer.status());
   std::vector<float> y(state_values);
-  if (absl::Status s = (*layer)->Forward(*ids, batch, seq_len, *hidden, absl::MakeSpan(y)); !s.ok()) return Fail(s);
+  if (absl::Status s = (*layer)->ForwardHost(*ids, batch, seq_len, *hidden, absl::MakeSpan(y)); !s.ok()) return Fail(s);
   if (absl::Status s = WriteFile(out, y.data(), y.size() * 4); !s.ok()) return Fail(s);
   if (!dump_embeddings.empty()) {
     const auto& e = (*layer)->last_embeddings();
@@ -365,9 +361,13 @@ int Forward(int argc, char** argv) {
     const auto& idx = (*layer)->last_indices();
     if (absl::Status s = WriteFile(dump_indices, idx.data(), idx.size() * 4); !s.ok()) return Fail(s);
   }
-  std::printf("layer %lld: B=%d T=%d G=%d D=%d M=%d dtype=%s device=cpu -> %s\n", static_cast<long long>(layer_id),
+  std::printf("layer %lld: B=%d T=%d G=%d D=%d M=%d dtype=%s device=%s -> %s\n", static_cast<long long>(layer_id),
               batch, seq_len, (*layer)->weights().branches, (*layer)->weights().hidden, (*layer)->weights().embed,
-              std::string(RowDtypeName(dtype)).c_str(), out.c_str());
+              std::string(RowDtypeName(dtype)).c_str(),
+              (*layer)->device() == EngramDevice::kCuda ? "cuda" : "cpu", out.c_str());
+  if (!dump_embeddings.empty() && (*layer)->last_embeddings().empty()) {
+    std::fprintf(stderr, "engramctl forward: --dump-embeddings: the CUDA path keeps its embeddings on the device\n");
+  }
   return 0;
 }
 

@@ -64,6 +64,7 @@ struct ClientLookupStats {
 };
 
 class Transport;
+class DeviceStaging;
 
 class Client {
  public:
@@ -80,6 +81,14 @@ class Client {
   std::future<absl::Status> LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
                                         absl::Span<const uint32_t> indices, absl::Span<uint8_t> out);
   absl::Status Prefetch(const TableHandle& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices);
+  // Rows into GPU memory: looked up into a pinned (page-locked) staging buffer, then copied to
+  // `device_out` (device_bytes = num_tokens * heads * row_bytes) with cudaMemcpyAsync on
+  // `cuda_stream` (a cudaStream_t; null: the default stream). Returns once the copy is enqueued;
+  // the next call waits for it before reusing the buffer. FailedPrecondition when the library was
+  // built without CUDA or there is no device.
+  absl::Status LookupToDevice(const TableHandle& table, int layer, uint32_t num_tokens,
+                              absl::Span<const uint32_t> indices, void* device_out, uint64_t device_bytes,
+                              void* cuda_stream = nullptr);
   // Hashes raw token ids [batch][seq_len] here (the table's layout) and looks up one layer.
   absl::Status LookupTokens(const TableHandle& table, int layer, absl::Span<const int32_t> token_ids, uint32_t batch,
                             uint32_t seq_len, absl::Span<uint8_t> out);
@@ -99,6 +108,8 @@ class Client {
   ClientOptions options_;
   std::mutex mu_;
   std::unique_ptr<Transport> transport_;
+  std::mutex device_mu_;                          // serializes LookupToDevice (one staging buffer)
+  std::unique_ptr<DeviceStaging> staging_;  // created by the first LookupToDevice
 };
 
 }  // namespace engram

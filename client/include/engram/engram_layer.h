@@ -67,6 +67,10 @@ class EngramLayer {
   // (a cudaStream_t; null: the default stream).
   absl::Status Forward(absl::Span<const int32_t> token_ids, int batch, int seq_len, absl::Span<const float> hidden,
                        absl::Span<float> out, void* cuda_stream = nullptr);
+  // Forward with hidden states and output in host memory whatever the device (on CUDA they are
+  // copied in and out, synchronously): for tools and tests.
+  absl::Status ForwardHost(absl::Span<const int32_t> token_ids, int batch, int seq_len, absl::Span<const float> hidden,
+                           absl::Span<float> out);
   // Asks the row source to stage this layer's rows for these tokens (call it for later layers
   // when a step starts).
   absl::Status Prefetch(absl::Span<const int32_t> token_ids, int batch, int seq_len);
@@ -82,6 +86,8 @@ class EngramLayer {
  private:
   EngramLayer() = default;
   absl::Status Hash(absl::Span<const int32_t> token_ids, int batch, int seq_len);
+  // Hashes and fetches the rows of a forward pass into rows_.
+  absl::Status FetchRows(absl::Span<const int32_t> token_ids, int batch, int seq_len);
 
   RowSource source_;
   std::shared_ptr<const TableHandle> table_;  // keeps the hasher alive for Client-backed layers

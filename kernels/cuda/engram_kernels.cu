@@ -1,0 +1,166 @@
+// The Engram CUDA kernels. Thread mapping only: the arithmetic is engram_math.h / row_dtype.h.
+#include <cuda_runtime.h>
+
+#include "engram/kernels/cuda_kernels.h"
+#include "engram/kernels/engram_math.h"
+
+namespace engram::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ inline GateSums WarpReduce(GateSums s) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    s.key_squares += __shfl_down_sync(0xffffffffu, s.key_squares, offset);
+    s.query_squares += __shfl_down_sync(0xffffffffu, s.query_squares, offset);
+    s.weighted_dot += __shfl_down_sync(0xffffffffu, s.weighted_dot, offset);
+  }
+  return s;
+}
+
+// Sums across the block; every thread gets the total.
+__device__ GateSums BlockReduce(GateSums s) {
+  __shared__ GateSums partial[kThreads / 32];
+  __shared__ GateSums total;
+  s = WarpReduce(s);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) partial[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    GateSums t = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : GateSums{};
+    t = WarpReduce(t);
+    if (lane == 0) total = t;
+  }
+  __syncthreads();
+  return total;
+}
+
+// One warp per row; 16-byte words when the row allows.
+__global__ void GatherRowsKernel(const uint8_t* __restrict__ table, int64_t row_bytes, const uint64_t* __restrict__ rows,
+                                 int64_t n, uint8_t* __restrict__ out, bool vector) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= n) return;
+  const uint8_t* src = table + rows[warp] * row_bytes;
+  uint8_t* dst = out + warp * row_bytes;
+  if (vector) {
+    const int64_t words = row_bytes / 16;
+    for (int64_t w = lane; w < words; w += 32) {
+      reinterpret_cast<uint4*>(dst)[w] = __ldg(reinterpret_cast<const uint4*>(src) + w);
+    }
+  } else {
+    for (int64_t b = lane; b < row_bytes; b += 32) dst[b] = src[b];
+  }
+}
+
+__global__ void DequantizeKernel(const uint8_t* __restrict__ rows, int64_t n_rows, int dim, int64_t row_bytes,
+                                 RowDtype dtype, float* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n_rows * dim) return;
+  const int64_t r = i / dim;
+  const int j = static_cast<int>(i % dim);
+  out[i] = DecodeElement(rows + r * row_bytes, dim, dtype, j);
+}
+
+// One block per (token, branch).
+__global__ void GateAndValueKernel(const float* __restrict__ projected, const float* __restrict__ bias,
+                                   const float* __restrict__ hidden, const float* __restrict__ key_norm,
+                                   const float* __restrict__ query_norm, int branches, int d_size,
+                                   float* __restrict__ gated, float* __restrict__ conv_scale) {
+  const int64_t token = blockIdx.x / branches;
+  const int g = static_cast<int>(blockIdx.x % branches);
+  const int64_t width = static_cast<int64_t>(branches + 1) * d_size;
+  const float* p = projected + token * width;
+  const float* h = hidden + (token * branches + g) * d_size;
+  GateSums sums;
+  for (int d = threadIdx.x; d < d_size; d += blockDim.x) {
+    const int64_t c = static_cast<int64_t>(g) * d_size + d;
+    GateAccumulate(p[c] + bias[c], h[d], key_norm[c], query_norm[c], &sums);
+  }
+  const float a = GateFromSums(BlockReduce(sums), d_size, kF32Epsilon);
+  float* v = gated + (token * branches + g) * d_size;
+  const int64_t value_base = static_cast<int64_t>(branches) * d_size;
+  GateSums squares;  // only key_squares used: the sum of V^2 for ShortConv's norm
+  for (int d = threadIdx.x; d < d_size; d += blockDim.x) {
+    const float value = a * (p[value_base + d] + bias[value_base + d]);
+    v[d] = value;
+    squares.key_squares += value * value;
+  }
+  const GateSums total = BlockReduce(squares);
+  if (threadIdx.x == 0) conv_scale[token * branches + g] = RmsScale(total.key_squares, d_size, kShortConvNormEps);
+}
+
+// One thread per output element.
+__global__ void ShortConvFuseKernel(const float* __restrict__ gated, const float* __restrict__ conv_scale,
+                                    const float* __restrict__ conv_norm, const float* __restrict__ conv_taps,
+                                    int seq_len, int branches, int d_size, int dilation, int64_t n,
+                                    float* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int d = static_cast<int>(i % d_size);
+  const int64_t bt_g = i / d_size;
+  const int g = static_cast<int>(bt_g % branches);
+  const int64_t bt = bt_g / branches;
+  const int64_t b = bt / seq_len;
+  const int t = static_cast<int>(bt % seq_len);
+  const int64_t c = static_cast<int64_t>(g) * d_size + d;
+  const float norm_w = conv_norm[c];
+  const float conv = ShortConvAt(t, dilation, conv_taps + c * kShortConvTaps, [&](int source) {
+    const int64_t at = (b * seq_len + source) * branches + g;
+    return gated[at * d_size + d] * conv_scale[at] * norm_w;
+  });
+  out[i] = FuseOutput(gated[i], conv);
+}
+
+__global__ void ResidualAddKernel(const float* hidden, const float* y, int64_t n, float* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = hidden[i] + y[i];
+}
+
+unsigned Blocks(int64_t work, int per_block) { return static_cast<unsigned>((work + per_block - 1) / per_block); }
+
+int Launched() { return static_cast<int>(cudaGetLastError()); }
+
+}  // namespace
+
+int GatherRows(const uint8_t* table, int64_t row_bytes, const uint64_t* rows, int64_t n, uint8_t* out, void* stream) {
+  if (n == 0) return 0;
+  const bool vector = row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(table) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  GatherRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, row_bytes,
+                                                                                                rows, n, out, vector);
+  return Launched();
+}
+
+int Dequantize(const uint8_t* rows, int64_t n_rows, int dim, RowDtype dtype, float* out, void* stream) {
+  if (n_rows == 0) return 0;
+  DequantizeKernel<<<Blocks(n_rows * dim, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      rows, n_rows, dim, RowBytesFor(dtype, dim), dtype, out);
+  return Launched();
+}
+
+int GateAndValue(const float* projected, const float* projection_bias, const float* hidden, const float* key_norm,
+                 const float* query_norm, int64_t tokens, int branches, int hidden_size, float* gated,
+                 float* conv_scale, void* stream) {
+  if (tokens == 0) return 0;
+  GateAndValueKernel<<<static_cast<unsigned>(tokens * branches), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      projected, projection_bias, hidden, key_norm, query_norm, branches, hidden_size, gated, conv_scale);
+  return Launched();
+}
+
+int ShortConvFuse(const float* gated, const float* conv_scale, const float* conv_norm, const float* conv_taps,
+                  int batch, int seq_len, int branches, int hidden_size, int dilation, float* out, void* stream) {
+  const int64_t n = static_cast<int64_t>(batch) * seq_len * branches * hidden_size;
+  if (n == 0) return 0;
+  ShortConvFuseKernel<<<Blocks(n, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      gated, conv_scale, conv_norm, conv_taps, seq_len, branches, hidden_size, dilation, n, out);
+  return Launched();
+}
+
+int ResidualAdd(const float* hidden, const float* y, int64_t n, float* out, void* stream) {
+  if (n == 0) return 0;
+  ResidualAddKernel<<<Blocks(n, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(hidden, y, n, out);
+  return Launched();
+}
+
+}  // namespace engram::kernels::cuda

@@ -1,0 +1,39 @@
+// Launch wrappers of the Engram CUDA kernels (kernels/cuda/engram_kernels.cu). Plain C++ on the
+// caller's side: pointers are device pointers (or mapped, pinned host memory where noted), streams
+// are cudaStream_t passed as void*, and each wrapper returns the cudaError_t of its launch as an
+// int (0: launched). Every kernel's arithmetic is in engram_math.h / row_dtype.h, shared with the
+// CPU twin; the kernels only map threads to elements and reduce across a block.
+// Built only when the CUDA toolkit is (ENGRAM_HAVE_CUDA).
+#ifndef ENGRAM_KERNELS_CUDA_KERNELS_H_
+#define ENGRAM_KERNELS_CUDA_KERNELS_H_
+
+#include <cstdint>
+
+#include "engram/kernels/row_dtype.h"
+
+namespace engram::kernels::cuda {
+
+// out[i] = table row rows[i], for i in [0, n). `table` may be device slots or mapped pinned host
+// memory (cudaHostRegister'ed, cudaHostGetDevicePointer). 16-byte loads when rows allow it.
+int GatherRows(const uint8_t* table, int64_t row_bytes, const uint64_t* rows, int64_t n, uint8_t* out, void* stream);
+
+// n_rows rows of `dim` elements (RowBytesFor(dtype, dim) bytes each) -> f32 [n_rows][dim].
+int Dequantize(const uint8_t* rows, int64_t n_rows, int dim, RowDtype dtype, float* out, void* stream);
+
+// Per (token, branch): adds the projection bias, gates with RMSNorm1/RMSNorm2 (eps: f32
+// epsilon), writes V = a * (value + value bias) [tokens][G][D] and ShortConv's RMS scale of V
+// [tokens][G]. `projected` is [tokens][(G+1)*D] (keys of each branch, then the value).
+int GateAndValue(const float* projected, const float* projection_bias, const float* hidden, const float* key_norm,
+                 const float* query_norm, int64_t tokens, int branches, int hidden_size, float* gated,
+                 float* conv_scale, void* stream);
+
+// out = V + SiLU(causal depthwise conv of RMSNorm(V)), [B][T][G][D].
+int ShortConvFuse(const float* gated, const float* conv_scale, const float* conv_norm, const float* conv_taps,
+                  int batch, int seq_len, int branches, int hidden_size, int dilation, float* out, void* stream);
+
+// out[i] = hidden[i] + y[i]: the block's residual add (out may alias either input).
+int ResidualAdd(const float* hidden, const float* y, int64_t n, float* out, void* stream);
+
+}  // namespace engram::kernels::cuda
+
+#endif  // ENGRAM_KERNELS_CUDA_KERNELS_H_
