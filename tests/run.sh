@@ -23,7 +23,7 @@ if [ -x "$BUILD_DIR/tests/engram_gpu_tests" ]; then
   gpu_out=$("$BUILD_DIR/tests/engram_gpu_tests" 2>&1)
   gpu_rc=$?
   set -e
-  [ "$gpu_rc" = 77 ] && echo "GPU tests (label gpu) skipped, not passed: ${gpu_out%%$'\n'*}"
+  if [ "$gpu_rc" = 77 ]; then echo "GPU tests (label gpu) skipped, not passed: ${gpu_out%%$'\n'*}"; fi
 fi
 
 if [ "${ENGRAM_SKIP_ASAN:-0}" != "1" ]; then
