@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <random>
@@ -20,6 +21,7 @@
 #include "engram/client.h"
 #include "engram/shm_client.h"
 #include "bench/simulate.h"
+#include "engram/kernels/cpu_twin.h"
 #include "bench/workload.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "nlohmann/json.hpp"
@@ -42,6 +44,7 @@ constexpr char kUsage[] =
     "  engram-bench --target inproc --pack DIR [workload flags]\n"
     "  engram-bench compare --pack DIR --socket PATH --grpc HOST:PORT [workload flags]\n"
     "  engram-bench simulate --pack DIR --tokens FILE.i32 [--policy P ...] [--capacity 1%|10%|BYTES]\n"
+    "  engram-bench module [--batch B --seq-len T --branches G --hidden D --embed M --threads N]\n"
     "\n"
     "Each request is one batch: --batch-tokens tokens of one layer (layers taken in turn). The\n"
     "batches are generated before timing. With --target inproc the same engine engramd runs is\n"
@@ -288,6 +291,83 @@ int Simulate(int argc, char** argv) {
   return 0;
 }
 
+// `engram-bench module`: the Engram module on the CPU twin (GEMMs, gates, ShortConv), timed on
+// random weights and inputs of a given shape; bench/torch_module.py times PyTorch the same way.
+int Module(int argc, char** argv) {
+  int64_t batch = 1, seq_len = 512, branches = 4, hidden = 1024, embed = 1024, dilation = 3, threads = 2;
+  double duration = 5;
+  bool json = false;
+  FlagSet flags("engram-bench module",
+                "engram-bench module: times the Engram module (Y = V + ShortConv(V) from embeddings E and hidden\n"
+                "states H) on the CPU twin with random weights; defaults are the reference demo's sizes.\n"
+                "Compare with bench/torch_module.py (PyTorch, same shapes and threads): bench/run_module.sh.");
+  flags.Int("batch", &batch, "B");
+  flags.Int("seq-len", &seq_len, "T");
+  flags.Int("branches", &branches, "G (hyper-connection branches)");
+  flags.Int("hidden", &hidden, "D");
+  flags.Int("embed", &embed, "M (heads x per-head dim)");
+  flags.Int("dilation", &dilation, "ShortConv dilation (max_ngram)");
+  flags.Int("threads", &threads, "CPU threads (OpenBLAS and the twin's loops)");
+  flags.Double("duration", &duration, "seconds to run");
+  flags.Bool("json", &json, "print one JSON object on one line");
+  ParseOrExit(flags, argc, argv, 2, nullptr);
+  if (batch < 1 || seq_len < 1 || branches < 1 || hidden < 1 || embed < 1 || dilation < 1 || threads < 1) {
+    std::fprintf(stderr, "engram-bench module: every size and --threads must be at least 1\n");
+    return 2;
+  }
+  const int G = static_cast<int>(branches), D = static_cast<int>(hidden), M = static_cast<int>(embed);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto random = [&](size_t n, float scale, float mean) {
+    std::vector<float> v(n);
+    for (float& x : v) x = mean + scale * normal(rng);
+    return v;
+  };
+  kernels::EngramWeights w;
+  w.branches = G;
+  w.hidden = D;
+  w.embed = M;
+  w.projection = random(static_cast<size_t>(G + 1) * D * M, 1.0f / std::sqrt(static_cast<float>(M)), 0.0f);
+  w.projection_bias = random(static_cast<size_t>(G + 1) * D, 0.1f, 0.0f);
+  w.key_norm = random(static_cast<size_t>(G) * D, 0.1f, 1.0f);
+  w.query_norm = random(static_cast<size_t>(G) * D, 0.1f, 1.0f);
+  w.conv_norm = random(static_cast<size_t>(G) * D, 0.1f, 1.0f);
+  w.conv_taps = random(static_cast<size_t>(G) * D * kernels::kShortConvTaps, 0.5f, 0.0f);
+  const int64_t tokens = batch * seq_len;
+  const auto E = random(static_cast<size_t>(tokens * M), 1.0f, 0.0f);
+  const auto H = random(static_cast<size_t>(tokens * G * D), 1.0f, 0.0f);
+  std::vector<float> Y(H.size());
+  const kernels::ForwardShape shape{static_cast<int>(batch), static_cast<int>(seq_len), static_cast<int>(dilation)};
+  // One untimed call (allocations, thread start-up), then as many as fit the duration.
+  if (absl::Status s = kernels::EngramForwardCpu(w, shape, E, H, absl::MakeSpan(Y), static_cast<int>(threads)); !s.ok()) {
+    std::fprintf(stderr, "engram-bench module: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  std::vector<double> seconds;
+  const auto start = std::chrono::steady_clock::now();
+  while (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < duration ||
+         seconds.size() < 3) {
+    const auto t0 = std::chrono::steady_clock::now();
+    (void)kernels::EngramForwardCpu(w, shape, E, H, absl::MakeSpan(Y), static_cast<int>(threads));
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(seconds.begin(), seconds.end());
+  const double median = seconds[seconds.size() / 2];
+  nlohmann::json out = {{"tool", "engram-bench"}, {"mode", "module"}, {"impl", "cpu-twin"},
+                        {"batch", batch}, {"seq_len", seq_len}, {"branches", G}, {"hidden", D}, {"embed", M},
+                        {"dilation", dilation}, {"threads", threads}, {"calls", seconds.size()},
+                        {"median_ms", median * 1e3}, {"tokens_per_s", static_cast<double>(tokens) / median}};
+  if (json) {
+    std::printf("%s\n", out.dump().c_str());
+  } else {
+    std::printf("engram-bench module  cpu-twin B=%lld T=%lld G=%d D=%d M=%d threads=%lld: %.3f ms per call (median of "
+                "%zu), %.4g tokens/s\n",
+                static_cast<long long>(batch), static_cast<long long>(seq_len), G, D, M,
+                static_cast<long long>(threads), median * 1e3, seconds.size(), static_cast<double>(tokens) / median);
+  }
+  return 0;
+}
+
 // Runs this binary with `args` and returns its standard output (exit status in *status).
 std::string RunSelf(const std::vector<std::string>& args, int* status) {
   int pipe_fds[2];
@@ -399,6 +479,7 @@ int Compare(int argc, char** argv) {
 
 int Main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "simulate") return Simulate(argc, argv);
+  if (argc > 1 && std::string(argv[1]) == "module") return Module(argc, argv);
   if (argc > 1 && std::string(argv[1]) == "compare") return Compare(argc, argv);
   std::string target = "inproc", table_name, pack, workload_text = "zipf:1.0";
   int64_t batch_tokens = 4096, concurrency = 1, worker_threads = -1, seed = 1, max_batches = 64;

@@ -16,6 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "service/cli_flags.h"
+#include "tiering/hbm/gpu_probe.h"
 #include "service/daemon_metrics.h"
 #include "service/grpc_service.h"
 #include "service/http_endpoint.h"
@@ -55,6 +56,8 @@ struct DaemonFlags {
   std::string socket;
   std::vector<std::string> allow_uids, allow_gids;
   std::string max_client_arena = "1G";
+  std::string hbm_budget = "0";
+  int64_t gpu = 0;
 };
 
 int Run(int argc, char** argv) {
@@ -64,6 +67,10 @@ int Run(int argc, char** argv) {
   flags.String("listen", &f.listen, "gRPC address HOST:PORT (port 0 picks a free one)");
   flags.String("metrics-listen", &f.metrics_listen,
                "HTTP address for /metrics, /healthz, /readyz (HOST:PORT, or 'off')");
+  flags.String("hbm-budget", &f.hbm_budget,
+               "GPU memory for the hottest rows (e.g. 8G); 0: no HBM tier. Needs a CUDA device; without\n"
+               "                              one engramd says so at start and serves DRAM and NVMe");
+  flags.Int("gpu", &f.gpu, "CUDA device for the HBM tier");
   flags.Int("max-batch-rows", &f.max_batch_rows,
             "largest request in rows (tokens x heads); larger ones get RESOURCE_EXHAUSTED");
   flags.Int("worker-threads", &f.worker_threads,
@@ -182,8 +189,32 @@ int Run(int argc, char** argv) {
     LogError("warm_failed", {{"error", std::string(s.message())}});
     return 1;
   }
-  LogInfo("tier_hbm_off", {{"reason", "this engramd has no HBM tier: GPU support is not built"}});
-  metrics.RecordTables(engine, /*hbm_enabled=*/false);
+  // The HBM tier: residency planning is built (tiering/hbm); serving rows from device slots is not
+  // wired into lookups yet, so HBM reports off with the reason, even where a GPU is present.
+  bool hbm_enabled = false;
+  {
+    uint64_t hbm_bytes = 0;
+    if (absl::Status s = ParseBytes(f.hbm_budget, &hbm_bytes); !s.ok()) {
+      LogError("bad_flag", {{"flag", "--hbm-budget"}, {"error", std::string(s.message())}});
+      return 2;
+    }
+    auto gpu = ProbeGpu(static_cast<int>(f.gpu));
+    std::string reason;
+    if (!gpu.ok()) {
+      reason = std::string(gpu.status().message());
+    } else if (hbm_bytes == 0) {
+      reason = "--hbm-budget is 0";
+    } else {
+      reason = "serving from HBM slots is not implemented in this version";
+    }
+    std::vector<LogField> fields = {{"reason", reason}};
+    if (gpu.ok()) {
+      fields.push_back({"gpu", absl::StrCat(gpu->device, " (", gpu->name, ")")});
+      fields.push_back({"gpu_free_bytes", absl::StrCat(gpu->free_bytes)});
+    }
+    LogFields(hbm_bytes > 0 ? "WARN" : "INFO", "tier_hbm_off", fields);
+  }
+  metrics.RecordTables(engine, hbm_enabled);
   metrics.RefreshTierGauges(engine);
 
   scraped_engine.store(&engine);

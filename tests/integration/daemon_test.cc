@@ -481,6 +481,30 @@ TEST(DaemonLifecycleTest, SigtermDrainsAndExitsCleanly) {
   EXPECT_NE(log.find("event=stopped"), std::string::npos) << log;
 }
 
+// Asking for an HBM tier the daemon cannot give (no GPU here, or not built with CUDA): it says why
+// in a warning, reports the tier off in /metrics, and serves from DRAM.
+TEST(DaemonLifecycleTest, HbmBudgetWithoutAUsableGpuIsReportedAndServingGoesOn) {
+  TempDir dir;
+  ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.001 --quiet --out " + dir.path() + "/p").first, 0);
+  Daemon daemon({"--pack", dir.path() + "/p", "--hbm-budget", "1G", "--gpu", "0"}, dir.path());
+  ASSERT_TRUE(daemon.running()) << daemon.log();
+  const std::string log = daemon.log();
+  const size_t at = log.find("event=tier_hbm_off reason=");
+  ASSERT_NE(at, std::string::npos) << log;
+  EXPECT_NE(log.substr(log.rfind('\n', at) + 1, at - log.rfind('\n', at)).find("WARN"), std::string::npos) << log;
+  const auto [code, body] = HttpGet(daemon.metrics_port(), "/metrics");
+  ASSERT_EQ(code, 200);
+  EXPECT_NE(body.find("engram_tier_enabled{tier=\"hbm\"} 0"), std::string::npos) << body;
+  EXPECT_NE(body.find("engram_tier_enabled{tier=\"dram\"} 1"), std::string::npos) << body;
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(daemon.grpc_port()), grpc::InsecureChannelCredentials());
+  auto stub = v1::Engram::NewStub(channel);
+  grpc::ClientContext context;
+  v1::ListTablesResponse tables;
+  ASSERT_TRUE(stub->ListTables(&context, v1::ListTablesRequest(), &tables).ok());
+  EXPECT_EQ(tables.tables_size(), 1);
+  EXPECT_EQ(daemon.Stop(), 0);
+}
+
 TEST(DaemonLifecycleTest, CorruptPackIsRefusedAtStart) {
   TempDir dir;
   const std::string pack = dir.path() + "/p";

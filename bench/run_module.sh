@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The Engram module on the CPU: the CPU twin (engram-bench module) and PyTorch
+# (bench/torch_module.py, Debian's python3-torch) with the same shapes and threads, interleaved,
+# REPEATS rounds. Shapes: the reference demo's sizes (G=4, D=1024, M=1024, dilation 3) at prefill
+# and decode batch shapes. Prints JSON lines.
+# Usage: bench/run_module.sh [REPEATS] [SECONDS] [THREADS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPEATS=${1:-3}
+SECS=${2:-3}
+THREADS=${3:-2}
+BIN=${BUILD_DIR:-build}
+for r in $(seq 1 "$REPEATS"); do
+  for shape in "1 512" "4 128" "64 1" "1 1"; do
+    set -- $shape
+    "$BIN/bench/engram-bench" module --json --batch "$1" --seq-len "$2" --threads "$THREADS" --duration "$SECS"
+    /usr/bin/python3 bench/torch_module.py --batch "$1" --seq-len "$2" --threads "$THREADS" --duration "$SECS"
+  done
+done

@@ -1,0 +1,95 @@
+// The HBM tier's residency logic, on the CPU: the hottest rows fill free slots first; a resident
+// row is displaced only by a clearly hotter one (no flapping at the boundary) and its slot is
+// reused; plans are bounded; old heat decays so a new hot set takes over; and the flat index the
+// device probes finds every resident row's slot and nothing else.
+#include "tiering/hbm/hbm_residency.h"
+
+#include <set>
+
+#include "engram/kernels/hbm_probe.h"
+#include "gtest/gtest.h"
+
+namespace engram {
+namespace {
+
+void Touch(HbmResidency* r, uint64_t row, int times) {
+  for (int i = 0; i < times; ++i) r->RecordAccess(row);
+}
+
+TEST(HbmResidencyTest, HottestRowsFillFreeSlotsThenSwapOnlyWhenClearlyHotter) {
+  HbmResidency r(3);
+  Touch(&r, 10, 50);
+  Touch(&r, 20, 40);
+  Touch(&r, 30, 30);
+  Touch(&r, 40, 5);
+  HbmPlan plan = r.NextPlan(10);
+  ASSERT_EQ(plan.promote.size(), 3u);
+  EXPECT_TRUE(plan.demote.empty());
+  std::set<uint64_t> rows;
+  std::set<uint32_t> slots;
+  for (const auto& m : plan.promote) {
+    rows.insert(m.row);
+    slots.insert(m.slot);
+  }
+  EXPECT_EQ(rows, (std::set<uint64_t>{10, 20, 30}));
+  EXPECT_EQ(slots, (std::set<uint32_t>{0, 1, 2}));
+  r.Apply(plan);
+  EXPECT_EQ(r.resident(), 3u);
+  // Row 40 is colder than everything resident: nothing to do.
+  EXPECT_TRUE(r.NextPlan(10).promote.empty());
+  // Just above the coldest resident (30 -> 33 < 30 * 1.25): still nothing, no flapping.
+  Touch(&r, 40, 28);
+  EXPECT_TRUE(r.NextPlan(10).promote.empty());
+  // Clearly hotter: row 40 takes row 30's slot.
+  const uint32_t slot30 = r.SlotOf(30);
+  Touch(&r, 40, 20);
+  plan = r.NextPlan(10);
+  ASSERT_EQ(plan.promote.size(), 1u);
+  EXPECT_EQ(plan.promote[0].row, 40u);
+  EXPECT_EQ(plan.promote[0].slot, slot30);
+  EXPECT_EQ(plan.demote, std::vector<uint64_t>{30});
+  r.Apply(plan);
+  EXPECT_EQ(r.SlotOf(40), slot30);
+  EXPECT_EQ(r.SlotOf(30), kernels::kNoSlot);
+}
+
+TEST(HbmResidencyTest, PlansAreBoundedAndDecayLetsANewHotSetTakeOver) {
+  HbmResidency r(100, /*decay_every=*/1000);
+  for (uint64_t row = 0; row < 100; ++row) Touch(&r, row, 5);
+  HbmPlan first = r.NextPlan(30);
+  EXPECT_EQ(first.promote.size(), 30u);
+  r.Apply(first);
+  for (int i = 0; i < 3; ++i) r.Apply(r.NextPlan(30));
+  EXPECT_EQ(r.resident(), 100u);
+  // A new set of rows becomes hot; after a few decays it displaces the old one entirely.
+  for (int round = 0; round < 20; ++round) {
+    for (uint64_t row = 1000; row < 1100; ++row) Touch(&r, row, 3);
+  }
+  for (int i = 0; i < 10; ++i) r.Apply(r.NextPlan(30));
+  for (uint64_t row = 1000; row < 1100; ++row) EXPECT_NE(r.SlotOf(row), kernels::kNoSlot) << row;
+  for (uint64_t row = 0; row < 100; ++row) EXPECT_EQ(r.SlotOf(row), kernels::kNoSlot) << row;
+}
+
+TEST(HbmResidencyTest, FlatIndexFindsEveryResidentRowAndNothingElse) {
+  HbmResidency r(5000);
+  for (uint64_t row = 0; row < 5000; ++row) Touch(&r, row * 7919 + 3, 1 + static_cast<int>(row % 5));
+  r.Apply(r.NextPlan(5000));
+  ASSERT_EQ(r.resident(), 5000u);
+  std::vector<uint64_t> keys;
+  std::vector<uint32_t> slots;
+  uint64_t mask = 0;
+  r.CopyIndex(&keys, &slots, &mask);
+  EXPECT_EQ(keys.size(), mask + 1);
+  EXPECT_EQ(mask & (mask + 1), 0u) << "bucket count must be a power of two";
+  EXPECT_GE(keys.size(), 10000u) << "at most half full";
+  std::set<uint32_t> seen;
+  for (uint64_t row = 0; row < 5000; ++row) {
+    const uint32_t slot = kernels::HbmProbe(keys.data(), slots.data(), mask, row * 7919 + 3);
+    ASSERT_LT(slot, 5000u) << row;
+    EXPECT_TRUE(seen.insert(slot).second) << "slot " << slot << " given twice";
+    EXPECT_EQ(kernels::HbmProbe(keys.data(), slots.data(), mask, row * 7919 + 4), kernels::kNoSlot);
+  }
+}
+
+}  // namespace
+}  // namespace engram

@@ -1,0 +1,116 @@
+#include "tiering/hbm/hbm_residency.h"
+
+#include <algorithm>
+
+#include "engram/kernels/hbm_probe.h"
+
+namespace engram {
+
+HbmResidency::HbmResidency(uint32_t slots, uint64_t decay_every)
+    : slots_(slots), decay_every_(std::max<uint64_t>(1, decay_every)) {
+  free_slots_.reserve(slots);
+  for (uint32_t s = slots; s > 0; --s) free_slots_.push_back(s - 1);  // hand out slot 0 first
+  RebuildIndexLocked();
+}
+
+void HbmResidency::RecordAccess(uint64_t row) {
+  std::lock_guard<std::mutex> lock(mu_);
+  heat_[row] += 1.0;
+  if (++recorded_ % decay_every_ != 0) return;
+  // Halve everything; forget rows that went cold (keeps the map near the working set).
+  for (auto it = heat_.begin(); it != heat_.end();) {
+    it->second *= 0.5;
+    if (it->second < 0.25 && !row_slot_.contains(it->first)) {
+      heat_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+}
+
+double HbmResidency::HeatLocked(uint64_t row) const {
+  auto it = heat_.find(row);
+  return it == heat_.end() ? 0.0 : it->second;
+}
+
+HbmPlan HbmResidency::NextPlan(size_t max_moves, double margin) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  HbmPlan plan;
+  if (slots_ == 0 || max_moves == 0) return plan;
+  // Candidates: the hottest rows not resident, hottest first.
+  std::vector<std::pair<double, uint64_t>> candidates;
+  for (const auto& [row, heat] : heat_) {
+    if (!row_slot_.contains(row)) candidates.push_back({heat, row});
+  }
+  const size_t want = std::min(max_moves, candidates.size());
+  std::partial_sort(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(want), candidates.end(),
+                    [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+  candidates.resize(want);
+  // Victims: the coldest resident rows, coldest first.
+  std::vector<std::pair<double, uint64_t>> victims;
+  if (free_slots_.size() < want) {
+    for (const auto& [row, slot] : row_slot_) victims.push_back({HeatLocked(row), row});
+    std::sort(victims.begin(), victims.end());
+  }
+  size_t free_used = 0, victim = 0;
+  for (const auto& [heat, row] : candidates) {
+    if (free_used < free_slots_.size()) {
+      plan.promote.push_back({row, free_slots_[free_slots_.size() - 1 - free_used]});
+      ++free_used;
+      continue;
+    }
+    if (victim >= victims.size() || !(heat > victims[victim].first * margin && heat > 0)) break;
+    const uint64_t out = victims[victim++].second;
+    plan.demote.push_back(out);
+    plan.promote.push_back({row, row_slot_.at(out)});
+  }
+  return plan;
+}
+
+void HbmResidency::Apply(const HbmPlan& plan) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint64_t row : plan.demote) row_slot_.erase(row);
+  for (const HbmMove& m : plan.promote) {
+    row_slot_[m.row] = m.slot;
+    // NextPlan hands out free slots from the back, in order.
+    if (!free_slots_.empty() && free_slots_.back() == m.slot) {
+      free_slots_.pop_back();
+    } else if (auto it = std::find(free_slots_.begin(), free_slots_.end(), m.slot); it != free_slots_.end()) {
+      free_slots_.erase(it);
+    }
+  }
+  RebuildIndexLocked();
+}
+
+void HbmResidency::RebuildIndexLocked() {
+  uint64_t buckets = 16;
+  while (buckets < 2 * static_cast<uint64_t>(std::max<size_t>(row_slot_.size(), slots_))) buckets *= 2;
+  bucket_mask_ = buckets - 1;
+  index_keys_.assign(buckets, 0);
+  index_slots_.assign(buckets, kernels::kNoSlot);
+  for (const auto& [row, slot] : row_slot_) {
+    uint64_t b = kernels::HbmBucketOf(row, bucket_mask_);
+    while (index_keys_[b] != 0) b = (b + 1) & bucket_mask_;
+    index_keys_[b] = row + 1;
+    index_slots_[b] = slot;
+  }
+}
+
+uint32_t HbmResidency::SlotOf(uint64_t row) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return kernels::HbmProbe(index_keys_.data(), index_slots_.data(), bucket_mask_, row);
+}
+
+size_t HbmResidency::resident() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return row_slot_.size();
+}
+
+void HbmResidency::CopyIndex(std::vector<uint64_t>* keys, std::vector<uint32_t>* slots, uint64_t* bucket_mask) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  *keys = index_keys_;
+  *slots = index_slots_;
+  *bucket_mask = bucket_mask_;
+}
+
+}  // namespace engram

@@ -1,0 +1,67 @@
+// HbmResidency: which rows of one layer the HBM tier holds, and the batched plans that change it.
+// Pure host logic (no CUDA), so it is unit-tested everywhere: lookups feed access counts (decayed,
+// so yesterday's hot rows cool off); NextPlan picks the hottest rows not yet resident and, once
+// the slots are full, swaps them for the coldest resident rows only when clearly hotter (a
+// margin, so rows near the boundary do not flap); Apply records a plan whose rows were copied and
+// rebuilds the flat index (engram/kernels/hbm_probe.h) that the device-side gather probes.
+// Thread-safe.
+#ifndef ENGRAM_TIERING_HBM_HBM_RESIDENCY_H_
+#define ENGRAM_TIERING_HBM_HBM_RESIDENCY_H_
+
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+
+namespace engram {
+
+struct HbmMove {
+  uint64_t row;
+  uint32_t slot;
+};
+
+struct HbmPlan {
+  std::vector<uint64_t> demote;   // leave HBM (their slots are reused by `promote`)
+  std::vector<HbmMove> promote;   // copy row -> slot, then Apply
+};
+
+class HbmResidency {
+ public:
+  // `slots`: rows the arena holds. Counts halve every `decay_every` recorded accesses.
+  explicit HbmResidency(uint32_t slots, uint64_t decay_every = 1u << 20);
+
+  void RecordAccess(uint64_t row);
+  // Up to `max_moves` promotions (with the demotions that make room). A resident row is displaced
+  // only by a row whose count exceeds its own by `margin` (a factor >= 1).
+  HbmPlan NextPlan(size_t max_moves, double margin = 1.25) const;
+  // Records that the plan's rows now sit in their slots, and rebuilds the index. REQUIRES: plans
+  // are applied in the order they were made, each before the next NextPlan (one promoter).
+  void Apply(const HbmPlan& plan);
+
+  // The slot holding `row`, or kernels::kNoSlot (probes the flat index, as the device does).
+  uint32_t SlotOf(uint64_t row) const;
+  uint32_t capacity() const { return slots_; }
+  size_t resident() const;
+  // The flat index, for upload to the device: bucket_mask() + 1 keys (row + 1, 0 = empty) and slots.
+  void CopyIndex(std::vector<uint64_t>* keys, std::vector<uint32_t>* slots, uint64_t* bucket_mask) const;
+
+ private:
+  void RebuildIndexLocked();
+  double HeatLocked(uint64_t row) const;
+
+  const uint32_t slots_;
+  const uint64_t decay_every_;
+  mutable std::mutex mu_;
+  absl::flat_hash_map<uint64_t, double> heat_;      // recent access counts (decayed)
+  absl::flat_hash_map<uint64_t, uint32_t> row_slot_;  // resident rows
+  std::vector<uint32_t> free_slots_;
+  uint64_t recorded_ = 0;
+  std::vector<uint64_t> index_keys_;
+  std::vector<uint32_t> index_slots_;
+  uint64_t bucket_mask_ = 0;
+};
+
+}  // namespace engram
+
+#endif  // ENGRAM_TIERING_HBM_HBM_RESIDENCY_H_
