@@ -106,6 +106,30 @@ TEST_P(ClientTest, LookupLookupTokensAsyncAndPrefetch) {
   EXPECT_NE(bad.message().find("index 4000000000 for token 0, head 3"), absl::string_view::npos) << bad;
 }
 
+// Rows for a GPU buffer: without a usable device (or CUDA in the build) the call says so instead
+// of touching the pointer; a buffer of the wrong size is refused first, naming both sizes.
+TEST_P(ClientTest, LookupToDeviceExplainsWhyItCannot) {
+  auto client = Client::Connect(Uri(), Options());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto table = (*client)->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  std::vector<uint32_t> idx(16, 1);
+  void* not_a_device_pointer = reinterpret_cast<void*>(0x1000);
+  absl::Status wrong = (*client)->LookupToDevice(**table, 1, 1, idx, not_a_device_pointer, 100);
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(wrong.message().find("device buffer holds 100 bytes; 16 rows x 128 bytes = 2048 expected"),
+            absl::string_view::npos) << wrong;
+  absl::Status s = (*client)->LookupToDevice(**table, 1, 1, idx, not_a_device_pointer, 2048);
+  if (s.code() != absl::StatusCode::kFailedPrecondition) {
+    GTEST_SKIP() << "a CUDA device seems present (" << s << "); the gpu-labelled tests cover this path";
+  }
+  EXPECT_TRUE(s.message().find("no CUDA device") != absl::string_view::npos ||
+              s.message().find("built without CUDA") != absl::string_view::npos) << s;
+  // The client still works for host lookups.
+  std::vector<uint8_t> out(16 * 128);
+  EXPECT_TRUE((*client)->Lookup(**table, 1, 1, idx, absl::MakeSpan(out)).ok());
+}
+
 TEST_P(ClientTest, ExampleEnginePrintsTheFormulasChecksums) {
   const std::string tokens = testing::TestDataPath("fortunes.deepseek_v3.i32");
   const auto [code, out] = RunCommand(std::string(ENGRAM_EXAMPLE_PATH) + " " + Uri() + " demo " + tokens + " 2 64");

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <set>
 #include <thread>
 
 #include "engram/v1/engram.grpc.pb.h"
@@ -387,6 +388,23 @@ TEST(DaemonNvmeTest, ServesAPackLargerThanItsDramBudgetRowByRow) {
   EXPECT_NE(body.find("engram_nvme_io_engine{table=\"demo\",layer=\"1\",engine=\"io_uring\"} 1"), std::string::npos);
   EXPECT_NE(body.find("engram_cache_hit_ratio{table=\"demo\",layer=\"1\"}"), std::string::npos);
   EXPECT_NE(body.find("engram_prefetch_rows_total{table=\"demo\",layer=\"15\",outcome=\"useful\"}"), std::string::npos);
+  // Every series the Grafana dashboard plots is one this daemon exports (those that need an event
+  // first, a mapped client's report or enough lookups to fit a Zipf exponent, excepted).
+  const std::string dashboard = testing::ReadFile(std::string(ENGRAM_SOURCE_DIR) + "/deploy/grafana/engramd-dashboard.json");
+  ASSERT_TRUE(nlohmann::json::parse(dashboard, nullptr, false).is_object()) << "dashboard is not valid JSON";
+  const std::set<std::string> after_events = {"engram_mapped_rows_total", "engram_cache_zipf_alpha",
+                                              "engram_cache_predicted_hit_ratio"};
+  int plotted = 0;
+  for (size_t at = dashboard.find("engram_"); at != std::string::npos; at = dashboard.find("engram_", at + 1)) {
+    size_t end = at;
+    while (end < dashboard.size() && (std::islower(dashboard[end]) || dashboard[end] == '_')) ++end;
+    std::string name = dashboard.substr(at, end - at);
+    if (name.size() > 7 && name.compare(name.size() - 7, 7, "_bucket") == 0) name.resize(name.size() - 7);
+    if (name == "engram_" || after_events.count(name) > 0) continue;
+    ++plotted;
+    EXPECT_NE(body.find("# TYPE " + name + " "), std::string::npos) << "the dashboard plots " << name;
+  }
+  EXPECT_GT(plotted, 5);
   std::ofstream(dir.path() + "/m.txt") << body;
   const auto [lint, lint_out] = RunCommand("promtool check metrics < " + dir.path() + "/m.txt");
   EXPECT_EQ(lint, 0) << lint_out;
