@@ -62,6 +62,10 @@ absl::StatusOr<int> HttpEndpoint::Start(const std::string& listen) {
   mg_set_request_handler(ctx_, "/metrics$", &HttpEndpoint::HandleMetrics, this);
   mg_set_request_handler(ctx_, "/healthz$", &HttpEndpoint::HandleHealth, this);
   mg_set_request_handler(ctx_, "/readyz$", &HttpEndpoint::HandleReady, this);
+  // Everything else, registered last (civetweb takes the first match): our own short 404, which
+  // also says where to look (civetweb's error page needs more stack than its workers have under
+  // AddressSanitizer).
+  mg_set_request_handler(ctx_, "**", &HttpEndpoint::HandleNotFound, this);
   mg_server_port bound[4];
   std::memset(bound, 0, sizeof(bound));
   const int n = mg_get_server_ports(ctx_, 4, bound);
@@ -80,6 +84,11 @@ int HttpEndpoint::HandleMetrics(mg_connection* conn, void* self) {
   if (endpoint->before_render_) endpoint->before_render_();
   Reply(conn, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", endpoint->registry_->Render());
   return 200;
+}
+
+int HttpEndpoint::HandleNotFound(mg_connection* conn, void*) {
+  Reply(conn, 404, "Not Found", "text/plain", "not found: engramd serves /metrics, /healthz and /readyz\n");
+  return 404;
 }
 
 int HttpEndpoint::HandleHealth(mg_connection* conn, void*) {

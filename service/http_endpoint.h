@@ -31,6 +31,7 @@ class HttpEndpoint {
 
  private:
   static int HandleMetrics(::mg_connection* conn, void* self);
+  static int HandleNotFound(::mg_connection* conn, void* self);
   static int HandleHealth(::mg_connection* conn, void* self);
   static int HandleReady(::mg_connection* conn, void* self);
 
