@@ -241,7 +241,8 @@ int Simulate(int argc, char** argv) {
                 "cache code, and prints each policy's hit ratio (share of row accesses served from the cache)\n"
                 "beside hindsight references: static-topk (the most used rows of this very trace) and belady\n"
                 "(optimal replacement with bypass). Policies: lru, s3fifo (the daemon's default), tinylfu\n"
-                "(TinyLFU admission in front of S3-FIFO), static-topk, belady; 'all' runs every one.");
+                "(TinyLFU admission in front of S3-FIFO), hbm (the HBM tier's residency planner: decayed\n"
+                "counts, a batch of promotions every 65,536 accesses), static-topk, belady; 'all' runs every one.");
   flags.String("pack", &pack, "pack directory (its manifest gives the layout; rows are not read)");
   flags.String("tokens", &tokens_path, "raw token ids, little-endian int32");
   flags.StringList("policy", &policies, "policy to simulate (default: the daemon's, s3fifo)");
@@ -256,7 +257,9 @@ int Simulate(int argc, char** argv) {
   };
   if (pack.empty() || tokens_path.empty()) return fail(absl::InvalidArgumentError("--pack and --tokens are required"));
   if (policies.empty()) policies = {std::string(kDefaultPolicy)};
-  if (policies.size() == 1 && policies[0] == "all") policies = {"lru", "s3fifo", "tinylfu", "static-topk", "belady"};
+  if (policies.size() == 1 && policies[0] == "all") {
+    policies = {"lru", "s3fifo", "tinylfu", "hbm", "static-topk", "belady"};
+  }
   auto manifest = LoadPackManifest(pack);
   if (!manifest.ok()) return fail(manifest.status());
   auto tokens = ReadInt32File(tokens_path);

@@ -6,10 +6,12 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "engram/kernels/hbm_probe.h"
 #include "service/cli_flags.h"
 #include "tiering/cache/row_cache.h"
+#include "tiering/hbm/hbm_residency.h"
 
 namespace engram {
 namespace {
@@ -73,6 +75,24 @@ uint64_t BeladyHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
   return hits;
 }
 
+// The HBM tier's residency planning (HbmResidency, the daemon's code): accesses counted as they
+// come, and every kHbmPlanEvery accesses one batched plan of at most kHbmMovesPerPlan promotions
+// applied, as the promoter would between steps. A hit is an access whose row was resident then.
+constexpr uint64_t kHbmPlanEvery = 16 * 4096;  // about one 4096-token batch of one layer
+constexpr size_t kHbmMovesPerPlan = 16 * 4096;
+
+uint64_t HbmPlannerHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
+  if (capacity == 0) return 0;
+  HbmResidency residency(static_cast<uint32_t>(std::min<uint64_t>(capacity, UINT32_MAX)));
+  uint64_t hits = 0;
+  for (size_t i = 0; i < stream.size(); ++i) {
+    if (residency.SlotOf(stream[i]) != kernels::kNoSlot) ++hits;
+    residency.RecordAccess(stream[i]);
+    if ((i + 1) % kHbmPlanEvery == 0) residency.Apply(residency.NextPlan(kHbmMovesPerPlan));
+  }
+  return hits;
+}
+
 }  // namespace
 
 absl::StatusOr<uint64_t> CapacityRows(const std::string& capacity, uint64_t layer_rows, uint64_t table_rows,
@@ -115,6 +135,8 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
         result.hits += BeladyHits(stream, *capacity);
       } else if (result.policy == "static-topk") {
         result.hits += StaticTopKHits(stream, *capacity);
+      } else if (result.policy == "hbm") {
+        result.hits += HbmPlannerHits(stream, *capacity);
       } else {
         auto spec = ParsePolicy(result.policy);
         if (!spec.ok()) return spec.status();

@@ -15,7 +15,8 @@
 namespace engram {
 
 struct SimulationOptions {
-  std::vector<std::string> policies;  // lru, s3fifo, tinylfu, static-topk (hindsight), belady
+  std::vector<std::string> policies;  // lru, s3fifo, tinylfu, hbm (the HBM tier's batched planner),
+                                      // static-topk (hindsight), belady
   std::string capacity = "10%";       // N% of each layer's rows, or a byte budget split by rows
   uint32_t seq_len = 4096;            // the trace is cut into sequences of this many tokens
   int shards = 16;                    // as the daemon's cache

@@ -29,7 +29,7 @@ struct HbmPlan {
 class HbmResidency {
  public:
   // `slots`: rows the arena holds. Counts halve every `decay_every` recorded accesses.
-  explicit HbmResidency(uint32_t slots, uint64_t decay_every = 1u << 20);
+  explicit HbmResidency(uint32_t slots, uint64_t decay_every = 1u << 23);
 
   void RecordAccess(uint64_t row);
   // Up to `max_moves` promotions (with the demotions that make room). A resident row is displaced
