@@ -18,8 +18,10 @@ absl::StatusOr<kernels::EngramWeights> LoadEngramWeights(const std::string& path
   if (w.branches == 0) return absl::NotFoundError(absl::StrCat(path, " has no tensor 'key_projs.0.weight'"));
   auto first = file->Read("key_projs.0.weight");
   if (!first.ok()) return first.status();
-  if (first->shape.size() != 2) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": key_projs.0.weight must be 2-D [D, M]"));
+  if (first->shape.size() != 2 || first->shape[0] < 1 || first->shape[1] < 1 || first->shape[0] > (1 << 20) ||
+      first->shape[1] > (1 << 20)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": key_projs.0.weight must be 2-D [D, M] with D and M in [1, 2^20]"));
   }
   w.hidden = static_cast<int>(first->shape[0]);
   w.embed = static_cast<int>(first->shape[1]);
@@ -59,6 +61,10 @@ absl::StatusOr<std::unique_ptr<EngramLayer>> EngramLayer::Create(RowSource sourc
   if (absl::Status s = weights.Validate(); !s.ok()) return s;
   const int layer_index = source.hasher->LayerIndex(layer_id);
   if (layer_index < 0) return absl::NotFoundError(absl::StrCat("the table has no layer ", layer_id));
+  if (source.row_dim < 1 || RowBytesFor(source.dtype, source.row_dim) <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("rows of ", source.row_dim, " elements are not a valid row of ",
+                                                   RowDtypeName(source.dtype), " (fp8 needs a multiple of 32)"));
+  }
   const int heads = source.hasher->heads_per_layer();
   if (static_cast<int64_t>(heads) * source.row_dim != weights.embed) {
     return absl::InvalidArgumentError(absl::StrCat("the weights expect embeddings of width ", weights.embed,

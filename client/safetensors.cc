@@ -46,9 +46,13 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
     uint64_t elements = 1;
     if (!value["shape"].is_array()) return bad("shape is not a list");
     for (const auto& dim : value["shape"]) {
-      if (!dim.is_number_unsigned()) return bad("shape holds something other than sizes");
-      e.shape.push_back(dim.get<int64_t>());
-      elements *= dim.get<uint64_t>();
+      if (!dim.is_number_unsigned() || dim.get<uint64_t>() > (1ull << 40)) {
+        return bad("shape holds something other than sizes below 2^40");
+      }
+      const uint64_t size = dim.get<uint64_t>();
+      if (size != 0 && elements > (1ull << 62) / size) return bad("shape holds more than 2^62 elements");
+      e.shape.push_back(static_cast<int64_t>(size));
+      elements *= size;
     }
     const auto& offsets = value["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||

@@ -27,8 +27,22 @@ using shm::RequestDescriptor;
 
 absl::StatusOr<std::unique_ptr<ShmConnection>> ShmConnection::Connect(const std::string& path,
                                                                       const ShmConnectOptions& options) {
+  // Speak the newest protocol; a daemon too old for it says so, and then version 1 (no mapped
+  // tables) is tried.
+  auto c = ConnectVersion(path, options, shm::kVersion);
+  if (!c.ok() && c.status().code() == absl::StatusCode::kFailedPrecondition &&
+      c.status().message().find("protocol version") != absl::string_view::npos) {
+    return ConnectVersion(path, options, shm::kMinVersion);
+  }
+  return c;
+}
+
+absl::StatusOr<std::unique_ptr<ShmConnection>> ShmConnection::ConnectVersion(const std::string& path,
+                                                                             const ShmConnectOptions& options,
+                                                                             uint32_t version) {
   std::unique_ptr<ShmConnection> c(new ShmConnection());
   c->options_ = options;
+  c->version_ = version;
   sockaddr_un addr{};
   if (path.size() >= sizeof(addr.sun_path)) return absl::InvalidArgumentError("socket path too long: " + path);
   addr.sun_family = AF_UNIX;
@@ -37,7 +51,7 @@ absl::StatusOr<std::unique_ptr<ShmConnection>> ShmConnection::Connect(const std:
   if (connect(c->sock_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
     return absl::UnavailableError(absl::StrCat("cannot connect to engramd at ", path, ": ", std::strerror(errno)));
   }
-  shm::Hello hello{shm::kMagic, shm::kVersion, options.ring_entries, 0, options.data_bytes};
+  shm::Hello hello{shm::kMagic, version, options.ring_entries, 0, options.data_bytes};
   const absl::Status sent = shm::SendFrame(c->sock_, shm::FrameType::kHello,
                                            std::string(reinterpret_cast<const char*>(&hello), sizeof(hello)), {});
   // Read the reply even if the send failed: a daemon that refuses this peer answers at once and
@@ -78,10 +92,21 @@ ShmConnection::~ShmConnection() {
   }
 }
 
+absl::StatusOr<shm::Frame> ShmConnection::ControlCallLocked(shm::FrameType type, const std::string& payload) {
+  if (broken_) return absl::UnavailableError("this connection to engramd lost track of its replies; reconnect");
+  if (absl::Status s = shm::SendFrame(sock_, type, payload, {}); !s.ok()) return s;
+  auto frame = shm::ReceiveFrame(sock_, options_.timeout_ms);
+  if (!frame.ok()) {
+    // A late reply would be taken for the next call's: this connection is done.
+    broken_ = true;
+    return absl::UnavailableError(absl::StrCat("no reply from engramd: ", frame.status().message()));
+  }
+  return frame;
+}
+
 absl::StatusOr<RemoteTable> ShmConnection::OpenTable(const std::string& name) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (absl::Status s = shm::SendFrame(sock_, shm::FrameType::kOpenTable, name, {}); !s.ok()) return s;
-  auto frame = shm::ReceiveFrame(sock_, options_.timeout_ms);
+  auto frame = ControlCallLocked(shm::FrameType::kOpenTable, name);
   if (!frame.ok()) return frame.status();
   for (int fd : frame->fds) close(fd);
   shm::OpenTableReply reply{};
@@ -220,6 +245,7 @@ int64_t NowNs() {
 
 absl::Status ShmConnection::SendCounters(const std::vector<shm::CounterReport>& reports) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (broken_) return absl::UnavailableError("this connection to engramd is broken; reconnect");
   return shm::SendFrame(
       sock_, shm::FrameType::kCounterReport,
       std::string(reinterpret_cast<const char*>(reports.data()), reports.size() * sizeof(shm::CounterReport)), {});
@@ -228,16 +254,15 @@ absl::Status ShmConnection::SendCounters(const std::vector<shm::CounterReport>& 
 absl::StatusOr<std::unique_ptr<MappedTable>> ShmConnection::MapTable(const RemoteTable& table) {
   v1::TableInfo info;
   if (!info.ParseFromString(table.table_info)) return absl::InvalidArgumentError("the table's layout does not parse");
+  if (version_ < 2) {
+    return absl::FailedPreconditionError("this engramd speaks shared-memory protocol 1, which has no mapped tables");
+  }
   shm::Frame frame;
   {
     std::lock_guard<std::mutex> lock(mu_);
     const shm::MapTableRequest request{table.id};
-    if (absl::Status s = shm::SendFrame(sock_, shm::FrameType::kMapTable,
-                                        std::string(reinterpret_cast<const char*>(&request), sizeof(request)), {});
-        !s.ok()) {
-      return s;
-    }
-    auto got = shm::ReceiveFrame(sock_, options_.timeout_ms);
+    auto got = ControlCallLocked(shm::FrameType::kMapTable,
+                                 std::string(reinterpret_cast<const char*>(&request), sizeof(request)));
     if (!got.ok()) return got.status();
     frame = std::move(*got);
   }

@@ -13,7 +13,7 @@ namespace engram::shm {
 namespace {
 
 constexpr uint32_t kMaxPayload = 64u << 20;
-constexpr int kMaxFds = 4;
+constexpr int kMaxFds = 64;  // a MapTable reply carries one per layer
 
 absl::Status WaitReadable(int sock, int timeout_ms) {
   pollfd p{sock, POLLIN, 0};
@@ -52,6 +52,11 @@ absl::Status ReadExactly(int sock, char* data, size_t n, int timeout_ms, std::ve
         }
       }
     }
+    if (msg.msg_flags & MSG_CTRUNC) {
+      for (int fd : *fds) close(fd);
+      fds->clear();
+      return absl::UnavailableError("engramd sent more descriptors than one frame may carry");
+    }
     data += got;
     n -= static_cast<size_t>(got);
   }
@@ -61,7 +66,9 @@ absl::Status ReadExactly(int sock, char* data, size_t n, int timeout_ms, std::ve
 }  // namespace
 
 absl::Status SendFrame(int sock, FrameType type, const std::string& payload, const std::vector<int>& fds) {
-  if (fds.size() > kMaxFds) return absl::InternalError("too many descriptors for one frame");
+  if (fds.size() > kMaxFds) {
+    return absl::ResourceExhaustedError(absl::StrCat(fds.size(), " descriptors do not fit one frame (at most ", kMaxFds, ")"));
+  }
   FrameHeader header{static_cast<uint32_t>(type), static_cast<uint32_t>(payload.size())};
   std::string bytes(reinterpret_cast<const char*>(&header), sizeof(header));
   bytes += payload;

@@ -23,17 +23,18 @@ class ShmTransport final : public Transport {
   absl::StatusOr<std::string> OpenTable(const std::string& name) override {
     auto table = connection_->OpenTable(name);
     if (!table.ok()) return table.status();
-    tables_[name] = *table;
     mapped_.erase(name);
     if (map_tables_) {
+      // Not resident, not shared, or not mappable here (address space, map count): lookups go
+      // through the ring instead. Only a daemon that went away is an error.
       auto mapped = connection_->MapTable(*table);
-      // Not resident or not shared: lookups go through the ring instead.
       if (mapped.ok()) {
         mapped_[name] = std::move(*mapped);
-      } else if (mapped.status().code() != absl::StatusCode::kFailedPrecondition) {
+      } else if (mapped.status().code() == absl::StatusCode::kUnavailable) {
         return mapped.status();
       }
     }
+    tables_[name] = *table;
     return table->table_info;
   }
   bool Mapped(const std::string& table) const override { return mapped_.count(table) > 0; }

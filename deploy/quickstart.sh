@@ -65,12 +65,16 @@ step "engram-bench over shared memory ($SOCKET): one-token lookups, the latency 
 "$BIN/bench/engram-bench" --target "unix://$SOCKET" --table demo --workload zipf:1.0 --batch-tokens 1 \
   --duration "$SECONDS_PER_RUN"
 
+step "the same one-token lookups from the table mapped read-only into the client (no round trip)"
+"$BIN/bench/engram-bench" --target "unix://$SOCKET" --table demo --workload zipf:1.0 --batch-tokens 1 \
+  --duration "$SECONDS_PER_RUN" --mapped
+
 step "engram-bench in-process (no transport), with the memcpy ceiling beside it"
 "$BIN/bench/engram-bench" --target inproc --pack "$PACK" --workload zipf:1.0 --batch-tokens 4096 \
   --duration "$SECONDS_PER_RUN"
 
 step "a few metrics from http://127.0.0.1:$METRICS_PORT/metrics"
-curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^engram_(requests_total|rows_served_total|lookup_unique_rows_total|tables_loaded|tier_enabled)' || true
+curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^engram_(requests_total|rows_served_total|mapped_rows_total|tables_loaded|tier_enabled)' || true
 
 step "stop engramd"
 kill -TERM $DAEMON

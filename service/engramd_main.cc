@@ -198,12 +198,12 @@ int Run(int argc, char** argv) {
       LogError("bad_flag", {{"flag", "--hbm-budget"}, {"error", std::string(s.message())}});
       return 2;
     }
-    auto gpu = ProbeGpu(static_cast<int>(f.gpu));
+    // Probe only when asked: touching the CUDA runtime makes a context that holds GPU memory.
+    absl::StatusOr<GpuInfo> gpu = absl::FailedPreconditionError("--hbm-budget is 0");
+    if (hbm_bytes > 0) gpu = ProbeGpu(static_cast<int>(f.gpu));
     std::string reason;
     if (!gpu.ok()) {
       reason = std::string(gpu.status().message());
-    } else if (hbm_bytes == 0) {
-      reason = "--hbm-budget is 0";
     } else {
       reason = "serving from HBM slots is not implemented in this version";
     }

@@ -310,6 +310,8 @@ absl::Status ShmServer::HandleControlFrame(const shm::Frame& frame, int sock, co
       if (frame.payload.size() % sizeof(shm::CounterReport) != 0 || n == 0 || n > shm::kMaxCounterReports) {
         return absl::InvalidArgumentError("protocol violation: CounterReport frame of the wrong size");
       }
+      size_t refused_count = 0;
+      std::string first_refusal;
       for (size_t i = 0; i < n; ++i) {
         shm::CounterReport r{};
         std::memcpy(&r, frame.payload.data() + i * sizeof(r), sizeof(r));
@@ -323,10 +325,14 @@ absl::Status ShmServer::HandleControlFrame(const shm::Frame& frame, int sock, co
           refused = absl::StrCat(r.lookups, " lookups of ", r.rows, " rows is not a possible count");
         }
         if (!refused.empty()) {
-          LogWarn("shm_counter_report_refused", {{"pid", who}, {"reason", refused}});
+          if (refused_count++ == 0) first_refusal = refused;
           continue;
         }
         metrics_->RecordMappedLookups(*table, r.lookups, r.rows);
+      }
+      if (refused_count > 0) {  // one line per frame, however many entries were wrong
+        LogWarn("shm_counter_report_refused",
+                {{"pid", who}, {"entries", absl::StrCat(refused_count)}, {"reason", first_refusal}});
       }
       return absl::OkStatus();
     }
@@ -363,9 +369,10 @@ void ShmServer::Serve(Session* session) {
     (void)shm::SendFrame(sock, shm::FrameType::kHelloReply, payload, {});
     finish(msg);
   };
-  if (hello.magic != shm::kMagic || hello.version != shm::kVersion) {
+  if (hello.magic != shm::kMagic || hello.version < shm::kMinVersion || hello.version > shm::kVersion) {
     return refuse(absl::StatusCode::kFailedPrecondition,
-                  absl::StrCat("protocol version ", hello.version, " is not supported (this engramd speaks ", shm::kVersion, ")"));
+                  absl::StrCat("protocol version ", hello.version, " is not supported (this engramd speaks ",
+                               shm::kMinVersion, " to ", shm::kVersion, ")"));
   }
   const uint32_t entries = hello.ring_entries;
   if (entries < 2 || entries > shm::kMaxRingEntries || (entries & (entries - 1)) != 0) {
@@ -428,6 +435,9 @@ void ShmServer::Serve(Session* session) {
         auto frame = shm::ReceiveFrame(sock, 1000);
         if (!frame.ok()) return finish("socket closed");
         for (int fd : frame->fds) close(fd);
+        if (frame->type != shm::FrameType::kOpenTable && hello.version < 2) {
+          return finish("protocol violation: version 1 clients have no mapped tables");
+        }
         if (absl::Status s = HandleControlFrame(*frame, sock, tables, &mapped, who); !s.ok()) {
           return finish(std::string(s.message()));
         }

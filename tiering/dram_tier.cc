@@ -72,8 +72,10 @@ absl::Status HostRegion::SealReadOnly() {
   if (fd_ >= 0) {
     // FUTURE_WRITE rather than WRITE: it refuses every new writable mapping and write() while our
     // own mapping stays, and F_SEAL_WRITE would wait on page references the load may still hold.
+    // A kernel without it (before 5.1) cannot seal: then the rows are not shared at all.
     if (fcntl(fd_, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
-      return absl::InternalError(absl::StrCat("sealing shared rows: ", std::strerror(errno)));
+      close(fd_);
+      fd_ = -1;
     }
   }
   mprotect(data_, mapped_, PROT_READ);  // a stray write of ours faults
@@ -114,8 +116,11 @@ absl::StatusOr<std::unique_ptr<DramResidentTier>> DramResidentTier::Load(
     return absl::DataLossError(absl::StrCat(path, " has ", st.st_size, " bytes; the manifest says ",
                                             total_rows, " rows x ", row_bytes, " = ", bytes));
   }
-  auto region = shareable ? HostRegion::AllocateShared(bytes, MemfdName(path))
-                          : HostRegion::Allocate(bytes);
+  // A memfd that cannot be made (seccomp, an old kernel) is no reason to refuse the table: the
+  // rows go to private memory and the table is simply not shared (its start-up line says so).
+  absl::StatusOr<HostRegion> region = absl::UnavailableError("not shared");
+  if (shareable) region = HostRegion::AllocateShared(bytes, MemfdName(path));
+  if (!region.ok()) region = HostRegion::Allocate(bytes);
   if (!region.ok()) {
     close(fd);
     return region.status();

@@ -33,7 +33,8 @@ class HostRegion {
   uint64_t size() const { return size_; }
   uint64_t mapped_bytes() const { return mapped_; }
   // Makes the contents read-only from here on (a stray write faults). A shared region is also
-  // sealed (F_SEAL_FUTURE_WRITE, SHRINK, GROW, SEAL): nobody can map it writable or resize it.
+  // sealed (F_SEAL_FUTURE_WRITE, SHRINK, GROW, SEAL): nobody can map it writable or resize it;
+  // where the kernel cannot seal, the region stops being shared (fd() becomes -1).
   absl::Status SealReadOnly();
   // The memfd of a shared region, -1 for an anonymous one. Owned by the region.
   int fd() const { return fd_; }
@@ -49,7 +50,8 @@ class DramResidentTier final : public RowTier {
  public:
   // Reads `path` (exactly total_rows * row_bytes bytes) into memory. With `expected_xxh3_hex`
   // non-empty, the checksum must match (a corrupt pack is refused with DataLoss naming the file).
-  // With `shareable`, the rows live in a sealed memfd that clients may map (see shared_fd).
+  // With `shareable`, the rows live in a sealed memfd that clients may map (see shared_fd), where
+  // the kernel allows it; otherwise in private memory.
   static absl::StatusOr<std::unique_ptr<DramResidentTier>> Load(const std::string& path,
                                                                 uint64_t total_rows,
                                                                 int64_t row_bytes,

@@ -2,7 +2,7 @@
 
 #include <cblas.h>
 
-#include <atomic>
+#include <mutex>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -16,10 +16,11 @@ absl::Status CheckSize(const char* name, size_t actual, size_t expected) {
   return absl::InvalidArgumentError(absl::StrCat(name, " has ", actual, " values; ", expected, " expected"));
 }
 
-// OpenBLAS's thread count is process-wide; set it only when it changes.
+// OpenBLAS's thread count is process-wide and must not change under a running sgemm on another
+// thread: the first call sets it, later calls keep it.
 void SetBlasThreads(int threads) {
-  static std::atomic<int> current{-1};
-  if (current.exchange(threads) != threads) openblas_set_num_threads(threads);
+  static std::once_flag once;
+  std::call_once(once, [threads] { openblas_set_num_threads(threads); });
 }
 
 }  // namespace

@@ -281,21 +281,34 @@ TEST_F(ShmTest, OnlySharedResidentTablesCanBeMapped) {
 // is dropped.
 TEST_F(ShmTest, HostileControlFramesAreRefused) {
   StartDaemon();
-  auto raw_session = [&]() {
+  int32_t last_status = -1;
+  std::string last_message;
+  auto raw_session = [&](uint32_t version = shm::kVersion) {
     const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
     std::strncpy(addr.sun_path, daemon_->socket().c_str(), sizeof(addr.sun_path) - 1);
     EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-    shm::Hello hello{shm::kMagic, shm::kVersion, 8, 0, 1 << 20};
+    shm::Hello hello{shm::kMagic, version, 8, 0, 1 << 20};
     EXPECT_TRUE(shm::SendFrame(fd, shm::FrameType::kHello, std::string(reinterpret_cast<char*>(&hello), sizeof(hello)), {}).ok());
     auto reply = shm::ReceiveFrame(fd, 5000);
     EXPECT_TRUE(reply.ok());
     if (reply.ok()) {
       for (int f : reply->fds) close(f);
+      shm::HelloReply r{};
+      std::memcpy(&r, reply->payload.data(), sizeof(r));
+      last_status = r.status;
+      last_message = reply->payload.substr(sizeof(r));
     }
     return fd;
   };
+  // Version 1 clients (no mapped tables) are still served; a version from the future is told
+  // which ones this daemon speaks.
+  close(raw_session(1));
+  EXPECT_EQ(last_status, 0);
+  close(raw_session(shm::kVersion + 1));
+  EXPECT_EQ(last_status, static_cast<int32_t>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_NE(last_message.find("this engramd speaks 1 to 2"), std::string::npos) << last_message;
   // Counts for a table this client never mapped, then impossible counts: ignored, logged.
   const int fd = raw_session();
   shm::CounterReport report{0, 1, 10, 160};

@@ -48,9 +48,18 @@ TEST(HbmResidencyTest, HottestRowsFillFreeSlotsThenSwapOnlyWhenClearlyHotter) {
   EXPECT_EQ(plan.promote[0].row, 40u);
   EXPECT_EQ(plan.promote[0].slot, slot30);
   EXPECT_EQ(plan.demote, std::vector<uint64_t>{30});
-  r.Apply(plan);
-  EXPECT_EQ(r.SlotOf(40), slot30);
+  // Applied in two steps, as the arena does (demotions published before rows are overwritten).
+  r.Apply(HbmPlan{plan.demote, {}});
   EXPECT_EQ(r.SlotOf(30), kernels::kNoSlot);
+  EXPECT_EQ(r.SlotOf(40), kernels::kNoSlot);
+  EXPECT_EQ(r.resident(), 2u);
+  r.Apply(HbmPlan{{}, plan.promote});
+  EXPECT_EQ(r.SlotOf(40), slot30);
+  EXPECT_EQ(r.resident(), 3u);
+  // Every slot is held by exactly one row.
+  std::set<uint32_t> held = {r.SlotOf(10), r.SlotOf(20), r.SlotOf(40)};
+  EXPECT_EQ(held, (std::set<uint32_t>{0, 1, 2}));
+  EXPECT_TRUE(r.NextPlan(10).promote.empty());
 }
 
 TEST(HbmResidencyTest, PlansAreBoundedAndDecayLetsANewHotSetTakeOver) {

@@ -16,7 +16,7 @@ absl::Status CudaStatus(cudaError_t e, const char* what) {
 class CudaHbmArena final : public HbmArena {
  public:
   ~CudaHbmArena() override {
-    for (void* p : {slots_, keys_, values_}) {
+    for (void* p : {slots_, keys_[0], keys_[1], values_[0], values_[1], active_}) {
       if (p != nullptr) cudaFree(p);
     }
     if (staging_ != nullptr) cudaFreeHost(staging_);
@@ -32,17 +32,30 @@ class CudaHbmArena final : public HbmArena {
     if (absl::Status s = CudaStatus(cudaSetDevice(device), "cudaSetDevice"); !s.ok()) return s;
     const uint64_t slot_bytes = static_cast<uint64_t>(capacity_) * static_cast<uint64_t>(row_bytes);
     if (absl::Status s = CudaStatus(cudaMalloc(&slots_, slot_bytes), "allocating row slots"); !s.ok()) return s;
-    if (absl::Status s = CudaStatus(cudaMalloc(&keys_, keys.size() * 8), "allocating the index"); !s.ok()) return s;
-    if (absl::Status s = CudaStatus(cudaMalloc(&values_, values.size() * 4), "allocating the index"); !s.ok()) {
-      return s;
+    for (int b = 0; b < 2; ++b) {
+      if (absl::Status s = CudaStatus(cudaMalloc(&keys_[b], keys.size() * 8), "allocating the index"); !s.ok()) return s;
+      if (absl::Status s = CudaStatus(cudaMalloc(&values_[b], values.size() * 4), "allocating the index"); !s.ok()) {
+        return s;
+      }
     }
-    device_bytes_ = slot_bytes + keys.size() * 12;
-    return UploadIndex(keys, values);
+    if (absl::Status s = CudaStatus(cudaMalloc(&active_, 4), "allocating the index"); !s.ok()) return s;
+    device_bytes_ = slot_bytes + keys.size() * 24 + 4;
+    return PublishIndex(keys, values);
   }
 
   absl::Status ApplyPlan(const HbmPlan& plan, RowTier* source, HbmResidency* residency) override {
-    if (plan.promote.empty()) return absl::OkStatus();
+    if (plan.promote.empty() && plan.demote.empty()) return absl::OkStatus();
     if (absl::Status s = CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
+    for (const HbmMove& m : plan.promote) {
+      if (m.slot >= capacity_) return absl::InvalidArgumentError("HBM plan names a slot out of range");
+    }
+    // (1) Demotions first: the published index stops naming the slots about to be rewritten.
+    if (!plan.demote.empty()) {
+      residency->Apply(HbmPlan{plan.demote, {}});
+      if (absl::Status s = PublishFrom(*residency); !s.ok()) return s;
+    }
+    if (plan.promote.empty()) return absl::OkStatus();
+    // (2) The promoted rows, from the host tier through pinned memory into their slots.
     const uint64_t bytes = plan.promote.size() * static_cast<uint64_t>(row_bytes_);
     if (bytes > staging_bytes_) {
       if (staging_ != nullptr) cudaFreeHost(staging_);
@@ -54,11 +67,9 @@ class CudaHbmArena final : public HbmArena {
       }
       staging_bytes_ = bytes;
     }
-    // Rows from the host tier into pinned memory, then each into its slot.
     std::vector<uint64_t> rows;
     std::vector<uint8_t*> dests;
     for (size_t i = 0; i < plan.promote.size(); ++i) {
-      if (plan.promote[i].slot >= capacity_) return absl::InvalidArgumentError("HBM plan names a slot out of range");
       rows.push_back(plan.promote[i].row);
       dests.push_back(static_cast<uint8_t*>(staging_) + i * row_bytes_);
     }
@@ -71,13 +82,9 @@ class CudaHbmArena final : public HbmArena {
         return s;
       }
     }
-    residency->Apply(plan);
-    std::vector<uint64_t> keys;
-    std::vector<uint32_t> values;
-    uint64_t mask = 0;
-    residency->CopyIndex(&keys, &values, &mask);
-    if (mask != bucket_mask_) return absl::InternalError("HBM tier: the index changed size");
-    return UploadIndex(keys, values);
+    // (3) Now the rows are there: record and publish them.
+    residency->Apply(HbmPlan{{}, plan.promote});
+    return PublishFrom(*residency);
   }
 
   absl::StatusOr<HbmExport> Export() const override {
@@ -87,7 +94,9 @@ class CudaHbmArena final : public HbmArena {
     out.row_bytes = row_bytes_;
     out.device = device_;
     const std::pair<void*, std::string*> parts[] = {
-        {slots_, &out.slots_ipc_handle}, {keys_, &out.keys_ipc_handle}, {values_, &out.values_ipc_handle}};
+        {slots_, &out.slots_ipc_handle},      {keys_[0], &out.keys_ipc_handle[0]},
+        {keys_[1], &out.keys_ipc_handle[1]},  {values_[0], &out.values_ipc_handle[0]},
+        {values_[1], &out.values_ipc_handle[1]}, {active_, &out.active_ipc_handle}};
     for (const auto& [pointer, handle] : parts) {
       cudaIpcMemHandle_t h;
       if (absl::Status s = CudaStatus(cudaIpcGetMemHandle(&h, pointer), "cudaIpcGetMemHandle"); !s.ok()) return s;
@@ -99,14 +108,35 @@ class CudaHbmArena final : public HbmArena {
   uint64_t device_bytes() const override { return device_bytes_; }
 
  private:
-  absl::Status UploadIndex(const std::vector<uint64_t>& keys, const std::vector<uint32_t>& values) {
-    if (absl::Status s = CudaStatus(cudaMemcpy(keys_, keys.data(), keys.size() * 8, cudaMemcpyHostToDevice),
+  absl::Status PublishFrom(const HbmResidency& residency) {
+    std::vector<uint64_t> keys;
+    std::vector<uint32_t> values;
+    uint64_t mask = 0;
+    residency.CopyIndex(&keys, &values, &mask);
+    if (mask != bucket_mask_) return absl::InternalError("HBM tier: the index changed size");
+    return PublishIndex(keys, values);
+  }
+
+  // Writes the buffer readers are not using, then flips `active` to it (one aligned 4-byte copy).
+  absl::Status PublishIndex(const std::vector<uint64_t>& keys, const std::vector<uint32_t>& values) {
+    const uint32_t next = 1 - active_host_;
+    if (absl::Status s = CudaStatus(cudaMemcpy(keys_[next], keys.data(), keys.size() * 8, cudaMemcpyHostToDevice),
                                     "uploading the index");
         !s.ok()) {
       return s;
     }
-    return CudaStatus(cudaMemcpy(values_, values.data(), values.size() * 4, cudaMemcpyHostToDevice),
-                      "uploading the index");
+    if (absl::Status s = CudaStatus(cudaMemcpy(values_[next], values.data(), values.size() * 4,
+                                               cudaMemcpyHostToDevice),
+                                    "uploading the index");
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CudaStatus(cudaMemcpy(active_, &next, 4, cudaMemcpyHostToDevice), "publishing the index");
+        !s.ok()) {
+      return s;
+    }
+    active_host_ = next;
+    return absl::OkStatus();
   }
 
   int device_ = 0;
@@ -115,8 +145,10 @@ class CudaHbmArena final : public HbmArena {
   uint64_t bucket_mask_ = 0;
   uint64_t device_bytes_ = 0;
   void* slots_ = nullptr;
-  void* keys_ = nullptr;
-  void* values_ = nullptr;
+  void* keys_[2] = {nullptr, nullptr};
+  void* values_[2] = {nullptr, nullptr};
+  void* active_ = nullptr;
+  uint32_t active_host_ = 1;  // the first publish writes buffer 0
   void* staging_ = nullptr;
   uint64_t staging_bytes_ = 0;
 };

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "absl/container/flat_hash_set.h"
+
 #include "engram/kernels/hbm_probe.h"
 
 namespace engram {
@@ -69,9 +71,16 @@ HbmPlan HbmResidency::NextPlan(size_t max_moves, double margin) const {
 
 void HbmResidency::Apply(const HbmPlan& plan) {
   std::lock_guard<std::mutex> lock(mu_);
-  for (uint64_t row : plan.demote) row_slot_.erase(row);
+  absl::flat_hash_set<uint32_t> freed;
+  for (uint64_t row : plan.demote) {
+    auto it = row_slot_.find(row);
+    if (it == row_slot_.end()) continue;
+    freed.insert(it->second);
+    row_slot_.erase(it);
+  }
   for (const HbmMove& m : plan.promote) {
     row_slot_[m.row] = m.slot;
+    if (freed.erase(m.slot) > 0) continue;  // a slot this plan's demotions just gave up
     // NextPlan hands out free slots from the back, in order.
     if (!free_slots_.empty() && free_slots_.back() == m.slot) {
       free_slots_.pop_back();
@@ -79,6 +88,7 @@ void HbmResidency::Apply(const HbmPlan& plan) {
       free_slots_.erase(it);
     }
   }
+  free_slots_.insert(free_slots_.end(), freed.begin(), freed.end());
   RebuildIndexLocked();
 }
 

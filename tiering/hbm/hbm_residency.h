@@ -35,8 +35,9 @@ class HbmResidency {
   // Up to `max_moves` promotions (with the demotions that make room). A resident row is displaced
   // only by a row whose count exceeds its own by `margin` (a factor >= 1).
   HbmPlan NextPlan(size_t max_moves, double margin = 1.25) const;
-  // Records that the plan's rows now sit in their slots, and rebuilds the index. REQUIRES: plans
-  // are applied in the order they were made, each before the next NextPlan (one promoter).
+  // Records the plan (demotions free their slots; promotions take theirs) and rebuilds the index.
+  // A plan may be applied in two steps, demotions first. REQUIRES: plans are applied in the
+  // order they were made, each before the next NextPlan (one promoter).
   void Apply(const HbmPlan& plan);
 
   // The slot holding `row`, or kernels::kNoSlot (probes the flat index, as the device does).

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engram/shm_protocol.h"
+#include "engram/shm_socket.h"
 
 namespace engram {
 
@@ -116,6 +117,11 @@ class ShmConnection {
  private:
   friend class MappedTable;
   ShmConnection() = default;
+  static absl::StatusOr<std::unique_ptr<ShmConnection>> ConnectVersion(const std::string& socket_path,
+                                                                       const ShmConnectOptions& options,
+                                                                       uint32_t version);
+  // Sends a control frame and waits for its reply (under mu_).
+  absl::StatusOr<shm::Frame> ControlCallLocked(shm::FrameType type, const std::string& payload);
   absl::Status SendCounters(const std::vector<shm::CounterReport>& reports);
   absl::Status Call(const shm::RequestDescriptor& d, shm::Completion* c);
   absl::StatusOr<absl::Span<const uint8_t>> LookupLocked(const RemoteTable& table, int layer, uint32_t num_tokens,
@@ -129,6 +135,8 @@ class ShmConnection {
   shm::HelloReply reply_{};
   uint32_t request_tail_ = 0, completion_head_ = 0;
   uint64_t next_id_ = 1;
+  uint32_t version_ = shm::kVersion;  // the protocol this connection speaks
+  bool broken_ = false;               // a control reply went missing: every later call is UNAVAILABLE
 };
 
 }  // namespace engram

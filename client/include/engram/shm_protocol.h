@@ -26,7 +26,8 @@
 namespace engram::shm {
 
 inline constexpr uint32_t kMagic = 0x52474e45;  // "ENGR"
-inline constexpr uint32_t kVersion = 1;
+inline constexpr uint32_t kVersion = 2;         // 2: MapTable and CounterReport
+inline constexpr uint32_t kMinVersion = 1;      // the oldest a daemon still serves (no mapped tables)
 inline constexpr uint32_t kMaxRingEntries = 4096;
 inline constexpr uint64_t kHeaderBytes = 4096;
 

@@ -41,7 +41,8 @@ struct ForwardShape {
 void DequantizeRows(const uint8_t* rows, int64_t n_rows, int dim, RowDtype dtype, float* out, int threads = 1);
 
 // Y = V + ShortConv(V) for embeddings E [B*T][M] and hidden states H [B][T][G][D] (the module's
-// output before the block's residual add). `Y` is [B][T][G][D].
+// output before the block's residual add). `Y` is [B][T][G][D]. `threads` splits the loops; the
+// BLAS's own thread count is process-wide and set by the first call.
 absl::Status EngramForwardCpu(const EngramWeights& weights, const ForwardShape& shape, absl::Span<const float> embeddings,
                               absl::Span<const float> hidden, absl::Span<float> out, int threads = 1);
 
