@@ -86,6 +86,10 @@ absl::StatusOr<std::unique_ptr<ShmConnection>> ShmConnection::ConnectVersion(con
 }
 
 ShmConnection::~ShmConnection() {
+  {
+    std::lock_guard<std::mutex> lock(link_->mu);  // mapped tables stop reporting through us
+    link_->connection = nullptr;
+  }
   if (base_ != nullptr) munmap(base_, reply_.arena_bytes);
   for (int fd : {sock_, memfd_, request_efd_, completion_efd_}) {
     if (fd >= 0) close(fd);
@@ -285,7 +289,11 @@ absl::StatusOr<std::unique_ptr<MappedTable>> ShmConnection::MapTable(const Remot
       body.size() != reply.layers * sizeof(shm::MappedLayer)) {
     return absl::DataLossError(absl::StrCat("engramd's map reply for '", table.name, "' does not match its layout"));
   }
-  mapped->connection_ = this;
+  {
+    std::lock_guard<std::mutex> lock(link_->mu);
+    link_->connection = this;
+  }
+  mapped->link_ = link_;
   mapped->table_ = table;
   mapped->row_bytes_ = table.row_bytes;
   for (uint32_t i = 0; i < reply.layers; ++i) {
@@ -333,7 +341,7 @@ absl::StatusOr<std::unique_ptr<MappedTable>> ShmConnection::MapTable(const Remot
 }
 
 MappedTable::~MappedTable() {
-  if (connection_ != nullptr) (void)ReportCounters();
+  if (link_ != nullptr) (void)ReportCounters();
   for (const auto& layer : layers_) munmap(const_cast<uint8_t*>(layer->base), layer->map_bytes);
 }
 
@@ -394,7 +402,12 @@ absl::Status MappedTable::ReportCounters() {
     if (lookups > 0) reports.push_back({table_.id, layer->id, lookups, rows});
   }
   if (reports.empty()) return absl::OkStatus();
-  absl::Status s = connection_->SendCounters(reports);
+  absl::Status s;
+  {
+    std::lock_guard<std::mutex> link_lock(link_->mu);
+    s = link_->connection != nullptr ? link_->connection->SendCounters(reports)
+                                     : absl::UnavailableError("the ShmConnection was closed");
+  }
   if (!s.ok()) {
     // Keep the counts for a later report (to a reconnected daemon, if it comes to that).
     for (const auto& r : reports) {

@@ -255,6 +255,25 @@ TEST_F(ShmTest, AResidentTableIsMappedReadOnlyAndItsLookupsAreCounted) {
   EXPECT_EQ(testing::ReadFile("/proc/self/maps").find("engram-rows:"), std::string::npos);
 }
 
+// A mapped table may outlive its connection: lookups go on from the mapping, reports say the
+// connection is gone, and destroying it afterwards is safe (checked under ASan in tests/run.sh).
+TEST_F(ShmTest, AMappedTableOutlivesItsConnection) {
+  StartDaemon();
+  auto c = Connect();
+  ASSERT_NE(c, nullptr);
+  auto table = c->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  auto mapped = c->MapTable(*table);
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  c.reset();
+  const auto idx = RandomIndices(1, 5, 4);
+  std::vector<uint8_t> out(idx.size() * manifest_->row.bytes);
+  ASSERT_TRUE((*mapped)->Lookup(1, 5, idx, absl::MakeSpan(out)).ok());
+  CheckRows(1, idx, out);
+  EXPECT_EQ((*mapped)->ReportCounters().code(), absl::StatusCode::kUnavailable);
+  mapped->reset();
+}
+
 TEST_F(ShmTest, OnlySharedResidentTablesCanBeMapped) {
   for (const std::vector<std::string>& flags :
        {std::vector<std::string>{"--share-tables=false"}, std::vector<std::string>{"--dram-budget", "1M"}}) {

@@ -49,7 +49,8 @@ class ShmConnection;
 // A resident table's rows mapped read-only into this process (ShmConnection::MapTable): lookups
 // gather from the mapping, with no round trip to the daemon. What was served is counted here and
 // reported to the daemon about once a second (and when the table is destroyed), so its metrics
-// still see the load. Thread-safe. The ShmConnection must outlive it.
+// still see the load. Thread-safe. It may outlive its ShmConnection: lookups keep working from
+// the mapping, and reports then fail with UNAVAILABLE.
 class MappedTable {
  public:
   ~MappedTable();
@@ -77,7 +78,12 @@ class MappedTable {
   };
   MappedTable() = default;
 
-  ShmConnection* connection_ = nullptr;
+  // The connection, cleared (under `mu`) when the connection is destroyed.
+  struct Link {
+    std::mutex mu;
+    ShmConnection* connection = nullptr;
+  };
+  std::shared_ptr<Link> link_;
   RemoteTable table_;
   uint64_t row_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
@@ -136,6 +142,7 @@ class ShmConnection {
   uint32_t request_tail_ = 0, completion_head_ = 0;
   uint64_t next_id_ = 1;
   uint32_t version_ = shm::kVersion;  // the protocol this connection speaks
+  std::shared_ptr<MappedTable::Link> link_ = std::make_shared<MappedTable::Link>();  // shared with MappedTables
   bool broken_ = false;               // a control reply went missing: every later call is UNAVAILABLE
 };
 
