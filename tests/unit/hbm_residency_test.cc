@@ -4,6 +4,7 @@
 // device probes finds every resident row's slot and nothing else.
 #include "tiering/hbm/hbm_residency.h"
 
+#include <random>
 #include <set>
 
 #include "engram/kernels/hbm_probe.h"
@@ -98,6 +99,29 @@ TEST(HbmResidencyTest, FlatIndexFindsEveryResidentRowAndNothingElse) {
     EXPECT_TRUE(seen.insert(slot).second) << "slot " << slot << " given twice";
     EXPECT_EQ(kernels::HbmProbe(keys.data(), slots.data(), mask, row * 7919 + 4), kernels::kNoSlot);
   }
+}
+
+// Rows come and go for many rounds (every demotion deletes from the index in place): the index
+// always answers exactly the resident set, and slots are never shared.
+TEST(HbmResidencyTest, IndexStaysExactUnderChurn) {
+  HbmResidency r(500, /*decay_every=*/3000);
+  std::mt19937_64 rng(7);
+  for (int round = 0; round < 60; ++round) {
+    // A shifting hot window over 5000 rows.
+    for (int i = 0; i < 2000; ++i) Touch(&r, (round * 80 + rng() % 700) % 5000, 1);
+    r.Apply(r.NextPlan(200, 1.1));
+    std::set<uint32_t> slots;
+    size_t found = 0;
+    for (uint64_t row = 0; row < 5000; ++row) {
+      const uint32_t slot = r.SlotOf(row);
+      if (slot == kernels::kNoSlot) continue;
+      ++found;
+      ASSERT_LT(slot, 500u);
+      ASSERT_TRUE(slots.insert(slot).second) << "slot " << slot << " held twice in round " << round;
+    }
+    ASSERT_EQ(found, r.resident()) << "round " << round;
+  }
+  EXPECT_GT(r.resident(), 400u);
 }
 
 }  // namespace

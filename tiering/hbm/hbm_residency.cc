@@ -48,11 +48,14 @@ HbmPlan HbmResidency::NextPlan(size_t max_moves, double margin) const {
   std::partial_sort(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(want), candidates.end(),
                     [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
   candidates.resize(want);
-  // Victims: the coldest resident rows, coldest first.
+  // Victims: the coldest resident rows, coldest first; only as many as could be displaced.
   std::vector<std::pair<double, uint64_t>> victims;
   if (free_slots_.size() < want) {
+    victims.reserve(row_slot_.size());
     for (const auto& [row, slot] : row_slot_) victims.push_back({HeatLocked(row), row});
-    std::sort(victims.begin(), victims.end());
+    const size_t needed = std::min(victims.size(), want - free_slots_.size());
+    std::partial_sort(victims.begin(), victims.begin() + static_cast<std::ptrdiff_t>(needed), victims.end());
+    victims.resize(needed);
   }
   size_t free_used = 0, victim = 0;
   for (const auto& [heat, row] : candidates) {
@@ -77,9 +80,15 @@ void HbmResidency::Apply(const HbmPlan& plan) {
     if (it == row_slot_.end()) continue;
     freed.insert(it->second);
     row_slot_.erase(it);
+    IndexEraseLocked(row);
   }
   for (const HbmMove& m : plan.promote) {
+    if (auto it = row_slot_.find(m.row); it != row_slot_.end()) {  // already resident: move it
+      freed.insert(it->second);
+      IndexEraseLocked(m.row);
+    }
     row_slot_[m.row] = m.slot;
+    IndexInsertLocked(m.row, m.slot);
     if (freed.erase(m.slot) > 0) continue;  // a slot this plan's demotions just gave up
     // NextPlan hands out free slots from the back, in order.
     if (!free_slots_.empty() && free_slots_.back() == m.slot) {
@@ -89,7 +98,35 @@ void HbmResidency::Apply(const HbmPlan& plan) {
     }
   }
   free_slots_.insert(free_slots_.end(), freed.begin(), freed.end());
-  RebuildIndexLocked();
+}
+
+void HbmResidency::IndexInsertLocked(uint64_t row, uint32_t slot) {
+  uint64_t b = kernels::HbmBucketOf(row, bucket_mask_);
+  while (index_keys_[b] != 0 && index_keys_[b] != row + 1) b = (b + 1) & bucket_mask_;
+  index_keys_[b] = row + 1;
+  index_slots_[b] = slot;
+}
+
+// Linear-probing deletion without tombstones: later members of the run that could live in the
+// emptied bucket move back into it, so every probe still ends at a true empty bucket.
+void HbmResidency::IndexEraseLocked(uint64_t row) {
+  uint64_t hole = kernels::HbmBucketOf(row, bucket_mask_);
+  while (index_keys_[hole] != row + 1) {
+    if (index_keys_[hole] == 0) return;  // not present
+    hole = (hole + 1) & bucket_mask_;
+  }
+  for (uint64_t next = (hole + 1) & bucket_mask_; index_keys_[next] != 0; next = (next + 1) & bucket_mask_) {
+    const uint64_t home = kernels::HbmBucketOf(index_keys_[next] - 1, bucket_mask_);
+    // The entry at `next` may move to `hole` when its home is not cyclically within (hole, next].
+    const bool home_in_between = hole <= next ? (hole < home && home <= next) : (hole < home || home <= next);
+    if (!home_in_between) {
+      index_keys_[hole] = index_keys_[next];
+      index_slots_[hole] = index_slots_[next];
+      hole = next;
+    }
+  }
+  index_keys_[hole] = 0;
+  index_slots_[hole] = kernels::kNoSlot;
 }
 
 void HbmResidency::RebuildIndexLocked() {
@@ -98,12 +135,7 @@ void HbmResidency::RebuildIndexLocked() {
   bucket_mask_ = buckets - 1;
   index_keys_.assign(buckets, 0);
   index_slots_.assign(buckets, kernels::kNoSlot);
-  for (const auto& [row, slot] : row_slot_) {
-    uint64_t b = kernels::HbmBucketOf(row, bucket_mask_);
-    while (index_keys_[b] != 0) b = (b + 1) & bucket_mask_;
-    index_keys_[b] = row + 1;
-    index_slots_[b] = slot;
-  }
+  for (const auto& [row, slot] : row_slot_) IndexInsertLocked(row, slot);
 }
 
 uint32_t HbmResidency::SlotOf(uint64_t row) const {

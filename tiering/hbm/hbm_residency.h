@@ -35,7 +35,7 @@ class HbmResidency {
   // Up to `max_moves` promotions (with the demotions that make room). A resident row is displaced
   // only by a row whose count exceeds its own by `margin` (a factor >= 1).
   HbmPlan NextPlan(size_t max_moves, double margin = 1.25) const;
-  // Records the plan (demotions free their slots; promotions take theirs) and rebuilds the index.
+  // Records the plan (demotions free their slots; promotions take theirs) and updates the index.
   // A plan may be applied in two steps, demotions first. REQUIRES: plans are applied in the
   // order they were made, each before the next NextPlan (one promoter).
   void Apply(const HbmPlan& plan);
@@ -48,7 +48,9 @@ class HbmResidency {
   void CopyIndex(std::vector<uint64_t>* keys, std::vector<uint32_t>* slots, uint64_t* bucket_mask) const;
 
  private:
-  void RebuildIndexLocked();
+  void RebuildIndexLocked();  // sizes the index for `slots_` (at most half full); once, at start
+  void IndexInsertLocked(uint64_t row, uint32_t slot);
+  void IndexEraseLocked(uint64_t row);
   double HeatLocked(uint64_t row) const;
 
   const uint32_t slots_;
