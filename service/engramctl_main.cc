@@ -30,8 +30,9 @@ constexpr char kUsage[] =
     "  engramctl pack info DIR\n"
     "  engramctl hash --pack DIR --tokens FILE.i32 --shape B,T --out FILE.i64\n"
     "  engramctl profile --pack DIR --tokens FILE.i32 --out HOTSET [--fraction 0.1]\n"
-    "  engramctl forward --pack DIR --layer L --weights FILE.safetensors --tokens FILE.i32 --shape B,T\n"
-    "                    --hidden FILE.f32 --hc G --out FILE.f32 [--device cpu|cuda|auto]\n"
+    "  engramctl forward --pack DIR | --daemon URI --table NAME  --layer L --weights FILE.safetensors\n"
+    "                    --tokens FILE.i32 --shape B,T --hidden FILE.f32 --hc G --out FILE.f32\n"
+    "                    [--device cpu|cuda|auto]\n"
     "\n"
     "Run a command with --help for its flags.";
 
@@ -276,13 +277,17 @@ absl::Status WriteFile(const std::string& path, const void* data, size_t bytes) 
 
 int Forward(int argc, char** argv) {
   std::string pack, weights_path, tokens, shape, hidden_path, out, device = "cpu", dump_embeddings, dump_indices;
+  std::string daemon_uri, table_name;
   int64_t layer_id = -1, hc = 0, threads = 0;
   FlagSet flags("engramctl forward",
                 "engramctl forward: runs one Engram layer (EngramLayer: hash, look up, dequantize, gate, fuse)\n"
                 "on files, with rows read from the pack itself (no daemon), and writes Y = V + ShortConv(V),\n"
                 "the module's output before the block's residual add. Hidden states and output are\n"
                 "little-endian f32 [B][T][G][D]. For debugging and for checking other implementations.");
-  flags.String("pack", &pack, "pack directory");
+  flags.String("pack", &pack, "pack directory (rows read from it directly)");
+  flags.String("daemon", &daemon_uri,
+               "instead of --pack: fetch rows from a running engramd (unix:///SOCKET or grpc://HOST:PORT)");
+  flags.String("table", &table_name, "with --daemon: the table's name");
   flags.Int("layer", &layer_id, "layer id (as in the pack's manifest)");
   flags.String("weights", &weights_path, "safetensors file with the module's weights (reference state-dict names)");
   flags.String("tokens", &tokens, "raw token ids [B][T], little-endian int32");
@@ -296,10 +301,13 @@ int Forward(int argc, char** argv) {
   flags.String("dump-embeddings", &dump_embeddings, "also write the dequantized rows E [B*T][M] (f32) here");
   flags.String("dump-indices", &dump_indices, "also write the head-local indices [B*T][heads] (uint32) here");
   ParseOrExit(flags, argc, argv, 2, nullptr);
-  if (pack.empty() || weights_path.empty() || tokens.empty() || shape.empty() || hidden_path.empty() || out.empty() ||
-      layer_id < 0 || hc < 1) {
+  if (pack.empty() == daemon_uri.empty() || (!daemon_uri.empty() && table_name.empty())) {
+    return Fail(absl::InvalidArgumentError("give either --pack DIR or --daemon URI with --table NAME"));
+  }
+  if (weights_path.empty() || tokens.empty() || shape.empty() || hidden_path.empty() || out.empty() || layer_id < 0 ||
+      hc < 1) {
     return Fail(absl::InvalidArgumentError(
-        "--pack, --layer, --weights, --tokens, --shape, --hidden, --hc and --out are all required"));
+        "--layer, --weights, --tokens, --shape, --hidden, --hc and --out are all required"));
   }
   std::vector<std::string> parts = absl::StrSplit(shape, ',');
   int batch = 0, seq_len = 0;
@@ -329,26 +337,44 @@ int Forward(int argc, char** argv) {
   const size_t state_values = static_cast<size_t>(batch) * seq_len * weights->branches * weights->hidden;
   auto hidden = ReadF32File(hidden_path, state_values, "--shape x --hc x D");
   if (!hidden.ok()) return Fail(hidden.status());
-  // Rows straight from the pack: resident when it fits a modest budget, else NVMe with a cache.
-  TableOptions table_options;
-  table_options.dram_budget_bytes = 4ull << 30;
-  auto table = Table::Open(pack, table_options);
-  if (!table.ok()) return Fail(table.status());
-  auto dtype = (*table)->manifest().row.dtype;
-  EngineOptions engine_options;
-  engine_options.worker_threads = 0;
-  engine_options.max_batch_rows = UINT64_MAX;
-  Engine engine(engine_options);
-  const Table* t = table->get();
-  if (absl::Status s = engine.AddTable(std::move(*table)); !s.ok()) return Fail(s);
-  RowSource source;
-  source.hasher = &t->hasher();
-  source.dtype = dtype;
-  source.row_dim = static_cast<int>(t->manifest().row.dim);
-  source.lookup = [&](int layer, uint32_t n, absl::Span<const uint32_t> idx, absl::Span<uint8_t> rows) {
-    return engine.Lookup(*t, layer, n, idx, rows, nullptr);
-  };
-  auto layer = EngramLayer::Create(std::move(source), static_cast<int>(layer_id), std::move(*weights), options);
+  absl::StatusOr<std::unique_ptr<EngramLayer>> layer = absl::UnknownError("unset");
+  std::unique_ptr<Engine> engine;
+  std::unique_ptr<Client> client;
+  RowDtype dtype = RowDtype::kF32;
+  if (!daemon_uri.empty()) {
+    // Rows through libengram_client, as an engine gets them.
+    auto connected = Client::Connect(daemon_uri);
+    if (!connected.ok()) return Fail(connected.status());
+    client = std::move(*connected);
+    auto handle = client->OpenTable(table_name);
+    if (!handle.ok()) return Fail(handle.status());
+    auto parsed = ParseRowDtype((*handle)->dtype());
+    if (!parsed.ok()) return Fail(parsed.status());
+    dtype = *parsed;
+    layer = EngramLayer::Create(client.get(), *handle, static_cast<int>(layer_id), std::move(*weights), options);
+  } else {
+    // Rows straight from the pack: resident when it fits a modest budget, else NVMe with a cache.
+    TableOptions table_options;
+    table_options.dram_budget_bytes = 4ull << 30;
+    auto table = Table::Open(pack, table_options);
+    if (!table.ok()) return Fail(table.status());
+    dtype = (*table)->manifest().row.dtype;
+    EngineOptions engine_options;
+    engine_options.worker_threads = 0;
+    engine_options.max_batch_rows = UINT64_MAX;
+    engine = std::make_unique<Engine>(engine_options);
+    const Table* t = table->get();
+    if (absl::Status s = engine->AddTable(std::move(*table)); !s.ok()) return Fail(s);
+    RowSource source;
+    source.hasher = &t->hasher();
+    source.dtype = dtype;
+    source.row_dim = static_cast<int>(t->manifest().row.dim);
+    Engine* e = engine.get();
+    source.lookup = [e, t](int l, uint32_t n, absl::Span<const uint32_t> idx, absl::Span<uint8_t> rows) {
+      return e->Lookup(*t, l, n, idx, rows, nullptr);
+    };
+    layer = EngramLayer::Create(std::move(source), static_cast<int>(layer_id), std::move(*weights), options);
+  }
   if (!layer.ok()) return Fail(layer.status());
   std::vector<float> y(state_values);
   if (absl::Status s = (*layer)->ForwardHost(*ids, batch, seq_len, *hidden, absl::MakeSpan(y)); !s.ok()) return Fail(s);

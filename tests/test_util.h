@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,47 @@ class TempDir {
 };
 
 // A small synthetic pack: two layers (ids 3 and 7), orders 2..max_ngram, tiny prime heads, no lut.
+// Writes an F32 safetensors file of the Engram module's tensors (the reference names) with
+// random values: G branches, hidden size D, embedding width M.
+inline void WriteRandomEngramWeights(const std::string& path, int G, int64_t D, int64_t M, uint32_t seed) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> tensors;
+  for (int g = 0; g < G; ++g) {
+    const std::string i = std::to_string(g);
+    tensors.push_back({"key_projs." + i + ".weight", {D, M}});
+    tensors.push_back({"key_projs." + i + ".bias", {D}});
+    tensors.push_back({"norm1." + i + ".weight", {D}});
+    tensors.push_back({"norm2." + i + ".weight", {D}});
+    tensors.push_back({"short_conv.norms." + i + ".weight", {D}});
+  }
+  tensors.push_back({"value_proj.weight", {D, M}});
+  tensors.push_back({"value_proj.bias", {D}});
+  tensors.push_back({"short_conv.conv.weight", {G * D, 1, 4}});
+  std::string header = "{", data;
+  uint64_t state = seed * 2654435761u + 1;
+  for (const auto& [name, shape] : tensors) {
+    size_t n = 1;
+    std::string dims;
+    for (int64_t d : shape) {
+      n *= static_cast<size_t>(d);
+      dims += (dims.empty() ? "" : ",") + std::to_string(d);
+    }
+    const size_t begin = data.size();
+    for (size_t k = 0; k < n; ++k) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      const float v = (static_cast<float>(state >> 40) / static_cast<float>(1 << 24) - 0.5f) * 0.2f +
+                      (name.find("norm") != std::string::npos ? 1.0f : 0.0f);
+      data.append(reinterpret_cast<const char*>(&v), 4);
+    }
+    header += (header.size() > 1 ? "," : "") + std::string("\"") + name + "\":{\"dtype\":\"F32\",\"shape\":[" + dims +
+              "],\"data_offsets\":[" + std::to_string(begin) + "," + std::to_string(data.size()) + "]}";
+  }
+  header += "}";
+  std::ofstream o(path, std::ios::binary);
+  const uint64_t len = header.size();
+  o.write(reinterpret_cast<const char*>(&len), 8);
+  o << header << data;
+}
+
 inline PackManifest SmallManifest(RowDtype dtype, int dim, int64_t vocab = 97, int max_ngram = 3, int heads = 2) {
   PackManifest m;
   m.name = "small";

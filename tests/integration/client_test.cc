@@ -4,6 +4,9 @@
 // and the example engine integration prints the same checksums over shared memory and gRPC.
 #include "engram/client.h"
 
+#include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "gtest/gtest.h"
@@ -128,6 +131,33 @@ TEST_P(ClientTest, LookupToDeviceExplainsWhyItCannot) {
   // The client still works for host lookups.
   std::vector<uint8_t> out(16 * 128);
   EXPECT_TRUE((*client)->Lookup(**table, 1, 1, idx, absl::MakeSpan(out)).ok());
+}
+
+// EngramLayer with rows through this transport (engramctl forward --daemon) gives exactly the
+// output it gives with rows read from the pack itself.
+TEST_P(ClientTest, ForwardThroughTheDaemonEqualsForwardFromThePack) {
+  const std::string d = dir_->path() + "/forward-" + GetParam();
+  std::filesystem::create_directories(d);
+  const int B = 2, T = 5, G = 2, D = 16;
+  testing::WriteRandomEngramWeights(d + "/w.safetensors", G, D, 16 * 64, 3);
+  std::vector<int32_t> ids(B * T);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(100 + 37 * i);
+  std::ofstream(d + "/ids.i32", std::ios::binary).write(reinterpret_cast<const char*>(ids.data()), ids.size() * 4);
+  std::vector<float> hidden(B * T * G * D);
+  for (size_t i = 0; i < hidden.size(); ++i) hidden[i] = std::sin(0.1f * static_cast<float>(i));
+  std::ofstream(d + "/h.f32", std::ios::binary).write(reinterpret_cast<const char*>(hidden.data()), hidden.size() * 4);
+  const std::string common = " forward --layer 15 --weights " + d + "/w.safetensors --tokens " + d +
+                             "/ids.i32 --shape 2,5 --hidden " + d + "/h.f32 --hc 2 --threads 1";
+  const auto [c1, o1] = RunCommand(std::string(ENGRAMCTL_PATH) + common + " --pack " + dir_->path() + "/pack --out " + d + "/y-pack.f32");
+  ASSERT_EQ(c1, 0) << o1;
+  const auto [c2, o2] = RunCommand(std::string(ENGRAMCTL_PATH) + common + " --daemon " + Uri() + " --table demo --out " + d + "/y-daemon.f32");
+  ASSERT_EQ(c2, 0) << o2;
+  const std::string a = testing::ReadFile(d + "/y-pack.f32"), b = testing::ReadFile(d + "/y-daemon.f32");
+  EXPECT_EQ(a.size(), hidden.size() * 4);
+  EXPECT_TRUE(a == b) << "outputs differ";
+  const auto [c3, o3] = RunCommand(std::string(ENGRAMCTL_PATH) + common + " --daemon " + Uri() + " --out " + d + "/y.f32");
+  EXPECT_EQ(c3, 1);
+  EXPECT_NE(o3.find("--daemon URI with --table NAME"), std::string::npos) << o3;
 }
 
 TEST_P(ClientTest, ExampleEnginePrintsTheFormulasChecksums) {
