@@ -97,6 +97,11 @@ int Run(int argc, char** argv) {
     std::fprintf(stderr, "engramd needs at least one --pack DIR (see --help)\n");
     return 2;
   }
+  uint64_t hbm_bytes = 0;
+  if (absl::Status s = ParseBytes(f.hbm_budget, &hbm_bytes); !s.ok()) {
+    std::fprintf(stderr, "engramd: --hbm-budget: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
   if (f.max_batch_rows < 1) {
     std::fprintf(stderr, "--max-batch-rows must be at least 1\n");
     return 2;
@@ -193,11 +198,6 @@ int Run(int argc, char** argv) {
   // wired into lookups yet, so HBM reports off with the reason, even where a GPU is present.
   bool hbm_enabled = false;
   {
-    uint64_t hbm_bytes = 0;
-    if (absl::Status s = ParseBytes(f.hbm_budget, &hbm_bytes); !s.ok()) {
-      LogError("bad_flag", {{"flag", "--hbm-budget"}, {"error", std::string(s.message())}});
-      return 2;
-    }
     // Probe only when asked: touching the CUDA runtime makes a context that holds GPU memory.
     absl::StatusOr<GpuInfo> gpu = absl::FailedPreconditionError("--hbm-budget is 0");
     if (hbm_bytes > 0) gpu = ProbeGpu(static_cast<int>(f.gpu));
