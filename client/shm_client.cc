@@ -27,12 +27,14 @@ using shm::RequestDescriptor;
 
 absl::StatusOr<std::unique_ptr<ShmConnection>> ShmConnection::Connect(const std::string& path,
                                                                       const ShmConnectOptions& options) {
-  // Speak the newest protocol; a daemon too old for it says so, and then version 1 (no mapped
-  // tables) is tried.
-  auto c = ConnectVersion(path, options, shm::kVersion);
-  if (!c.ok() && c.status().code() == absl::StatusCode::kFailedPrecondition &&
-      c.status().message().find("protocol version") != absl::string_view::npos) {
-    return ConnectVersion(path, options, shm::kMinVersion);
+  // Speak the newest protocol; a daemon too old for it says so, and then the older ones are tried.
+  absl::StatusOr<std::unique_ptr<ShmConnection>> c;
+  for (uint32_t version = shm::kVersion; version >= shm::kMinVersion; --version) {
+    c = ConnectVersion(path, options, version);
+    if (c.ok() || c.status().code() != absl::StatusCode::kFailedPrecondition ||
+        c.status().message().find("protocol version") == absl::string_view::npos) {
+      break;
+    }
   }
   return c;
 }
@@ -89,6 +91,10 @@ ShmConnection::~ShmConnection() {
   {
     std::lock_guard<std::mutex> lock(link_->mu);  // mapped tables stop reporting through us
     link_->connection = nullptr;
+  }
+  {
+    std::unique_lock<std::shared_mutex> lock(link_->arena_mu);  // ... and stop using HBM pins here
+    link_->arena = nullptr;
   }
   if (base_ != nullptr) munmap(base_, reply_.arena_bytes);
   for (int fd : {sock_, memfd_, request_efd_, completion_efd_}) {
@@ -247,6 +253,12 @@ int64_t NowNs() {
 
 }  // namespace
 
+absl::Status ShmConnection::SendFrame(shm::FrameType type, const std::string& payload) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (broken_) return absl::UnavailableError("this connection to engramd is broken; reconnect");
+  return shm::SendFrame(sock_, type, payload, {});
+}
+
 absl::Status ShmConnection::SendCounters(const std::vector<shm::CounterReport>& reports) {
   std::lock_guard<std::mutex> lock(mu_);
   if (broken_) return absl::UnavailableError("this connection to engramd is broken; reconnect");
@@ -337,12 +349,195 @@ absl::StatusOr<std::unique_ptr<MappedTable>> ShmConnection::MapTable(const Remot
   }
   mapped->report_interval_ns_ = static_cast<int64_t>(options_.mapped_report_interval_ms) * 1'000'000;
   mapped->last_report_ns_.store(NowNs());
+  mapped->version_ = version_;
+  if (version_ >= 3 && options_.use_hbm) {
+    // Without an HBM tier (the usual case: no GPU) the table is served from the mapping alone.
+    (void)MapHbm(mapped.get(), info);
+  }
   return mapped;
+}
+
+absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& info) {
+  shm::Frame frame;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const shm::MapTableRequest request{mapped->table_.id};
+    auto got = ControlCallLocked(shm::FrameType::kMapHbm,
+                                 std::string(reinterpret_cast<const char*>(&request), sizeof(request)));
+    if (!got.ok()) return got.status();
+    frame = std::move(*got);
+  }
+  struct Closer {
+    std::vector<int>* fds;
+    ~Closer() {
+      for (int fd : *fds) close(fd);
+    }
+  } closer{&frame.fds};
+  shm::MapTableReply reply{};
+  if (frame.type != shm::FrameType::kMapHbmReply || frame.payload.size() < sizeof(reply)) {
+    return absl::UnavailableError("engramd sent no valid HBM map reply");
+  }
+  std::memcpy(&reply, frame.payload.data(), sizeof(reply));
+  const std::string body = frame.payload.substr(sizeof(reply));
+  if (reply.status != 0) return absl::Status(static_cast<absl::StatusCode>(reply.status), body);
+  if (reply.layers != static_cast<uint32_t>(info.layers_size()) || body.size() != reply.layers * sizeof(shm::HbmLayer)) {
+    return absl::DataLossError("engramd's HBM map reply does not match the table's layout");
+  }
+  std::vector<shm::HbmLayer> layers(reply.layers);
+  std::memcpy(layers.data(), body.data(), body.size());
+  const bool host = reply.layers > 0 && layers[0].kind == static_cast<uint32_t>(shm::HbmKind::kHost);
+  if (frame.fds.size() != reply.layers * (host ? 2u : 1u)) {
+    return absl::DataLossError("engramd's HBM map reply carries the wrong number of files");
+  }
+  // Check everything before anything is attached: the mappings are made into a staging list.
+  struct Staged {
+    const kernels::HbmIndexHeader* index = nullptr;
+    uint64_t index_bytes = 0;
+    const uint8_t* slots = nullptr;
+    uint64_t slot_bytes = 0;
+  };
+  std::vector<Staged> staged(reply.layers);
+  auto unmap_all = [&] {
+    for (const Staged& st : staged) {
+      if (st.index != nullptr) munmap(const_cast<kernels::HbmIndexHeader*>(st.index), st.index_bytes);
+      if (st.slots != nullptr) munmap(const_cast<uint8_t*>(st.slots), st.slot_bytes);
+    }
+  };
+  auto map_ro = [](int fd, uint64_t bytes) -> const uint8_t* {
+    struct stat st {};
+    const int seals = fcntl(fd, F_GET_SEALS);
+    if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes || seals < 0 || (seals & F_SEAL_SHRINK) == 0) {
+      return nullptr;
+    }
+    void* p = mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? nullptr : static_cast<const uint8_t*>(p);
+  };
+  for (uint32_t i = 0; i < reply.layers; ++i) {
+    const shm::HbmLayer& m = layers[i];
+    const MappedTable::Layer* layer = i < mapped->layers_.size() ? mapped->layers_[i].get() : nullptr;
+    const bool kind_ok = m.kind == (host ? static_cast<uint32_t>(shm::HbmKind::kHost)
+                                         : static_cast<uint32_t>(shm::HbmKind::kCuda));
+    const bool pins_ok = m.first_pin <= shm::kMaxHbmPins - shm::kPinsPerHbmLayer;
+    const uint8_t* index = (layer != nullptr && kind_ok && pins_ok && m.row_bytes == mapped->row_bytes_ &&
+                            m.layer_id == layer->id && m.index_bytes >= sizeof(kernels::HbmIndexHeader))
+                               ? map_ro(frame.fds[host ? 2 * i : i], m.index_bytes)
+                               : nullptr;
+    if (index == nullptr) {
+      unmap_all();
+      return absl::DataLossError(absl::StrCat("engramd's HBM tier of '", mapped->table_.name, "' layer ", m.layer_id,
+                                              " does not match the table, or its index cannot be mapped"));
+    }
+    staged[i].index = reinterpret_cast<const kernels::HbmIndexHeader*>(index);
+    staged[i].index_bytes = m.index_bytes;
+    const kernels::HbmIndexHeader* h = staged[i].index;
+    const uint64_t buckets = h->bucket_mask + 1;
+    bool ok = h->magic == kernels::kHbmIndexMagic && h->version == kernels::kHbmIndexVersion &&
+              h->slots == m.slots && h->row_bytes == m.row_bytes && (buckets & h->bucket_mask) == 0 &&
+              buckets <= (m.index_bytes >> 3) && h->total_bytes == m.index_bytes;
+    for (int b = 0; ok && b < 2; ++b) {
+      ok = h->keys_offset[b] % 8 == 0 && h->values_offset[b] % 4 == 0 && h->keys_offset[b] <= m.index_bytes &&
+           buckets * 8 <= m.index_bytes - h->keys_offset[b] && h->values_offset[b] <= m.index_bytes &&
+           buckets * 4 <= m.index_bytes - h->values_offset[b];
+    }
+    if (ok && host) {
+      ok = m.slot_bytes >= uint64_t{m.slots} * m.row_bytes;
+      staged[i].slots = ok ? map_ro(frame.fds[2 * i + 1], m.slot_bytes) : nullptr;
+      staged[i].slot_bytes = m.slot_bytes;
+      ok = staged[i].slots != nullptr;
+    }
+    if (!ok) {
+      unmap_all();
+      return absl::DataLossError(absl::StrCat("engramd's HBM index of '", mapped->table_.name, "' layer ", m.layer_id,
+                                              " is not laid out as its header says"));
+    }
+  }
+  {
+    std::unique_lock<std::shared_mutex> lock(link_->arena_mu);
+    link_->arena = header();
+  }
+  for (uint32_t i = 0; i < reply.layers; ++i) {
+    MappedTable::Layer* layer = mapped->layers_[i].get();
+    layer->hbm_index = staged[i].index;
+    layer->hbm_index_bytes = staged[i].index_bytes;
+    layer->hbm_slots = staged[i].slots;
+    layer->hbm_slot_bytes = staged[i].slot_bytes;
+    layer->hbm_slot_count = layers[i].slots;
+    layer->first_pin = layers[i].first_pin;
+  }
+  // A GPU store's slots are reached through its IPC handles on the device path; the host path
+  // (Lookup) gathers from host stores only.
+  mapped->hbm_access_ = host ? MappedTable::HbmAccess::kHost : MappedTable::HbmAccess::kCuda;
+  return absl::OkStatus();
 }
 
 MappedTable::~MappedTable() {
   if (link_ != nullptr) (void)ReportCounters();
-  for (const auto& layer : layers_) munmap(const_cast<uint8_t*>(layer->base), layer->map_bytes);
+  for (const auto& layer : layers_) {
+    munmap(const_cast<uint8_t*>(layer->base), layer->map_bytes);
+    if (layer->hbm_index != nullptr) {
+      munmap(const_cast<kernels::HbmIndexHeader*>(layer->hbm_index), layer->hbm_index_bytes);
+    }
+    if (layer->hbm_slots != nullptr) munmap(const_cast<uint8_t*>(layer->hbm_slots), layer->hbm_slot_bytes);
+  }
+}
+
+uint64_t MappedTable::hbm_rows_served(int layer_id) const {
+  for (const auto& layer : layers_) {
+    if (layer->id == layer_id) return layer->hbm_rows_total.load(std::memory_order_relaxed);
+  }
+  return 0;
+}
+
+namespace {
+constexpr uint32_t kSampleEvery = 64;
+}  // namespace
+
+void MappedTable::Sample(Layer* layer, absl::Span<const uint64_t> rows) {
+  std::lock_guard<std::mutex> lock(layer->sample_mu);
+  const uint64_t start = layer->sample_tick++ % kSampleEvery;
+  for (size_t i = start; i < rows.size() && layer->samples.size() < shm::kMaxAccessSamples; i += kSampleEvery) {
+    layer->samples.push_back(rows[i]);
+  }
+}
+
+bool MappedTable::GatherWithHbm(Layer* layer, absl::Span<const uint64_t> rows, absl::Span<uint8_t> out) {
+  std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
+  if (link_->arena == nullptr) return false;  // the connection is gone: nobody protects the slots
+  // A pin of our own (one reader per pin).
+  uint32_t busy = layer->pins_busy.load(std::memory_order_relaxed);
+  uint32_t k = 0;
+  for (;;) {
+    while (k < shm::kPinsPerHbmLayer && (busy & (1u << k)) != 0) ++k;
+    if (k == shm::kPinsPerHbmLayer) return false;
+    if (layer->pins_busy.compare_exchange_weak(busy, busy | (1u << k), std::memory_order_acquire)) break;
+    k = 0;
+  }
+  std::atomic<uint64_t>& pin = link_->arena->hbm_pins[layer->first_pin + k];
+  const kernels::HbmIndexHeader* h = layer->hbm_index;
+  uint64_t g;
+  for (;;) {
+    g = h->generation.load(std::memory_order_acquire);
+    pin.store(g + 1, std::memory_order_seq_cst);
+    if (h->generation.load(std::memory_order_seq_cst) == g) break;
+  }
+  const auto* base = reinterpret_cast<const uint8_t*>(h);
+  const int b = static_cast<int>(g & 1);
+  const auto* keys = reinterpret_cast<const uint64_t*>(base + h->keys_offset[b]);
+  const auto* values = reinterpret_cast<const uint32_t*>(base + h->values_offset[b]);
+  uint64_t hits = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const uint32_t slot = kernels::HbmProbe(keys, values, h->bucket_mask, rows[i]);
+    const uint8_t* src = slot < layer->hbm_slot_count ? layer->hbm_slots + uint64_t{slot} * row_bytes_
+                                                      : layer->base + rows[i] * row_bytes_;
+    hits += slot < layer->hbm_slot_count ? 1 : 0;
+    std::memcpy(out.data() + i * row_bytes_, src, row_bytes_);
+  }
+  pin.store(0, std::memory_order_seq_cst);
+  layer->pins_busy.fetch_and(~(1u << k), std::memory_order_release);
+  layer->hbm_rows.fetch_add(hits, std::memory_order_relaxed);
+  layer->hbm_rows_total.fetch_add(hits, std::memory_order_relaxed);
+  layer->rows.fetch_add(rows.size() - hits, std::memory_order_relaxed);
+  return true;
 }
 
 uint64_t MappedTable::mapped_bytes() const {
@@ -383,11 +578,16 @@ absl::Status MappedTable::Lookup(int layer_id, uint32_t num_tokens, absl::Span<c
       rows[i] = layer->head_offset[h] + indices[i];
     }
   }
-  kernels::GatherRowsHost(
-      layer->base, row_bytes_, total, [&](size_t i) { return rows[i]; },
-      [&](size_t i) { return out.data() + i * row_bytes_; });
+  const bool hbm = hbm_access_ == HbmAccess::kHost && layer->hbm_index != nullptr &&
+                   GatherWithHbm(layer, absl::MakeConstSpan(rows), out);
+  if (!hbm) {
+    kernels::GatherRowsHost(
+        layer->base, row_bytes_, total, [&](size_t i) { return rows[i]; },
+        [&](size_t i) { return out.data() + i * row_bytes_; });
+    layer->rows.fetch_add(total, std::memory_order_relaxed);
+  }
+  if (layer->hbm_index != nullptr) Sample(layer, rows);
   layer->lookups.fetch_add(1, std::memory_order_relaxed);
-  layer->rows.fetch_add(total, std::memory_order_relaxed);
   if (NowNs() - last_report_ns_.load(std::memory_order_relaxed) >= report_interval_ns_) return ReportCounters();
   return absl::OkStatus();
 }
@@ -398,15 +598,35 @@ absl::Status MappedTable::ReportCounters() {
   std::vector<shm::CounterReport> reports;
   for (const auto& layer : layers_) {
     const uint64_t lookups = layer->lookups.exchange(0, std::memory_order_relaxed);
-    const uint64_t rows = layer->rows.exchange(0, std::memory_order_relaxed);
+    const uint64_t rows = layer->rows.exchange(0, std::memory_order_relaxed);  // from the DRAM mapping
     if (lookups > 0) reports.push_back({table_.id, layer->id, lookups, rows});
   }
-  if (reports.empty()) return absl::OkStatus();
+  // HBM layers: rows from the slots and the sampled rows, one AccessReport frame each (best
+  // effort: a lost sample only slows promotion).
+  std::vector<std::string> access;
+  for (const auto& layer : layers_) {
+    if (layer->hbm_index == nullptr || version_ < 3) continue;
+    std::vector<uint64_t> samples;
+    {
+      std::lock_guard<std::mutex> lock(layer->sample_mu);
+      samples.swap(layer->samples);
+    }
+    const uint64_t hbm_rows = layer->hbm_rows.exchange(0, std::memory_order_relaxed);
+    if (samples.empty() && hbm_rows == 0) continue;
+    shm::AccessReport r{table_.id, layer->id, hbm_rows, static_cast<uint32_t>(samples.size()), 0};
+    std::string payload(reinterpret_cast<const char*>(&r), sizeof(r));
+    payload.append(reinterpret_cast<const char*>(samples.data()), samples.size() * 8);
+    access.push_back(std::move(payload));
+  }
+  if (reports.empty() && access.empty()) return absl::OkStatus();
   absl::Status s;
   {
     std::lock_guard<std::mutex> link_lock(link_->mu);
-    s = link_->connection != nullptr ? link_->connection->SendCounters(reports)
-                                     : absl::UnavailableError("the ShmConnection was closed");
+    s = link_->connection != nullptr ? absl::OkStatus() : absl::UnavailableError("the ShmConnection was closed");
+    if (s.ok() && !reports.empty()) s = link_->connection->SendCounters(reports);
+    for (size_t i = 0; s.ok() && i < access.size(); ++i) {
+      s = link_->connection->SendFrame(shm::FrameType::kAccessReport, access[i]);
+    }
   }
   if (!s.ok()) {
     // Keep the counts for a later report (to a reconnected daemon, if it comes to that).

@@ -58,7 +58,7 @@ void DaemonMetrics::RecordLookup(const Table& table, const LookupStats& stats) {
   }
 }
 
-void DaemonMetrics::RecordMappedLookups(const Table& table, uint64_t lookups, uint64_t rows) {
+void DaemonMetrics::RecordMappedLookups(const Table& table, uint64_t lookups, uint64_t rows, TierKind tier) {
   registry_
       ->GetCounter("engram_mapped_lookups_total",
                    "Lookups clients served themselves from a mapped table (as they reported them)", {"table"},
@@ -66,7 +66,7 @@ void DaemonMetrics::RecordMappedLookups(const Table& table, uint64_t lookups, ui
       ->Add(static_cast<double>(lookups));
   LookupStats stats;
   stats.rows_requested = stats.rows_read = rows;
-  stats.tiers.rows[static_cast<int>(TierKind::kDram)] = rows;
+  stats.tiers.rows[static_cast<int>(tier)] = rows;
   RecordLookup(table, stats);
   registry_
       ->GetCounter("engram_mapped_rows_total",
@@ -107,6 +107,39 @@ void DaemonMetrics::RecordTables(const Engine& engine, bool hbm_enabled) {
 void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
   std::lock_guard<std::mutex> lock(refresh_mu_);
   for (const Table* table : engine.tables()) {
+    uint64_t hbm_bytes = 0;
+    bool has_hbm = false;
+    for (const auto& layer : table->layers()) {
+      if (layer.hbm == nullptr) continue;
+      has_hbm = true;
+      const HbmTierStats hs = layer.hbm->stats();
+      hbm_bytes += layer.hbm->store()->bytes();
+      const std::vector<std::string> labels = {table->name(), absl::StrCat(layer.pack_layer->id)};
+      const std::vector<std::string> names = {"table", "layer"};
+      auto mirror = [&](const std::string& name, const std::string& help, uint64_t value) {
+        Counter* c = registry_->GetCounter(name, help, names, labels);
+        const double delta = static_cast<double>(value) - c->value();
+        if (delta > 0) c->Add(delta);
+      };
+      registry_->GetGauge("engram_hbm_resident_rows", "Rows held in the HBM tier", names, labels)
+          ->Set(static_cast<double>(hs.resident));
+      registry_->GetGauge("engram_hbm_slots", "Rows the HBM tier can hold", names, labels)
+          ->Set(static_cast<double>(layer.hbm->store()->slots()));
+      registry_->GetGauge("engram_hbm_readers", "Client pins watched by the HBM tier", names, labels)
+          ->Set(static_cast<double>(hs.readers));
+      mirror("engram_hbm_promotions_total", "Rows copied into the HBM tier", hs.promotions);
+      mirror("engram_hbm_demotions_total", "Rows dropped from the HBM tier to make room", hs.demotions);
+      mirror("engram_hbm_index_publications_total", "Index generations published to HBM readers", hs.generation);
+      mirror("engram_hbm_stalls_total", "Promoter steps held back by a reader still on an older index", hs.stalls);
+      mirror("engram_hbm_samples_total", "Row accesses the HBM promoter counted (sampled)", hs.samples);
+      mirror("engram_hbm_samples_dropped_total", "Sampled row accesses dropped (promoter behind)", hs.samples_dropped);
+    }
+    if (has_hbm) {
+      registry_
+          ->GetGauge("engram_table_resident_bytes", "Bytes of each table held in each memory tier",
+                     {"table", "tier"}, {table->name(), "hbm"})
+          ->Set(static_cast<double>(hbm_bytes));
+    }
     for (const auto& layer : table->layers()) {
       const auto* tier = dynamic_cast<const CachedNvmeTier*>(layer.tier.get());
       if (tier == nullptr) continue;

@@ -21,12 +21,13 @@ class DaemonMetrics {
                      double seconds);
   // Rows a lookup returned and where they came from.
   void RecordLookup(const Table& table, const LookupStats& stats);
-  // What a client served itself from a mapped table (its batched report).
-  void RecordMappedLookups(const Table& table, uint64_t lookups, uint64_t rows);
+  // What a client served itself from a mapped table (its batched report): rows from the DRAM
+  // mapping, or from the HBM tier's slots.
+  void RecordMappedLookups(const Table& table, uint64_t lookups, uint64_t rows, TierKind tier = TierKind::kDram);
   // Tables and tiers, set once at start-up.
   void RecordTables(const Engine& engine, bool hbm_enabled);
   void SetReady(bool ready);
-  // Cache and NVMe figures, read from the tiers (at each scrape).
+  // Cache, NVMe and HBM figures, read from the tiers (at each scrape).
   void RefreshTierGauges(const Engine& engine);
 
   MetricsRegistry* registry() const { return registry_; }

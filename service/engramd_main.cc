@@ -16,7 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "service/cli_flags.h"
-#include "tiering/hbm/gpu_probe.h"
+#include "service/hbm_setup.h"
 #include "service/daemon_metrics.h"
 #include "service/grpc_service.h"
 #include "service/http_endpoint.h"
@@ -58,6 +58,8 @@ struct DaemonFlags {
   std::string max_client_arena = "1G";
   std::string hbm_budget = "0";
   int64_t gpu = 0;
+  std::string hbm_store = "auto";
+  int64_t hbm_step_ms = 20;
 };
 
 int Run(int argc, char** argv) {
@@ -71,6 +73,12 @@ int Run(int argc, char** argv) {
                "GPU memory for the hottest rows (e.g. 8G); 0: no HBM tier. Needs a CUDA device; without\n"
                "                              one engramd says so at start and serves DRAM and NVMe");
   flags.Int("gpu", &f.gpu, "CUDA device for the HBM tier");
+  flags.String("hbm-store", &f.hbm_store,
+               "auto|cuda|host: where the HBM tier's slots live. auto: the GPU when there is one, else\n"
+               "                              no HBM tier; cuda: the GPU or fail; host: host memory, for\n"
+               "                              testing the tier (promotion, published index, client pins)\n"
+               "                              on machines without a GPU; no faster than DRAM");
+  flags.Int("hbm-step-ms", &f.hbm_step_ms, "milliseconds between HBM promotion rounds");
   flags.Int("max-batch-rows", &f.max_batch_rows,
             "largest request in rows (tokens x heads); larger ones get RESOURCE_EXHAUSTED");
   flags.Int("worker-threads", &f.worker_threads,
@@ -100,6 +108,15 @@ int Run(int argc, char** argv) {
   uint64_t hbm_bytes = 0;
   if (absl::Status s = ParseBytes(f.hbm_budget, &hbm_bytes); !s.ok()) {
     std::fprintf(stderr, "engramd: --hbm-budget: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  HbmSetupOptions hbm_options;
+  hbm_options.budget_bytes = hbm_bytes;
+  hbm_options.gpu = static_cast<int>(f.gpu);
+  hbm_options.store = f.hbm_store;
+  hbm_options.step_ms = static_cast<int>(std::clamp<int64_t>(f.hbm_step_ms, 0, 1 << 30));
+  if (absl::Status s = CheckHbmOptions(hbm_options); !s.ok()) {
+    std::fprintf(stderr, "engramd: %s\n", std::string(s.message()).c_str());
     return 2;
   }
   if (f.max_batch_rows < 1) {
@@ -194,27 +211,13 @@ int Run(int argc, char** argv) {
     LogError("warm_failed", {{"error", std::string(s.message())}});
     return 1;
   }
-  // The HBM tier: residency planning is built (tiering/hbm); serving rows from device slots is not
-  // wired into lookups yet, so HBM reports off with the reason, even where a GPU is present.
-  bool hbm_enabled = false;
-  {
-    // Probe only when asked: touching the CUDA runtime makes a context that holds GPU memory.
-    absl::StatusOr<GpuInfo> gpu = absl::FailedPreconditionError("--hbm-budget is 0");
-    if (hbm_bytes > 0) gpu = ProbeGpu(static_cast<int>(f.gpu));
-    std::string reason;
-    if (!gpu.ok()) {
-      reason = std::string(gpu.status().message());
-    } else {
-      reason = "serving from HBM slots is not implemented in this version";
-    }
-    std::vector<LogField> fields = {{"reason", reason}};
-    if (gpu.ok()) {
-      fields.push_back({"gpu", absl::StrCat(gpu->device, " (", gpu->name, ")")});
-      fields.push_back({"gpu_free_bytes", absl::StrCat(gpu->free_bytes)});
-    }
-    LogFields(hbm_bytes > 0 ? "WARN" : "INFO", "tier_hbm_off", fields);
+  auto hbm_enabled = SetUpHbm(hbm_options, &engine);
+  if (!hbm_enabled.ok()) {
+    LogError("tier_hbm_failed", {{"error", std::string(hbm_enabled.status().message())}});
+    return 1;
   }
-  metrics.RecordTables(engine, hbm_enabled);
+  metrics.RecordTables(engine, *hbm_enabled);
+  HbmPromoter promoter(&engine, hbm_options.step_ms);
   metrics.RefreshTierGauges(engine);
 
   scraped_engine.store(&engine);
@@ -281,6 +284,7 @@ int Run(int argc, char** argv) {
                    std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000)));
   server->Wait();
   if (shm_server) shm_server->Stop();
+  promoter.Stop();
   {
     std::lock_guard<std::mutex> lock(snapshot_mu);
     stopping = true;

@@ -35,7 +35,25 @@ struct ShmServer::Session {
   std::atomic<bool> done{false};
 };
 
+// What one client has mapped, and the HBM pins of its arena the HBM tiers watch (removed from
+// them before the arena goes away).
+struct ShmServer::ClientState {
+  ArenaHeader* header = nullptr;
+  std::vector<bool> mapped;      // tables this client mapped (it may report on those)
+  std::vector<bool> hbm_mapped;  // tables whose HBM tiers it maps
+  uint32_t next_pin = 0;
+  std::vector<std::pair<HbmTier*, const std::atomic<uint64_t>*>> readers;
+  ~ClientState() {
+    for (const auto& [tier, pin] : readers) tier->RemoveReader(pin);
+  }
+};
+
 namespace {
+
+// A read-only descriptor of the same file (a client can then map it PROT_READ only).
+int ReopenReadOnly(int fd) {
+  return open(absl::StrCat("/proc/self/fd/", fd).c_str(), O_RDONLY | O_CLOEXEC);
+}
 
 bool UsableDir(const std::string& dir) {
   std::error_code ec;
@@ -236,7 +254,8 @@ void ShmServer::AcceptLoop() {
 }
 
 absl::Status ShmServer::HandleControlFrame(const shm::Frame& frame, int sock, const std::vector<const Table*>& tables,
-                                           std::vector<bool>* mapped, const std::string& who) {
+                                           ClientState* client, const std::string& who) {
+  std::vector<bool>* mapped = &client->mapped;
   auto id_of = [&](const Table* table) {
     for (size_t i = 0; i < tables.size(); ++i) {
       if (tables[i] == table) return static_cast<uint32_t>(i);
@@ -336,10 +355,149 @@ absl::Status ShmServer::HandleControlFrame(const shm::Frame& frame, int sock, co
       }
       return absl::OkStatus();
     }
+    case shm::FrameType::kMapHbm:
+      return HandleMapHbm(frame, sock, tables, client, who);
+    case shm::FrameType::kAccessReport:
+      return HandleAccessReport(frame, tables, client, who);
     default:
       return absl::InvalidArgumentError(absl::StrCat("protocol violation: unexpected frame type ",
                                                      static_cast<uint32_t>(frame.type)));
   }
+}
+
+absl::Status ShmServer::HandleMapHbm(const shm::Frame& frame, int sock, const std::vector<const Table*>& tables,
+                                     ClientState* client, const std::string& who) {
+  shm::MapTableRequest request{};
+  if (frame.payload.size() != sizeof(request)) {
+    return absl::InvalidArgumentError("protocol violation: MapHbm frame of the wrong size");
+  }
+  std::memcpy(&request, frame.payload.data(), sizeof(request));
+  const Table* table = request.table_id < tables.size() ? tables[request.table_id] : nullptr;
+  absl::Status refusal;
+  if (table == nullptr || !client->mapped[request.table_id]) {
+    refusal = absl::FailedPreconditionError(absl::StrCat("table id ", request.table_id,
+                                                         " is not mapped by this client (MapTable first)"));
+  } else if (client->hbm_mapped[request.table_id]) {
+    refusal = absl::AlreadyExistsError(absl::StrCat("table '", table->name(), "' HBM tier is mapped already"));
+  } else {
+    for (const auto& layer : table->layers()) {
+      if (layer.hbm == nullptr) {
+        refusal = absl::FailedPreconditionError(
+            absl::StrCat("table '", table->name(), "' layer ", layer.pack_layer->id, " has no HBM tier"));
+        break;
+      }
+    }
+    const uint64_t pins = static_cast<uint64_t>(table->layers().size()) * shm::kPinsPerHbmLayer;
+    if (refusal.ok() && client->next_pin + pins > shm::kMaxHbmPins) {
+      refusal = absl::ResourceExhaustedError(absl::StrCat("a client may map the HBM tiers of at most ",
+                                                          shm::kMaxHbmPins / shm::kPinsPerHbmLayer, " layers"));
+    }
+  }
+  shm::MapTableReply reply{};
+  std::string body;
+  std::vector<int> fds;
+  struct Closer {
+    std::vector<int>* fds;
+    ~Closer() {
+      for (int fd : *fds) close(fd);
+    }
+  } closer{&fds};
+  if (refusal.ok()) {
+    for (const auto& layer : table->layers()) {
+      HbmTier* tier = layer.hbm.get();
+      shm::HbmLayer m{};
+      m.layer_id = layer.pack_layer->id;
+      m.kind = static_cast<uint32_t>(tier->store()->kind());
+      m.first_pin = client->next_pin + static_cast<uint32_t>(body.size() / sizeof(m)) * shm::kPinsPerHbmLayer;
+      m.slots = tier->store()->slots();
+      m.row_bytes = static_cast<uint64_t>(tier->store()->row_bytes());
+      m.index_bytes = tier->index_bytes();
+      fds.push_back(ReopenReadOnly(tier->index_fd()));
+      if (tier->store()->kind() == HbmStoreKind::kHost) {
+        m.slot_bytes = tier->store()->bytes();
+        fds.push_back(ReopenReadOnly(tier->store()->host_fd()));
+      } else {
+        auto ipc = tier->store()->ExportIpc();
+        if (!ipc.ok()) {
+          refusal = ipc.status();
+          break;
+        }
+        m.device = ipc->device;
+        std::memcpy(m.ipc_slots, ipc->slots.data(), std::min(ipc->slots.size(), sizeof(m.ipc_slots)));
+        for (int b = 0; b < 2; ++b) {
+          std::memcpy(m.ipc_keys[b], ipc->keys[b].data(), std::min(ipc->keys[b].size(), sizeof(m.ipc_keys[b])));
+          std::memcpy(m.ipc_values[b], ipc->values[b].data(),
+                      std::min(ipc->values[b].size(), sizeof(m.ipc_values[b])));
+        }
+      }
+      if (std::find(fds.begin(), fds.end(), -1) != fds.end()) {
+        refusal = absl::InternalError(absl::StrCat("reopening the HBM tier's files read-only: ", std::strerror(errno)));
+        break;
+      }
+      body.append(reinterpret_cast<const char*>(&m), sizeof(m));
+    }
+  }
+  if (!refusal.ok()) {
+    reply.status = static_cast<int32_t>(refusal.code());
+    body = std::string(refusal.message());
+    return shm::SendFrame(sock, shm::FrameType::kMapHbmReply,
+                          std::string(reinterpret_cast<const char*>(&reply), sizeof(reply)) + body, {});
+  }
+  // The pins are watched from now on: a step never rewrites what a pinned reader may be reading.
+  uint32_t pin = client->next_pin;
+  for (const auto& layer : table->layers()) {
+    for (uint32_t k = 0; k < shm::kPinsPerHbmLayer; ++k, ++pin) {
+      const std::atomic<uint64_t>* p = &client->header->hbm_pins[pin];
+      layer.hbm->AddReader(p);
+      client->readers.push_back({layer.hbm.get(), p});
+    }
+  }
+  client->next_pin = pin;
+  client->hbm_mapped[request.table_id] = true;
+  reply.layers = static_cast<uint32_t>(table->layers().size());
+  LogInfo("shm_hbm_mapped", {{"pid", who}, {"table", table->name()}, {"layers", absl::StrCat(reply.layers)},
+                             {"store", table->layers()[0].hbm->store()->description()}});
+  return shm::SendFrame(sock, shm::FrameType::kMapHbmReply,
+                        std::string(reinterpret_cast<const char*>(&reply), sizeof(reply)) + body, fds);
+}
+
+absl::Status ShmServer::HandleAccessReport(const shm::Frame& frame, const std::vector<const Table*>& tables,
+                                           ClientState* client, const std::string& who) {
+  shm::AccessReport r{};
+  if (frame.payload.size() < sizeof(r)) {
+    return absl::InvalidArgumentError("protocol violation: AccessReport frame of the wrong size");
+  }
+  std::memcpy(&r, frame.payload.data(), sizeof(r));
+  if (r.samples > shm::kMaxAccessSamples || frame.payload.size() != sizeof(r) + uint64_t{r.samples} * 8) {
+    return absl::InvalidArgumentError("protocol violation: AccessReport frame of the wrong size");
+  }
+  const Table* table = r.table_id < tables.size() && client->hbm_mapped[r.table_id] ? tables[r.table_id] : nullptr;
+  const Table::Layer* layer = table != nullptr ? table->FindLayer(r.layer_id) : nullptr;
+  std::string refused;
+  std::vector<uint64_t> rows(r.samples);
+  if (r.samples > 0) std::memcpy(rows.data(), frame.payload.data() + sizeof(r), rows.size() * 8);
+  if (table == nullptr) {
+    refused = absl::StrCat("table id ", r.table_id, " has no HBM tier mapped by this client");
+  } else if (layer == nullptr || layer->hbm == nullptr) {
+    refused = absl::StrCat("table '", table->name(), "' has no HBM layer ", r.layer_id);
+  } else if (r.hbm_rows > (1ull << 40)) {
+    refused = absl::StrCat(r.hbm_rows, " rows from HBM is not a possible count");
+  } else {
+    for (uint64_t row : rows) {
+      if (row >= layer->hbm->total_rows()) {
+        refused = absl::StrCat("sampled row ", row, " is beyond the ", layer->hbm->total_rows(), " rows of layer ",
+                               r.layer_id);
+        break;
+      }
+    }
+  }
+  if (!refused.empty()) {
+    LogWarn("shm_access_report_refused", {{"pid", who}, {"reason", refused}});
+    return absl::OkStatus();
+  }
+  layer->hbm->RecordRows(rows);
+  if (r.hbm_rows > 0) metrics_->RecordMappedLookups(*table, 0, r.hbm_rows, TierKind::kHbm);
+  return absl::OkStatus();
 }
 
 void ShmServer::Serve(Session* session) {
@@ -399,7 +557,10 @@ void ShmServer::Serve(Session* session) {
 
   ArenaHeader* h = arena.header();
   const auto tables = engine_->tables();
-  std::vector<bool> mapped(tables.size(), false);  // tables this client mapped (it may report on those)
+  ClientState client;  // declared after the arena: its pins leave the HBM tiers before the arena goes
+  client.header = h;
+  client.mapped.assign(tables.size(), false);
+  client.hbm_mapped.assign(tables.size(), false);
   uint32_t head = 0, completion_tail = 0;  // the daemon's own copies; shared ones are only published
   std::vector<uint32_t> indices;
   for (;;) {
@@ -438,7 +599,11 @@ void ShmServer::Serve(Session* session) {
         if (frame->type != shm::FrameType::kOpenTable && hello.version < 2) {
           return finish("protocol violation: version 1 clients have no mapped tables");
         }
-        if (absl::Status s = HandleControlFrame(*frame, sock, tables, &mapped, who); !s.ok()) {
+        if ((frame->type == shm::FrameType::kMapHbm || frame->type == shm::FrameType::kAccessReport) &&
+            hello.version < 3) {
+          return finish("protocol violation: HBM frames need protocol 3");
+        }
+        if (absl::Status s = HandleControlFrame(*frame, sock, tables, &client, who); !s.ok()) {
           return finish(std::string(s.message()));
         }
       }

@@ -48,11 +48,17 @@ class ShmServer {
 
  private:
   struct Session;
+  struct ClientState;
   void AcceptLoop();
   void Serve(Session* session);
-  // A frame on a session's socket (OpenTable, MapTable, CounterReport). An error ends the session.
+  // A frame on a session's socket (OpenTable, MapTable, CounterReport, MapHbm, AccessReport). An
+  // error ends the session.
   absl::Status HandleControlFrame(const shm::Frame& frame, int sock, const std::vector<const Table*>& tables,
-                                  std::vector<bool>* mapped, const std::string& who);
+                                  ClientState* client, const std::string& who);
+  absl::Status HandleMapHbm(const shm::Frame& frame, int sock, const std::vector<const Table*>& tables,
+                            ClientState* client, const std::string& who);
+  absl::Status HandleAccessReport(const shm::Frame& frame, const std::vector<const Table*>& tables,
+                                  ClientState* client, const std::string& who);
 
   Engine* engine_;
   DaemonMetrics* metrics_;

@@ -40,6 +40,12 @@ const Table* Engine::FindTable(absl::string_view name) const {
   return nullptr;
 }
 
+std::vector<Table*> Engine::mutable_tables() {
+  std::vector<Table*> out;
+  for (const auto& t : tables_) out.push_back(t.get());
+  return out;
+}
+
 std::vector<const Table*> Engine::tables() const {
   std::vector<const Table*> out;
   for (const auto& t : tables_) out.push_back(t.get());
@@ -125,6 +131,7 @@ absl::Status Engine::Lookup(const Table& table, int layer_id, uint32_t num_token
   LookupStats totals;
   totals.rows_requested = total;
   RowTier* tier = (*layer)->tier.get();
+  if ((*layer)->hbm != nullptr) (*layer)->hbm->SampleLookup(rows);
   const bool use_dedup = options_.dedup == EngineOptions::Dedup::kOn ||
                          (options_.dedup == EngineOptions::Dedup::kAuto && tier->dedup_saves_reads());
   pool_->ParallelFor(pieces, [&](int piece) {

@@ -50,6 +50,8 @@ class Engine {
 
   const Table* FindTable(absl::string_view name) const;
   std::vector<const Table*> tables() const;
+  // For start-up only (attaching tiers before serving); not safe while lookups run.
+  std::vector<Table*> mutable_tables();
   const EngineOptions& options() const { return options_; }
 
   // Gathers rows for head-local `indices` [num_tokens][heads] of one layer into `out`

@@ -27,7 +27,7 @@ absl::StatusOr<std::unique_ptr<Table>> Table::Open(const std::string& dir, const
       auto tier = DramResidentTier::Load(path, pack_layer.layout.total_rows, m.row.bytes,
                                          options.verify_checksums ? pack_layer.xxh3_64 : "", options.share_resident);
       if (!tier.ok()) return tier.status();
-      table->layers_.push_back(Layer{&pack_layer, std::move(*tier)});
+      table->layers_.push_back(Layer{&pack_layer, std::move(*tier), nullptr});
       continue;
     }
     auto reader = NvmeReader::Open(path, m.row.bytes, pack_layer.layout.total_rows, options.nvme,
@@ -42,7 +42,7 @@ absl::StatusOr<std::unique_ptr<Table>> Table::Open(const std::string& dir, const
       if (!created.ok()) return created.status();
       cache = std::move(*created);
     }
-    table->layers_.push_back(Layer{&pack_layer, std::make_unique<CachedNvmeTier>(std::move(*reader), std::move(cache))});
+    table->layers_.push_back(Layer{&pack_layer, std::make_unique<CachedNvmeTier>(std::move(*reader), std::move(cache)), nullptr});
   }
   return table;
 }
@@ -52,6 +52,16 @@ const Table::Layer* Table::FindLayer(int layer_id) const {
     if (layer.pack_layer->id == layer_id) return &layer;
   }
   return nullptr;
+}
+
+absl::Status Table::AttachHbm(int layer_id, std::unique_ptr<HbmTier> hbm) {
+  for (auto& layer : layers_) {
+    if (layer.pack_layer->id != layer_id) continue;
+    if (layer.hbm != nullptr) return absl::AlreadyExistsError(absl::StrCat("layer ", layer_id, " has an HBM tier"));
+    layer.hbm = std::move(hbm);
+    return absl::OkStatus();
+  }
+  return absl::NotFoundError(absl::StrCat("table '", name(), "' has no layer ", layer_id));
 }
 
 uint64_t Table::resident_bytes() const {

@@ -12,6 +12,7 @@
 #include "tiering/layout/ngram_hasher.h"
 #include "tiering/cache/policy.h"
 #include "tiering/nvme_reader.h"
+#include "tiering/hbm/hbm_tier.h"
 #include "tiering/row_tier.h"
 
 namespace engram {
@@ -33,6 +34,8 @@ class Table {
   struct Layer {
     const PackLayer* pack_layer = nullptr;
     std::unique_ptr<RowTier> tier;
+    // The layer's HBM tier (hottest rows in GPU memory) on top of `tier`, when one was attached.
+    std::unique_ptr<HbmTier> hbm;
   };
 
   // Loads the pack at `dir` into memory (the DRAM-resident tier for every layer).
@@ -48,6 +51,8 @@ class Table {
   // nullptr when the table has no such layer.
   const Layer* FindLayer(int layer_id) const;
   uint64_t resident_bytes() const;
+  // Puts an HBM tier on a layer (at start-up, before serving; its source is the layer's tier).
+  absl::Status AttachHbm(int layer_id, std::unique_ptr<HbmTier> hbm);
   // True when every layer is held whole in DRAM.
   bool resident() const { return resident_; }
 

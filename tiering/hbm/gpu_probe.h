@@ -1,7 +1,7 @@
 // Whether engramd can use a GPU for its HBM tier: the device's name and memory, or why not (built
 // without CUDA, no driver, no such device). Implemented with the CUDA runtime when the toolkit is
 // built (gpu_probe_cuda.cc), else always FailedPrecondition (gpu_probe_nocuda.cc, which also
-// holds HbmArena::Create for builds without CUDA).
+// holds CreateCudaSlotStore for builds without CUDA).
 #ifndef ENGRAM_TIERING_HBM_GPU_PROBE_H_
 #define ENGRAM_TIERING_HBM_GPU_PROBE_H_
 

@@ -17,6 +17,15 @@ HbmResidency::HbmResidency(uint32_t slots, uint64_t decay_every)
 
 void HbmResidency::RecordAccess(uint64_t row) {
   std::lock_guard<std::mutex> lock(mu_);
+  RecordAccessLocked(row);
+}
+
+void HbmResidency::RecordAccesses(const std::vector<uint64_t>& rows) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint64_t row : rows) RecordAccessLocked(row);
+}
+
+void HbmResidency::RecordAccessLocked(uint64_t row) {
   heat_[row] += 1.0;
   if (++recorded_ % decay_every_ != 0) return;
   // Halve everything; forget rows that went cold (keeps the map near the working set).
@@ -100,38 +109,43 @@ void HbmResidency::Apply(const HbmPlan& plan) {
   free_slots_.insert(free_slots_.end(), freed.begin(), freed.end());
 }
 
-void HbmResidency::IndexInsertLocked(uint64_t row, uint32_t slot) {
-  uint64_t b = kernels::HbmBucketOf(row, bucket_mask_);
-  while (index_keys_[b] != 0 && index_keys_[b] != row + 1) b = (b + 1) & bucket_mask_;
-  index_keys_[b] = row + 1;
-  index_slots_[b] = slot;
+void HbmIndexInsert(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row, uint32_t slot) {
+  uint64_t b = kernels::HbmBucketOf(row, bucket_mask);
+  while (keys[b] != 0 && keys[b] != row + 1) b = (b + 1) & bucket_mask;
+  keys[b] = row + 1;
+  slots[b] = slot;
 }
 
 // Linear-probing deletion without tombstones: later members of the run that could live in the
 // emptied bucket move back into it, so every probe still ends at a true empty bucket.
-void HbmResidency::IndexEraseLocked(uint64_t row) {
-  uint64_t hole = kernels::HbmBucketOf(row, bucket_mask_);
-  while (index_keys_[hole] != row + 1) {
-    if (index_keys_[hole] == 0) return;  // not present
-    hole = (hole + 1) & bucket_mask_;
+void HbmIndexErase(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row) {
+  uint64_t hole = kernels::HbmBucketOf(row, bucket_mask);
+  while (keys[hole] != row + 1) {
+    if (keys[hole] == 0) return;  // not present
+    hole = (hole + 1) & bucket_mask;
   }
-  for (uint64_t next = (hole + 1) & bucket_mask_; index_keys_[next] != 0; next = (next + 1) & bucket_mask_) {
-    const uint64_t home = kernels::HbmBucketOf(index_keys_[next] - 1, bucket_mask_);
+  for (uint64_t next = (hole + 1) & bucket_mask; keys[next] != 0; next = (next + 1) & bucket_mask) {
+    const uint64_t home = kernels::HbmBucketOf(keys[next] - 1, bucket_mask);
     // The entry at `next` may move to `hole` when its home is not cyclically within (hole, next].
     const bool home_in_between = hole <= next ? (hole < home && home <= next) : (hole < home || home <= next);
     if (!home_in_between) {
-      index_keys_[hole] = index_keys_[next];
-      index_slots_[hole] = index_slots_[next];
+      keys[hole] = keys[next];
+      slots[hole] = slots[next];
       hole = next;
     }
   }
-  index_keys_[hole] = 0;
-  index_slots_[hole] = kernels::kNoSlot;
+  keys[hole] = 0;
+  slots[hole] = kernels::kNoSlot;
+}
+
+uint64_t HbmResidency::BucketsFor(uint32_t slots) {
+  uint64_t buckets = 16;
+  while (buckets < 2 * static_cast<uint64_t>(slots)) buckets *= 2;
+  return buckets;
 }
 
 void HbmResidency::RebuildIndexLocked() {
-  uint64_t buckets = 16;
-  while (buckets < 2 * static_cast<uint64_t>(std::max<size_t>(row_slot_.size(), slots_))) buckets *= 2;
+  const uint64_t buckets = BucketsFor(slots_);
   bucket_mask_ = buckets - 1;
   index_keys_.assign(buckets, 0);
   index_slots_.assign(buckets, kernels::kNoSlot);

@@ -26,12 +26,19 @@ struct HbmPlan {
   std::vector<HbmMove> promote;   // copy row -> slot, then Apply
 };
 
+// The flat index's two edits (host only). Replaying the same edits in the same order on two copies
+// of an index leaves them identical, bucket for bucket: the HBM tier keeps its published buffers
+// up to date that way.
+void HbmIndexInsert(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row, uint32_t slot);
+void HbmIndexErase(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row);  // absent: no-op
+
 class HbmResidency {
  public:
   // `slots`: rows the arena holds. Counts halve every `decay_every` recorded accesses.
   explicit HbmResidency(uint32_t slots, uint64_t decay_every = 1u << 23);
 
   void RecordAccess(uint64_t row);
+  void RecordAccesses(const std::vector<uint64_t>& rows);  // one lock for many
   // Up to `max_moves` promotions (with the demotions that make room). A resident row is displaced
   // only by a row whose count exceeds its own by `margin` (a factor >= 1).
   HbmPlan NextPlan(size_t max_moves, double margin = 1.25) const;
@@ -43,14 +50,19 @@ class HbmResidency {
   // The slot holding `row`, or kernels::kNoSlot (probes the flat index, as the device does).
   uint32_t SlotOf(uint64_t row) const;
   uint32_t capacity() const { return slots_; }
+  uint64_t buckets() const { return bucket_mask_ + 1; }  // fixed at construction: BucketsFor(capacity())
+  static uint64_t BucketsFor(uint32_t slots);  // a power of two, at least twice `slots`
   size_t resident() const;
   // The flat index, for upload to the device: bucket_mask() + 1 keys (row + 1, 0 = empty) and slots.
   void CopyIndex(std::vector<uint64_t>* keys, std::vector<uint32_t>* slots, uint64_t* bucket_mask) const;
 
  private:
+  void RecordAccessLocked(uint64_t row);
   void RebuildIndexLocked();  // sizes the index for `slots_` (at most half full); once, at start
-  void IndexInsertLocked(uint64_t row, uint32_t slot);
-  void IndexEraseLocked(uint64_t row);
+  void IndexInsertLocked(uint64_t row, uint32_t slot) {
+    HbmIndexInsert(index_keys_.data(), index_slots_.data(), bucket_mask_, row, slot);
+  }
+  void IndexEraseLocked(uint64_t row) { HbmIndexErase(index_keys_.data(), index_slots_.data(), bucket_mask_, row); }
   double HeatLocked(uint64_t row) const;
 
   const uint32_t slots_;

@@ -12,15 +12,20 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "engram/kernels/hbm_probe.h"
 #include "engram/shm_protocol.h"
 #include "engram/shm_socket.h"
 
 namespace engram {
+namespace v1 {
+class TableInfo;
+}
 
 struct ShmConnectOptions {
   uint64_t data_bytes = 64ull << 20;  // the largest request's indices + rows must fit
@@ -30,6 +35,8 @@ struct ShmConnectOptions {
   // Mapped tables report their counts this often; a report is also how a mapped table notices
   // that the daemon went away (UNAVAILABLE), so this bounds how long it serves without one.
   int mapped_report_interval_ms = 1000;
+  // Mapped tables also gather from the daemon's HBM tier when it offers one.
+  bool use_hbm = true;
 };
 
 struct RemoteTable {
@@ -66,6 +73,13 @@ class MappedTable {
   const RemoteTable& table() const { return table_; }
   uint64_t mapped_bytes() const;
 
+  // The daemon's HBM tier over this table, when it runs one and handed it over (protocol 3): a
+  // host store's slots are gathered from by Lookup; a GPU's by the device path (LookupToDevice).
+  enum class HbmAccess { kNone, kHost, kCuda };
+  HbmAccess hbm_access() const { return hbm_access_; }
+  // Rows of `layer_id` that Lookup took from HBM slots so far (counted here; also reported).
+  uint64_t hbm_rows_served(int layer_id) const;
+
  private:
   friend class ShmConnection;
   struct Layer {
@@ -75,18 +89,39 @@ class MappedTable {
     uint64_t total_rows = 0;
     std::vector<uint64_t> head_rows, head_offset;
     std::atomic<uint64_t> lookups{0}, rows{0};  // served, not yet reported
+    // HBM (see engram/kernels/hbm_probe.h for the index and the pin protocol).
+    const kernels::HbmIndexHeader* hbm_index = nullptr;
+    uint64_t hbm_index_bytes = 0;
+    const uint8_t* hbm_slots = nullptr;  // host stores
+    uint64_t hbm_slot_bytes = 0;
+    uint32_t hbm_slot_count = 0;
+    uint32_t first_pin = 0;
+    std::atomic<uint32_t> pins_busy{0};  // bit k: pin first_pin + k is in use by a reader here
+    std::atomic<uint64_t> hbm_rows{0}, hbm_rows_total{0};  // unreported / all time
+    std::mutex sample_mu;
+    std::vector<uint64_t> samples;  // rows served, one in kSampleEvery, for the daemon's promoter
+    uint64_t sample_tick = 0;
   };
   MappedTable() = default;
+  // Gathers through the HBM index (pinned); false when no pin was free or the link is gone.
+  bool GatherWithHbm(Layer* layer, absl::Span<const uint64_t> rows, absl::Span<uint8_t> out);
+  void Sample(Layer* layer, absl::Span<const uint64_t> rows);
 
-  // The connection, cleared (under `mu`) when the connection is destroyed.
+  // The connection, cleared (under `mu`) when the connection is destroyed. `arena_mu` is held
+  // shared while a reader uses an HBM pin in the connection's arena and exclusively when the
+  // arena is unmapped (`arena` then becomes nullptr).
   struct Link {
     std::mutex mu;
     ShmConnection* connection = nullptr;
+    std::shared_mutex arena_mu;
+    shm::ArenaHeader* arena = nullptr;
   };
   std::shared_ptr<Link> link_;
   RemoteTable table_;
   uint64_t row_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
+  HbmAccess hbm_access_ = HbmAccess::kNone;
+  uint32_t version_ = 0;  // the connection's protocol
   int64_t report_interval_ns_ = 0;
   std::atomic<int64_t> last_report_ns_{0};
   std::mutex report_mu_;
@@ -129,6 +164,10 @@ class ShmConnection {
   // Sends a control frame and waits for its reply (under mu_).
   absl::StatusOr<shm::Frame> ControlCallLocked(shm::FrameType type, const std::string& payload);
   absl::Status SendCounters(const std::vector<shm::CounterReport>& reports);
+  absl::Status SendFrame(shm::FrameType type, const std::string& payload);
+  // Asks for the HBM tier over a freshly mapped table and attaches it (protocol 3). An error
+  // means the table is served without it.
+  absl::Status MapHbm(MappedTable* mapped, const v1::TableInfo& info);
   absl::Status Call(const shm::RequestDescriptor& d, shm::Completion* c);
   absl::StatusOr<absl::Span<const uint8_t>> LookupLocked(const RemoteTable& table, int layer, uint32_t num_tokens,
                                                          absl::Span<const uint32_t> indices, uint64_t out_bytes,

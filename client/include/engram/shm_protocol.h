@@ -17,6 +17,13 @@
 // sealed memfd per layer (read-only for good: no writable mapping, no resize), and the client
 // gathers from its own mapping with no round trip. It reports what it served in CounterReport
 // frames (batched, about once a second), which the daemon adds to its metrics.
+//
+// HBM (protocol 3): where the daemon runs an HBM tier over a mapped table, MapHbm hands the client
+// each layer's published index (a memfd, read-only; engram/kernels/hbm_probe.h describes it and
+// the pin protocol) and the slots (a read-only memfd for the host store, CUDA IPC handles for GPU
+// memory), plus a range of pins in the client's own arena header. The client gathers hits from the
+// slots and the rest from the mapped table, and sends AccessReport frames: samples of the rows it
+// served (so the daemon's promoter sees its load) and how many rows came from HBM.
 #ifndef ENGRAM_CLIENT_SHM_PROTOCOL_H_
 #define ENGRAM_CLIENT_SHM_PROTOCOL_H_
 
@@ -26,7 +33,7 @@
 namespace engram::shm {
 
 inline constexpr uint32_t kMagic = 0x52474e45;  // "ENGR"
-inline constexpr uint32_t kVersion = 2;         // 2: MapTable and CounterReport
+inline constexpr uint32_t kVersion = 3;         // 2: MapTable and CounterReport; 3: MapHbm, AccessReport
 inline constexpr uint32_t kMinVersion = 1;      // the oldest a daemon still serves (no mapped tables)
 inline constexpr uint32_t kMaxRingEntries = 4096;
 inline constexpr uint64_t kHeaderBytes = 4096;
@@ -39,6 +46,9 @@ enum class FrameType : uint32_t {
   kMapTable = 5,       // payload: MapTableRequest
   kMapTableReply = 6,  // payload: MapTableReply + MappedLayer[layers] (OK, one fd each) or a message
   kCounterReport = 7,  // payload: CounterReport[1..kMaxCounterReports]; no reply
+  kMapHbm = 8,         // payload: MapTableRequest (the table must be mapped already)
+  kMapHbmReply = 9,    // payload: MapTableReply + HbmLayer[layers] (OK; fds: index, then slots for host stores)
+  kAccessReport = 10,  // payload: AccessReport + uint64 rows[samples]; no reply
 };
 
 struct FrameHeader {
@@ -98,6 +108,37 @@ struct CounterReport {
   uint64_t rows;
 };
 
+inline constexpr uint32_t kMaxHbmPins = 256;     // in the arena header
+inline constexpr uint32_t kPinsPerHbmLayer = 8;  // one per concurrent reader of a layer
+inline constexpr uint32_t kMaxAccessSamples = 4096;
+
+enum class HbmKind : uint32_t { kHost = 1, kCuda = 2 };
+
+struct HbmLayer {
+  int32_t layer_id;
+  uint32_t kind;        // HbmKind
+  uint32_t first_pin;   // pins [first_pin, first_pin + kPinsPerHbmLayer) of ArenaHeader::hbm_pins
+  uint32_t slots;
+  uint64_t row_bytes;
+  uint64_t index_bytes;  // the index memfd's size
+  uint64_t slot_bytes;   // host stores: the slots memfd's size
+  int32_t device;        // CUDA stores: the GPU
+  uint32_t reserved;
+  char ipc_slots[64];    // CUDA stores: cudaIpcMemHandle_t of the slots [slots][row_bytes]
+  char ipc_keys[2][64];    // ... of the index buffers on the device
+  char ipc_values[2][64];
+};
+
+// Rows a client served from a mapped layer since its last report: how many came from HBM, and a
+// sample of the rows (global row numbers) for the promoter.
+struct AccessReport {
+  uint32_t table_id;
+  int32_t layer_id;
+  uint64_t hbm_rows;
+  uint32_t samples;
+  uint32_t reserved;
+};
+
 enum class Op : uint32_t { kLookup = 1, kPrefetch = 2 };
 
 struct RequestDescriptor {
@@ -131,9 +172,12 @@ struct alignas(64) ArenaHeader {
   alignas(64) std::atomic<uint32_t> completion_head;  // client writes
   alignas(64) std::atomic<uint32_t> daemon_sleeping;  // 1: the daemon waits on the request eventfd
   alignas(64) std::atomic<uint32_t> client_sleeping;  // 1: the client waits on the completion eventfd
+  // Protocol 3: HBM readers' pins (generation + 1 in use, 0 idle); the daemon only reads them.
+  alignas(64) std::atomic<uint64_t> hbm_pins[kMaxHbmPins];
 };
 static_assert(sizeof(ArenaHeader) <= kHeaderBytes);
 static_assert(std::atomic<uint32_t>::is_always_lock_free);
+static_assert(std::atomic<uint64_t>::is_always_lock_free);
 
 inline constexpr uint64_t RingBytes(uint32_t entries, uint64_t entry_bytes) {
   return (entries * entry_bytes + 4095) / 4096 * 4096;

@@ -8,6 +8,9 @@
 #include <cstdint>
 
 #include "engram/kernels/row_dtype.h"
+#ifndef __CUDACC__
+#include <atomic>
+#endif
 
 namespace engram::kernels {
 
@@ -30,6 +33,35 @@ ENGRAM_HD inline uint32_t HbmProbe(const uint64_t* keys, const uint32_t* slots, 
     if (k == 0) return kNoSlot;
   }
 }
+
+#ifndef __CUDACC__
+// The index as engramd publishes it to clients in shared memory (a memfd they map read-only):
+// this header, then two buffers of keys and two of slots. Generation g is current and lives in
+// buffer g % 2; engramd writes the other buffer, then bumps the generation.
+//
+// Readers announce the generation they use in a pin (one per client and HBM layer, in the client's
+// own arena): load g, store pin = g + 1, load the generation again and retry if it moved; then
+// probe buffer g % 2 and read the slots it names; store pin = 0 when the rows have been copied
+// (for a GPU gather: when the copy has completed on its stream). engramd publishes a new
+// generation, or rewrites a slot an earlier generation named, only once no pin is below the
+// current generation, so a reader never sees a buffer or a slot change under it.
+inline constexpr uint32_t kHbmIndexMagic = 0x58444948;  // "HIDX"
+inline constexpr uint32_t kHbmIndexVersion = 1;
+
+struct alignas(64) HbmIndexHeader {
+  uint32_t magic;
+  uint32_t version;
+  uint32_t slots;         // rows the slot arena holds
+  uint32_t reserved;
+  uint64_t row_bytes;
+  uint64_t bucket_mask;   // each buffer has bucket_mask + 1 buckets
+  uint64_t keys_offset[2];    // from the start of the mapping: uint64 row + 1 (0 = empty)
+  uint64_t values_offset[2];  // uint32 slot numbers
+  uint64_t total_bytes;
+  alignas(64) std::atomic<uint64_t> generation;
+};
+static_assert(std::atomic<uint64_t>::is_always_lock_free);
+#endif
 
 }  // namespace engram::kernels
 

@@ -1,0 +1,243 @@
+// The HBM tier's protocol, run on the host slot store: promotion by sampled counts, the index
+// clients read, reader pins, and slot reuse only after readers moved on.
+#include "tiering/hbm/hbm_tier.h"
+
+#include <atomic>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "gtest/gtest.h"
+
+namespace engram {
+namespace {
+
+using kernels::HbmIndexHeader;
+using kernels::kNoSlot;
+
+constexpr int64_t kRowBytes = 64;
+
+// Row r holds the words r * 1000 + 0..7: any other row, or a torn copy, is told apart.
+void FillRow(uint64_t row, uint8_t* out) {
+  for (int w = 0; w < kRowBytes / 8; ++w) {
+    const uint64_t v = row * 1000 + w;
+    std::memcpy(out + w * 8, &v, 8);
+  }
+}
+
+class PatternTier final : public RowTier {
+ public:
+  explicit PatternTier(uint64_t rows) : rows_(rows) {}
+  absl::Status ReadRows(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests, TierCounts* counts) override {
+    for (size_t i = 0; i < rows.size(); ++i) FillRow(rows[i], dests[i]);
+    counts->rows[static_cast<int>(TierKind::kDram)] += rows.size();
+    return absl::OkStatus();
+  }
+  uint64_t total_rows() const override { return rows_; }
+  int64_t row_bytes() const override { return kRowBytes; }
+  uint64_t resident_bytes() const override { return 0; }
+  bool dedup_saves_reads() const override { return false; }
+  absl::string_view description() const override { return "pattern"; }
+
+ private:
+  uint64_t rows_;
+};
+
+std::unique_ptr<HbmTier> MakeTier(RowTier* source, uint32_t slots, HbmTierOptions options = {},
+                                  bool poison = false) {
+  auto store = CreateHostSlotStore(slots, kRowBytes, HostSlotStoreOptions{poison});
+  EXPECT_TRUE(store.ok()) << store.status();
+  auto tier = HbmTier::Create(source, std::move(*store), options);
+  EXPECT_TRUE(tier.ok()) << tier.status();
+  return std::move(*tier);
+}
+
+// A reader as a client is one: pin, probe the published buffer, copy from the slot, unpin.
+// Returns false when the row was not in HBM.
+bool ReadThroughIndex(const HbmTier& tier, std::atomic<uint64_t>* pin, uint64_t row, uint8_t* out) {
+  const HbmIndexHeader* h = tier.header();
+  uint64_t g;
+  for (;;) {
+    g = h->generation.load(std::memory_order_acquire);
+    pin->store(g + 1, std::memory_order_seq_cst);
+    if (h->generation.load(std::memory_order_seq_cst) == g) break;
+  }
+  const auto* base = reinterpret_cast<const uint8_t*>(h);
+  const int b = static_cast<int>(g & 1);
+  const uint32_t slot = kernels::HbmProbe(reinterpret_cast<const uint64_t*>(base + h->keys_offset[b]),
+                                          reinterpret_cast<const uint32_t*>(base + h->values_offset[b]),
+                                          h->bucket_mask, row);
+  if (slot != kNoSlot) {
+    std::this_thread::yield();  // widen the window a careless protocol would leave open
+    std::memcpy(out, tier.store()->host_slots() + uint64_t{slot} * kRowBytes, kRowBytes);
+  }
+  pin->store(0, std::memory_order_seq_cst);
+  return slot != kNoSlot;
+}
+
+void Heat(HbmTier* tier, uint64_t first, uint64_t count, int times) {
+  std::vector<uint64_t> rows;
+  for (int t = 0; t < times; ++t) {
+    for (uint64_t r = first; r < first + count; ++r) rows.push_back(r);
+  }
+  tier->RecordRows(rows);
+}
+
+TEST(HbmTierTest, HotRowsArePromotedIntoSlotsAndPublished) {
+  PatternTier source(100000);
+  auto tier = MakeTier(&source, 100);
+  EXPECT_EQ(tier->PublishedSlotOf(5), kNoSlot);
+  Heat(tier.get(), 5000, 100, 3);  // the hot set
+  Heat(tier.get(), 9000, 50, 1);   // lukewarm
+  auto stepped = tier->Step();
+  ASSERT_TRUE(stepped.ok()) << stepped.status();
+  EXPECT_TRUE(*stepped);
+  EXPECT_EQ(tier->stats().resident, 100u);
+  EXPECT_EQ(tier->stats().generation, 1u);  // free slots: no demotion round
+  uint8_t want[kRowBytes];
+  for (uint64_t r = 5000; r < 5100; ++r) {
+    const uint32_t slot = tier->PublishedSlotOf(r);
+    ASSERT_NE(slot, kNoSlot) << "row " << r;
+    FillRow(r, want);
+    EXPECT_EQ(std::memcmp(tier->store()->host_slots() + uint64_t{slot} * kRowBytes, want, kRowBytes), 0) << r;
+  }
+  EXPECT_EQ(tier->PublishedSlotOf(9000), kNoSlot);
+  // A new, hotter set displaces the old one in a demote-then-promote round (two generations).
+  Heat(tier.get(), 20000, 100, 10);
+  ASSERT_TRUE(tier->Step().ok());
+  EXPECT_EQ(tier->stats().generation, 3u);
+  EXPECT_EQ(tier->stats().demotions, 100u);
+  for (uint64_t r = 20000; r < 20100; ++r) {
+    const uint32_t slot = tier->PublishedSlotOf(r);
+    ASSERT_NE(slot, kNoSlot) << "row " << r;
+    FillRow(r, want);
+    EXPECT_EQ(std::memcmp(tier->store()->host_slots() + uint64_t{slot} * kRowBytes, want, kRowBytes), 0) << r;
+  }
+  for (uint64_t r = 5000; r < 5100; ++r) EXPECT_EQ(tier->PublishedSlotOf(r), kNoSlot) << r;
+  // Nothing new: no publication.
+  auto idle = tier->Step();
+  ASSERT_TRUE(idle.ok());
+  EXPECT_FALSE(*idle);
+}
+
+TEST(HbmTierTest, EngineSamplingKeepsOneRowInNAndDropsBeyondTheBound) {
+  PatternTier source(1000);
+  HbmTierOptions options;
+  options.sample_every = 4;
+  options.max_pending_samples = 10;
+  auto tier = MakeTier(&source, 10, options);
+  std::vector<uint64_t> rows(20);
+  for (uint64_t i = 0; i < rows.size(); ++i) rows[i] = i;
+  tier->SampleLookup(rows);  // 5 of 20
+  ASSERT_TRUE(tier->Step().ok());
+  EXPECT_EQ(tier->stats().samples, 5u);
+  EXPECT_EQ(tier->stats().samples_dropped, 0u);
+  rows.resize(80);
+  for (uint64_t i = 0; i < rows.size(); ++i) rows[i] = i;
+  tier->SampleLookup(rows);  // 20 of 80, room for 10
+  ASSERT_TRUE(tier->Step().ok());
+  EXPECT_EQ(tier->stats().samples, 15u);
+  EXPECT_EQ(tier->stats().samples_dropped, 10u);
+}
+
+TEST(HbmTierTest, AReaderHoldingAnOldIndexStallsPromotionNotCorrectness) {
+  PatternTier source(100000);
+  HbmTierOptions options;
+  options.quiesce_wait_us = 100;
+  auto tier = MakeTier(&source, 50, options);
+  std::atomic<uint64_t> pin{0};
+  tier->AddReader(&pin);
+  Heat(tier.get(), 100, 50, 2);
+  ASSERT_TRUE(tier->Step().ok());  // generation 1: rows 100..149
+  const uint32_t slot = tier->PublishedSlotOf(120);
+  ASSERT_NE(slot, kNoSlot);
+  pin.store(tier->stats().generation + 1);  // a reader uses generation 1 and stays
+
+  Heat(tier.get(), 7000, 50, 20);
+  auto stepped = tier->Step();  // demotes (generation 2), then must not reuse the slots
+  ASSERT_TRUE(stepped.ok());
+  EXPECT_EQ(tier->stats().generation, 2u);
+  EXPECT_GE(tier->stats().stalls, 1u);
+  uint8_t want[kRowBytes];
+  FillRow(120, want);  // what the stuck reader's index still says slot `slot` holds
+  EXPECT_EQ(std::memcmp(tier->store()->host_slots() + uint64_t{slot} * kRowBytes, want, kRowBytes), 0);
+  for (int i = 0; i < 3; ++i) {
+    auto again = tier->Step();
+    ASSERT_TRUE(again.ok());
+    EXPECT_FALSE(*again);
+  }
+  EXPECT_EQ(tier->stats().generation, 2u);
+  EXPECT_EQ(std::memcmp(tier->store()->host_slots() + uint64_t{slot} * kRowBytes, want, kRowBytes), 0);
+
+  pin.store(0);  // the reader is done: the pending promotions go in
+  auto resumed = tier->Step();
+  ASSERT_TRUE(resumed.ok());
+  EXPECT_TRUE(*resumed);
+  EXPECT_EQ(tier->stats().generation, 3u);
+  EXPECT_NE(tier->PublishedSlotOf(7010), kNoSlot);
+  tier->RemoveReader(&pin);
+  EXPECT_EQ(tier->stats().readers, 0u);
+}
+
+// Readers gather through the published index while the promoter churns the hot set as fast as it
+// can, and the slot store scribbles over every slot before rewriting it: a reader that ever saw a
+// slot change under it would copy garbage or another row.
+TEST(HbmTierTest, ReadersNeverSeeASlotRewrittenUnderThem) {
+  PatternTier source(1u << 20);
+  HbmTierOptions options;
+  options.max_moves = 64;
+  options.decay_every = 2000;
+  options.margin = 1.0;
+  auto tier = MakeTier(&source, 256, options, /*poison=*/true);
+  constexpr int kReaders = 2;
+  std::atomic<uint64_t> pins[kReaders];
+  for (auto& p : pins) {
+    p.store(0);
+    tier->AddReader(&p);
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> hits{0}, reads{0}, wrong{0};
+  std::vector<std::thread> readers;
+  for (int i = 0; i < kReaders; ++i) {
+    readers.emplace_back([&, i] {
+      std::mt19937_64 rng(i + 1);
+      uint8_t got[kRowBytes], want[kRowBytes];
+      while (!stop.load()) {
+        const uint64_t row = 1000 + rng() % 4000;
+        reads.fetch_add(1);
+        if (!ReadThroughIndex(*tier, &pins[i], row, got)) continue;
+        hits.fetch_add(1);
+        FillRow(row, want);
+        if (std::memcmp(got, want, kRowBytes) != 0) wrong.fetch_add(1);
+      }
+    });
+  }
+  // The hot set walks over rows 1000..4999, 256 rows at a time, 400 steps (bounded).
+  for (int step = 0; step < 400; ++step) {
+    Heat(tier.get(), 1000 + (step * 37) % 3744, 256, 4);
+    auto s = tier->Step();
+    ASSERT_TRUE(s.ok()) << s.status();
+  }
+  // Let the readers see the final index for a moment.
+  const uint64_t hits_before = hits.load();
+  for (int i = 0; i < 2000 && hits.load() < hits_before + 1000; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  stop.store(true);
+  for (auto& t : readers) t.join();
+  for (auto& p : pins) tier->RemoveReader(&p);
+  EXPECT_EQ(wrong.load(), 0u) << "of " << hits.load() << " hits";
+  EXPECT_GT(hits.load(), 1000u);
+  EXPECT_GT(tier->stats().promotions, 2000u) << "the hot set should have churned";
+  EXPECT_GT(tier->stats().demotions, 1000u);
+}
+
+TEST(HbmTierTest, RefusesAStoreOfTheWrongRowSize) {
+  PatternTier source(10);
+  auto store = CreateHostSlotStore(4, kRowBytes * 2);
+  ASSERT_TRUE(store.ok());
+  auto tier = HbmTier::Create(&source, std::move(*store));
+  ASSERT_FALSE(tier.ok());
+  EXPECT_NE(tier.status().message().find("bytes"), std::string::npos) << tier.status();
+}
+
+}  // namespace
+}  // namespace engram

@@ -1,0 +1,259 @@
+#include "tiering/hbm/hbm_tier.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <new>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+
+namespace engram {
+
+using kernels::HbmIndexHeader;
+using kernels::kNoSlot;
+
+HbmTier::HbmTier(RowTier* source, std::unique_ptr<HbmSlotStore> store, const HbmTierOptions& options)
+    : source_(source), store_(std::move(store)), options_(options), residency_(store_->slots(), options.decay_every) {}
+
+HbmTier::~HbmTier() {
+  if (index_base_ != nullptr) munmap(index_base_, index_bytes_);
+  if (index_fd_ >= 0) close(index_fd_);
+}
+
+absl::StatusOr<std::unique_ptr<HbmTier>> HbmTier::Create(RowTier* source, std::unique_ptr<HbmSlotStore> store,
+                                                         const HbmTierOptions& options) {
+  if (source == nullptr || store == nullptr) return absl::InvalidArgumentError("HBM tier: no source or store");
+  if (store->row_bytes() != source->row_bytes()) {
+    return absl::InvalidArgumentError(absl::StrCat("HBM tier: slots of ", store->row_bytes(), " bytes for rows of ",
+                                                   source->row_bytes()));
+  }
+  if (store->slots() == 0) return absl::InvalidArgumentError("HBM tier: a budget of no rows");
+  std::unique_ptr<HbmTier> tier(new HbmTier(source, std::move(store), options));
+  if (absl::Status s = tier->Init(); !s.ok()) return s;
+  return tier;
+}
+
+absl::Status HbmTier::Init() {
+  const uint64_t buckets = residency_.buckets();
+  const uint64_t header = 4096;
+  const uint64_t keys_bytes = buckets * 8, values_bytes = (buckets * 4 + 63) / 64 * 64;
+  index_bytes_ = header + 2 * keys_bytes + 2 * values_bytes;
+  index_fd_ = memfd_create("engram-hbm-index", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (index_fd_ < 0) return absl::InternalError(absl::StrCat("memfd_create: ", std::strerror(errno)));
+  if (ftruncate(index_fd_, static_cast<off_t>(index_bytes_)) != 0 ||
+      fcntl(index_fd_, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    return absl::ResourceExhaustedError(absl::StrCat("cannot size the ", index_bytes_, "-byte HBM index: ",
+                                                     std::strerror(errno)));
+  }
+  void* p = mmap(nullptr, index_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, index_fd_, 0);
+  if (p == MAP_FAILED) return absl::ResourceExhaustedError(absl::StrCat("mmap HBM index: ", std::strerror(errno)));
+  index_base_ = static_cast<uint8_t*>(p);
+  header_ = new (index_base_) HbmIndexHeader();
+  header_->magic = kernels::kHbmIndexMagic;
+  header_->version = kernels::kHbmIndexVersion;
+  header_->slots = store_->slots();
+  header_->row_bytes = static_cast<uint64_t>(store_->row_bytes());
+  header_->bucket_mask = buckets - 1;
+  header_->keys_offset[0] = header;
+  header_->keys_offset[1] = header + keys_bytes;
+  header_->values_offset[0] = header + 2 * keys_bytes;
+  header_->values_offset[1] = header + 2 * keys_bytes + values_bytes;
+  header_->total_bytes = index_bytes_;
+  for (int b = 0; b < 2; ++b) {  // memfd pages start zeroed: keys are empty; slots say "none"
+    std::fill(values(b), values(b) + buckets, kNoSlot);
+    const absl::Span<const uint64_t> k(keys(b), buckets);
+    const absl::Span<const uint32_t> v(values(b), buckets);
+    if (absl::Status s = store_->UploadIndex(b, k, v); !s.ok()) return s;
+  }
+  header_->generation.store(0, std::memory_order_seq_cst);
+  return absl::OkStatus();
+}
+
+uint64_t* HbmTier::keys(int b) const { return reinterpret_cast<uint64_t*>(index_base_ + header_->keys_offset[b]); }
+uint32_t* HbmTier::values(int b) const {
+  return reinterpret_cast<uint32_t*>(index_base_ + header_->values_offset[b]);
+}
+
+void HbmTier::SampleLookup(absl::Span<const uint64_t> rows) {
+  const uint32_t every = std::max<uint32_t>(1, options_.sample_every);
+  // A rotating start, so a batch's fixed positions (a head, a token slot) are not always skipped.
+  const uint64_t start = sample_tick_.fetch_add(1, std::memory_order_relaxed) % every;
+  if (start >= rows.size()) return;
+  std::lock_guard<std::mutex> lock(samples_mu_);
+  for (size_t i = start; i < rows.size(); i += every) {
+    if (samples_.size() >= options_.max_pending_samples) {
+      samples_dropped_.fetch_add((rows.size() - i + every - 1) / every, std::memory_order_relaxed);
+      return;
+    }
+    samples_.push_back(rows[i]);
+  }
+}
+
+void HbmTier::RecordRows(absl::Span<const uint64_t> rows) {
+  std::lock_guard<std::mutex> lock(samples_mu_);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (samples_.size() >= options_.max_pending_samples) {
+      samples_dropped_.fetch_add(rows.size() - i, std::memory_order_relaxed);
+      return;
+    }
+    samples_.push_back(rows[i]);
+  }
+}
+
+void HbmTier::AddReader(const std::atomic<uint64_t>* pin) {
+  std::lock_guard<std::mutex> lock(readers_mu_);
+  readers_.push_back(pin);
+}
+
+void HbmTier::RemoveReader(const std::atomic<uint64_t>* pin) {
+  std::lock_guard<std::mutex> lock(readers_mu_);
+  std::erase(readers_, pin);
+}
+
+bool HbmTier::Quiescent() {
+  const uint64_t current = header_->generation.load(std::memory_order_seq_cst);
+  std::lock_guard<std::mutex> lock(readers_mu_);
+  for (const std::atomic<uint64_t>* pin : readers_) {
+    const uint64_t v = pin->load(std::memory_order_seq_cst);
+    if (v != 0 && v - 1 < current) return false;
+  }
+  return true;
+}
+
+bool HbmTier::WaitQuiescent() {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(options_.quiesce_wait_us);
+  while (!Quiescent()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  return true;
+}
+
+absl::Status HbmTier::Publish(std::vector<IndexEdit> edits) {
+  const uint64_t next = header_->generation.load(std::memory_order_relaxed) + 1;
+  const int b = static_cast<int>(next & 1);
+  uint64_t* k = keys(b);
+  uint32_t* v = values(b);
+  const uint64_t mask = header_->bucket_mask;
+  // The back buffer holds generation next - 2: replay what generation next - 1 changed, then ours.
+  for (const std::vector<IndexEdit>* list : {&last_edits_, &edits}) {
+    for (const IndexEdit& e : *list) {
+      if (e.slot == kNoSlot) {
+        HbmIndexErase(k, v, mask, e.row);
+      } else {
+        HbmIndexInsert(k, v, mask, e.row, e.slot);
+      }
+    }
+  }
+  if (absl::Status s = store_->UploadIndex(b, absl::Span<const uint64_t>(k, mask + 1),
+                                           absl::Span<const uint32_t>(v, mask + 1));
+      !s.ok()) {
+    // The planner has moved on but readers have not: the tier stops here, serving what the
+    // published index says (which is still true), and promotes nothing more.
+    failed_ = s;
+    return s;
+  }
+  header_->generation.store(next, std::memory_order_seq_cst);
+  last_edits_ = std::move(edits);
+  return absl::OkStatus();
+}
+
+absl::Status HbmTier::WritePromotions(const std::vector<HbmMove>& promote) {
+  const int64_t row_bytes = source_->row_bytes();
+  std::vector<uint64_t> rows;
+  std::vector<uint32_t> slots;
+  rows.reserve(promote.size());
+  slots.reserve(promote.size());
+  for (const HbmMove& m : promote) {
+    rows.push_back(m.row);
+    slots.push_back(m.slot);
+  }
+  std::vector<uint8_t> packed(promote.size() * static_cast<size_t>(row_bytes));
+  std::vector<uint8_t*> dests(promote.size());
+  for (size_t i = 0; i < dests.size(); ++i) dests[i] = packed.data() + i * row_bytes;
+  TierCounts counts;
+  if (absl::Status s = source_->ReadRows(rows, dests, &counts); !s.ok()) return s;
+  if (absl::Status s = store_->WriteRows(slots, packed.data()); !s.ok()) return s;
+  residency_.Apply(HbmPlan{{}, promote});
+  std::vector<IndexEdit> edits;
+  edits.reserve(2 * promote.size());
+  for (const HbmMove& m : promote) {
+    edits.push_back({m.row, kNoSlot});  // a row moved from another slot (Apply does the same)
+    edits.push_back({m.row, m.slot});
+  }
+  if (absl::Status s = Publish(std::move(edits)); !s.ok()) return s;
+  promotions_.fetch_add(promote.size(), std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> HbmTier::Step() {
+  if (!failed_.ok()) return failed_;
+  std::vector<uint64_t> drained;
+  {
+    std::lock_guard<std::mutex> lock(samples_mu_);
+    drained.swap(samples_);
+  }
+  if (!drained.empty()) {
+    residency_.RecordAccesses(drained);
+    samples_recorded_.fetch_add(drained.size(), std::memory_order_relaxed);
+  }
+  // Every publication, and every rewrite of a slot an older index named, needs the readers to be
+  // on the current index.
+  if (!Quiescent()) {
+    stalls_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  if (!pending_promote_.empty()) {
+    std::vector<HbmMove> promote;
+    promote.swap(pending_promote_);
+    if (absl::Status s = WritePromotions(promote); !s.ok()) return s;
+    return true;
+  }
+  HbmPlan plan = residency_.NextPlan(options_.max_moves, options_.margin);
+  if (plan.promote.empty()) return false;
+  if (!plan.demote.empty()) {
+    residency_.Apply(HbmPlan{plan.demote, {}});
+    std::vector<IndexEdit> edits;
+    edits.reserve(plan.demote.size());
+    for (uint64_t row : plan.demote) edits.push_back({row, kNoSlot});
+    if (absl::Status s = Publish(std::move(edits)); !s.ok()) return s;
+    demotions_.fetch_add(plan.demote.size(), std::memory_order_relaxed);
+    // The demoted rows' slots may be rewritten once no reader uses the index that named them.
+    if (!WaitQuiescent()) {
+      pending_promote_ = std::move(plan.promote);
+      stalls_.fetch_add(1, std::memory_order_relaxed);
+      return true;
+    }
+  }
+  if (absl::Status s = WritePromotions(plan.promote); !s.ok()) return s;
+  return true;
+}
+
+HbmTierStats HbmTier::stats() const {
+  HbmTierStats s;
+  s.generation = header_->generation.load(std::memory_order_acquire);
+  s.resident = residency_.resident();
+  s.promotions = promotions_.load(std::memory_order_relaxed);
+  s.demotions = demotions_.load(std::memory_order_relaxed);
+  s.stalls = stalls_.load(std::memory_order_relaxed);
+  s.samples = samples_recorded_.load(std::memory_order_relaxed);
+  s.samples_dropped = samples_dropped_.load(std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(readers_mu_));
+    s.readers = readers_.size();
+  }
+  return s;
+}
+
+uint32_t HbmTier::PublishedSlotOf(uint64_t row) const {
+  const uint64_t g = header_->generation.load(std::memory_order_acquire);
+  const int b = static_cast<int>(g & 1);
+  return kernels::HbmProbe(keys(b), values(b), header_->bucket_mask, row);
+}
+
+}  // namespace engram
