@@ -18,6 +18,7 @@
 #include "tests/integration/daemon_process.h"
 #include "tests/test_util.h"
 #include "tiering/layout/manifest.h"
+#include "tiering/hbm/gpu_probe.h"
 #include "tiering/layout/synthetic.h"
 
 namespace engram {
@@ -76,6 +77,27 @@ class ShmTest : public ::testing::Test {
   static PackManifest* manifest_;
   std::unique_ptr<Daemon> daemon_;
 };
+
+// A session driven by hand: the handshake only (the arena fds are closed). Returns the socket.
+int RawSession(const std::string& path, uint32_t version, int32_t* status, std::string* message) {
+  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  shm::Hello hello{shm::kMagic, version, 8, 0, 1 << 20};
+  EXPECT_TRUE(shm::SendFrame(fd, shm::FrameType::kHello, std::string(reinterpret_cast<char*>(&hello), sizeof(hello)), {}).ok());
+  auto reply = shm::ReceiveFrame(fd, 5000);
+  EXPECT_TRUE(reply.ok());
+  if (reply.ok()) {
+    for (int f : reply->fds) close(f);
+    shm::HelloReply r{};
+    std::memcpy(&r, reply->payload.data(), sizeof(r));
+    *status = r.status;
+    *message = reply->payload.substr(sizeof(r));
+  }
+  return fd;
+}
 
 TempDir* ShmTest::dir_ = nullptr;
 PackManifest* ShmTest::manifest_ = nullptr;
@@ -303,23 +325,7 @@ TEST_F(ShmTest, HostileControlFramesAreRefused) {
   int32_t last_status = -1;
   std::string last_message;
   auto raw_session = [&](uint32_t version = shm::kVersion) {
-    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, daemon_->socket().c_str(), sizeof(addr.sun_path) - 1);
-    EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-    shm::Hello hello{shm::kMagic, version, 8, 0, 1 << 20};
-    EXPECT_TRUE(shm::SendFrame(fd, shm::FrameType::kHello, std::string(reinterpret_cast<char*>(&hello), sizeof(hello)), {}).ok());
-    auto reply = shm::ReceiveFrame(fd, 5000);
-    EXPECT_TRUE(reply.ok());
-    if (reply.ok()) {
-      for (int f : reply->fds) close(f);
-      shm::HelloReply r{};
-      std::memcpy(&r, reply->payload.data(), sizeof(r));
-      last_status = r.status;
-      last_message = reply->payload.substr(sizeof(r));
-    }
-    return fd;
+    return RawSession(daemon_->socket(), version, &last_status, &last_message);
   };
   // Version 1 clients (no mapped tables) are still served; a version from the future is told
   // which ones this daemon speaks.
@@ -327,7 +333,9 @@ TEST_F(ShmTest, HostileControlFramesAreRefused) {
   EXPECT_EQ(last_status, 0);
   close(raw_session(shm::kVersion + 1));
   EXPECT_EQ(last_status, static_cast<int32_t>(absl::StatusCode::kFailedPrecondition));
-  EXPECT_NE(last_message.find("this engramd speaks 1 to 2"), std::string::npos) << last_message;
+  EXPECT_NE(last_message.find(absl::StrCat("this engramd speaks ", shm::kMinVersion, " to ", shm::kVersion)),
+            std::string::npos)
+      << last_message;
   // Counts for a table this client never mapped, then impossible counts: ignored, logged.
   const int fd = raw_session();
   shm::CounterReport report{0, 1, 10, 160};
@@ -442,6 +450,181 @@ TEST_F(ShmTest, DaemonRestartGivesUnavailableThenANewConnectionWorks) {
   ASSERT_TRUE(table2.ok());
   ASSERT_TRUE(again->Lookup(*table2, 1, 10, idx, absl::MakeSpan(out)).ok());
   CheckRows(1, idx, out);
+}
+
+}  // namespace
+}  // namespace engram
+
+namespace engram {
+namespace {
+
+// Indices drawn from a small hot set per head (`base` .. `base` + 63): what a Zipf head looks like
+// to the promoter, and small enough for the HBM budget below.
+std::vector<uint32_t> HotIndices(const PackManifest& m, int layer_id, uint32_t tokens, uint32_t base, uint32_t seed) {
+  const auto& layout = m.FindLayer(layer_id)->layout;
+  const int heads = m.hash.heads_per_layer();
+  std::mt19937 rng(seed);
+  std::vector<uint32_t> idx(tokens * heads);
+  for (size_t i = 0; i < idx.size(); ++i) idx[i] = (base + rng() % 64) % layout.head_rows[i % heads];
+  return idx;
+}
+
+// The HBM tier with its slots in host memory (--hbm-store host): the whole protocol a GPU client
+// uses (mapping the published index, pins, gathering from slots while the promoter churns) runs
+// here, and every row that comes back is checked against the formula.
+TEST_F(ShmTest, HbmTierOnHostServesHitsThatAreExactWhileItChurns) {
+  StartDaemon({"--hbm-budget", "512K", "--hbm-store", "host", "--hbm-step-ms", "2"});
+  EXPECT_TRUE(daemon_->WaitForLog("event=tier_hbm_on")) << daemon_->log();
+  ShmConnectOptions options;
+  options.mapped_report_interval_ms = 10;
+  auto c = ShmConnection::Connect(daemon_->socket(), options);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto table = (*c)->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  auto mapped = (*c)->MapTable(*table);
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  ASSERT_EQ((*mapped)->hbm_access(), MappedTable::HbmAccess::kHost) << daemon_->log();
+  EXPECT_TRUE(daemon_->WaitForLog("event=shm_hbm_mapped")) << daemon_->log();
+  // Two phases with different hot sets (the second displaces the first), each until HBM served a
+  // good share of its rows; bounded either way.
+  uint64_t served_rows = 0;
+  for (uint32_t phase = 0; phase < 2; ++phase) {
+    const uint64_t hbm_before = (*mapped)->hbm_rows_served(1);
+    uint64_t rows_phase = 0;
+    for (int i = 0; i < 3000; ++i) {
+      const auto idx = HotIndices(*manifest_, 1, 64, 1000 + phase * 5000, i + phase * 7919);
+      std::vector<uint8_t> out(idx.size() * manifest_->row.bytes);
+      ASSERT_TRUE((*mapped)->Lookup(1, 64, idx, absl::MakeSpan(out)).ok());
+      CheckRows(1, idx, out);
+      rows_phase += idx.size();
+      if (i >= 100 && (*mapped)->hbm_rows_served(1) - hbm_before > rows_phase / 2) break;
+      if (i % 50 == 49) std::this_thread::sleep_for(std::chrono::milliseconds(2));  // let the promoter step
+    }
+    served_rows += rows_phase;
+    EXPECT_GT((*mapped)->hbm_rows_served(1) - hbm_before, 0u) << "phase " << phase << "\n" << daemon_->log();
+  }
+  // Layer 15 saw no traffic: nothing of it came from HBM.
+  EXPECT_EQ((*mapped)->hbm_rows_served(15), 0u);
+  const uint64_t from_hbm = (*mapped)->hbm_rows_served(1);
+  mapped->reset();  // reports what is left
+  const int port = daemon_->metrics_port();
+  const std::string hbm_series = "engram_rows_served_total{table=\"demo\",tier=\"hbm\"}";
+  for (int i = 0; i < 100 && MetricValue(port, hbm_series) < static_cast<double>(from_hbm); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(MetricValue(port, hbm_series), static_cast<double>(from_hbm));
+  EXPECT_EQ(MetricValue(port, "engram_lookup_rows_total{table=\"demo\"}"), static_cast<double>(served_rows));
+  EXPECT_EQ(MetricValue(port, "engram_tier_enabled{tier=\"hbm\"}"), 1);
+  EXPECT_GT(MetricValue(port, "engram_hbm_resident_rows{table=\"demo\",layer=\"1\"}"), 0);
+  EXPECT_GT(MetricValue(port, "engram_hbm_demotions_total{table=\"demo\",layer=\"1\"}"), 0) << "phase 2 displaced phase 1";
+  EXPECT_GT(MetricValue(port, "engram_table_resident_bytes{table=\"demo\",tier=\"hbm\"}"), 0);
+}
+
+// Lookups the daemon serves itself (ring, gRPC) are sampled for the promoter too.
+TEST_F(ShmTest, HbmTierPromotesRowsTheDaemonServes) {
+  StartDaemon({"--hbm-budget", "512K", "--hbm-store", "host", "--hbm-step-ms", "2"});
+  ShmConnectOptions options;
+  auto c = ShmConnection::Connect(daemon_->socket(), options);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto table = (*c)->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  const std::string series = "engram_hbm_resident_rows{table=\"demo\",layer=\"15\"}";
+  for (int i = 0; i < 2000 && MetricValue(daemon_->metrics_port(), series) <= 0; ++i) {
+    const auto idx = HotIndices(*manifest_, 15, 256, 300, i);
+    std::vector<uint8_t> out(idx.size() * manifest_->row.bytes);
+    ASSERT_TRUE((*c)->Lookup(*table, 15, 256, idx, absl::MakeSpan(out)).ok());
+    CheckRows(15, idx, out);
+  }
+  EXPECT_GT(MetricValue(daemon_->metrics_port(), series), 0) << daemon_->log();
+  EXPECT_GT(MetricValue(daemon_->metrics_port(), "engram_hbm_samples_total{table=\"demo\",layer=\"15\"}"), 0);
+}
+
+// HBM control frames sent wrong: refused with a reason; only a torn frame costs the session.
+TEST_F(ShmTest, HostileHbmFramesAreRefused) {
+  StartDaemon({"--hbm-budget", "512K", "--hbm-store", "host"});
+  int32_t status = -1;
+  std::string message;
+  const int fd = RawSession(daemon_->socket(), shm::kVersion, &status, &message);
+  ASSERT_EQ(status, 0) << message;
+  const shm::MapTableRequest request{0};
+  const std::string req(reinterpret_cast<const char*>(&request), sizeof(request));
+  auto call = [&](shm::FrameType type, const std::string& payload) {
+    EXPECT_TRUE(shm::SendFrame(fd, type, payload, {}).ok());
+    auto reply = shm::ReceiveFrame(fd, 5000);
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    shm::MapTableReply r{};
+    if (reply.ok()) {
+      for (int f : reply->fds) close(f);
+      std::memcpy(&r, reply->payload.data(), sizeof(r));
+      message = reply->payload.substr(sizeof(r));
+    }
+    return r.status;
+  };
+  // The HBM tier of a table this client did not map: refused, the session goes on.
+  EXPECT_EQ(call(shm::FrameType::kMapHbm, req), static_cast<int32_t>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_NE(message.find("MapTable first"), std::string::npos) << message;
+  EXPECT_EQ(call(shm::FrameType::kMapTable, req), 0) << message;
+  EXPECT_EQ(call(shm::FrameType::kMapHbm, req), 0) << message;
+  EXPECT_EQ(call(shm::FrameType::kMapHbm, req), static_cast<int32_t>(absl::StatusCode::kAlreadyExists));
+  // Samples beyond the layer, and an impossible HBM count: logged and ignored.
+  auto report = [&](int32_t layer, uint64_t hbm_rows, std::vector<uint64_t> rows) {
+    shm::AccessReport r{0, layer, hbm_rows, static_cast<uint32_t>(rows.size()), 0};
+    std::string payload(reinterpret_cast<const char*>(&r), sizeof(r));
+    payload.append(reinterpret_cast<const char*>(rows.data()), rows.size() * 8);
+    return payload;
+  };
+  ASSERT_TRUE(shm::SendFrame(fd, shm::FrameType::kAccessReport, report(1, 0, {1, 2, 1ull << 40}), {}).ok());
+  EXPECT_TRUE(daemon_->WaitForLog("sampled row 1099511627776 is beyond")) << daemon_->log();
+  ASSERT_TRUE(shm::SendFrame(fd, shm::FrameType::kAccessReport, report(1, 1ull << 50, {}), {}).ok());
+  EXPECT_TRUE(daemon_->WaitForLog("rows from HBM is not a possible count")) << daemon_->log();
+  ASSERT_TRUE(shm::SendFrame(fd, shm::FrameType::kAccessReport, report(99, 0, {1}), {}).ok());
+  EXPECT_TRUE(daemon_->WaitForLog("has no HBM layer 99")) << daemon_->log();
+  EXPECT_EQ(MetricValue(daemon_->metrics_port(), "engram_rows_served_total{table=\"demo\",tier=\"hbm\"}"), -1);
+  // The session is still served.
+  EXPECT_EQ(call(shm::FrameType::kOpenTable, "demo"), 0);
+  // A report that claims more samples than it carries: the client is dropped.
+  std::string torn = report(1, 0, {1, 2, 3});
+  torn.resize(torn.size() - 8);
+  ASSERT_TRUE(shm::SendFrame(fd, shm::FrameType::kAccessReport, torn, {}).ok());
+  EXPECT_TRUE(daemon_->WaitForLog("AccessReport frame of the wrong size")) << daemon_->log();
+  close(fd);
+  // A protocol 2 client may not use HBM frames.
+  const int old = RawSession(daemon_->socket(), 2, &status, &message);
+  ASSERT_TRUE(shm::SendFrame(old, shm::FrameType::kMapHbm, req, {}).ok());
+  EXPECT_TRUE(daemon_->WaitForLog("HBM frames need protocol 3")) << daemon_->log();
+  close(old);
+  // Everyone else is served, from HBM where it can.
+  auto c = Connect();
+  ASSERT_NE(c, nullptr);
+  auto table = c->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  auto mapped = c->MapTable(*table);
+  ASSERT_TRUE(mapped.ok());
+  EXPECT_EQ((*mapped)->hbm_access(), MappedTable::HbmAccess::kHost);
+  const auto idx = RandomIndices(1, 3, 2);
+  std::vector<uint8_t> out(idx.size() * manifest_->row.bytes);
+  ASSERT_TRUE((*mapped)->Lookup(1, 3, idx, absl::MakeSpan(out)).ok());
+  CheckRows(1, idx, out);
+}
+
+// A bad --hbm-store or asking for the GPU store where there is none: engramd says so and stops.
+TEST_F(ShmTest, HbmFlagsAreChecked) {
+  auto [code, out] = RunCommand(std::string(ENGRAMD_PATH) + " --pack " + dir_->path() + "/pack --hbm-store gpu");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--hbm-store: 'gpu' is not auto, cuda or host"), std::string::npos) << out;
+  std::tie(code, out) = RunCommand(std::string(ENGRAMD_PATH) + " --pack " + dir_->path() + "/pack --hbm-store host");
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("needs an --hbm-budget"), std::string::npos) << out;
+  // The GPU store, asked for by name, on a machine or build without one: a clear failure, not a
+  // daemon quietly serving without the tier.
+  if (absl::StatusOr<GpuInfo> gpu = ProbeGpu(0); !gpu.ok()) {
+    std::tie(code, out) = RunCommand(std::string(ENGRAMD_PATH) + " --pack " + dir_->path() +
+                                     "/pack --socket off --listen 127.0.0.1:0 --metrics-listen off"
+                                     " --hbm-budget 1M --hbm-store cuda");
+    EXPECT_EQ(code, 1);
+    EXPECT_NE(out.find("event=tier_hbm_failed"), std::string::npos) << out;
+    EXPECT_NE(out.find(std::string(gpu.status().message())), std::string::npos) << out;
+  }
 }
 
 }  // namespace
