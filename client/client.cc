@@ -5,6 +5,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/device_staging.h"
+#include "engram/shm_client.h"
 #include "client/transport.h"
 #include "engram/v1/engram.pb.h"
 
@@ -87,6 +88,16 @@ absl::Status Client::LookupToDevice(const TableHandle& table, int layer, uint32_
   }
   // One LookupToDevice at a time per Client: the staging buffer is shared.
   std::lock_guard<std::mutex> device_lock(device_mu_);
+  {
+    // Straight from the daemon's HBM tier where it runs one on this GPU (hits never leave the
+    // device); any reason it cannot (another GPU, every pin busy) falls through to staging.
+    std::lock_guard<std::mutex> lock(mu_);
+    MappedTable* mapped = transport_->mapped_table(table.name());
+    if (mapped != nullptr && mapped->hbm_access() == MappedTable::HbmAccess::kCuda) {
+      absl::Status s = staging_->GatherThroughHbm(mapped, layer, num_tokens, indices, device_out, cuda_stream);
+      if (s.code() != absl::StatusCode::kFailedPrecondition) return s;
+    }
+  }
   auto buffer = staging_->Acquire(bytes);
   if (!buffer.ok()) return buffer.status();
   if (absl::Status s = Lookup(table, layer, num_tokens, indices, *buffer); !s.ok()) return s;
@@ -101,6 +112,9 @@ absl::Status Client::Reconnect() {
     backoff_ms *= 2;
     auto transport = MakeTransport(uri_, options_);
     if (transport.ok()) {
+      // Device work queued against the old transport's mapped tables (HBM pin callbacks) runs
+      // before they go away.
+      if (staging_ != nullptr) staging_->Quiesce();
       transport_ = std::move(*transport);
       return absl::OkStatus();
     }

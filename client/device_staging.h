@@ -14,6 +14,8 @@
 
 namespace engram {
 
+class MappedTable;
+
 class DeviceStaging {
  public:
   static absl::StatusOr<std::unique_ptr<DeviceStaging>> Create();
@@ -22,6 +24,15 @@ class DeviceStaging {
   virtual absl::StatusOr<absl::Span<uint8_t>> Acquire(uint64_t bytes) = 0;
   // Enqueues the copy of the first `bytes` of the buffer to `device_out` on `stream`.
   virtual absl::Status CopyToDevice(void* device_out, uint64_t bytes, void* stream) = 0;
+  // Rows through the daemon's GPU HBM tier (`table`'s layer must have one, on the current device):
+  // the index is probed here (MappedTable::SplitForDevice), rows the tier lacks are staged, and
+  // one kernel on `stream` copies every row from its slot (mapped by CUDA IPC) or the staging;
+  // the pin is released by a callback on `stream` once that kernel ran. FailedPrecondition: this
+  // request cannot take the path (another device, no free pin): use the staging path instead.
+  // Waits until the work queued so far has run (its pin callbacks too); safe from any thread.
+  virtual void Quiesce() = 0;
+  virtual absl::Status GatherThroughHbm(MappedTable* table, int layer, uint32_t num_tokens,
+                                        absl::Span<const uint32_t> indices, void* device_out, void* stream) = 0;
 };
 
 }  // namespace engram

@@ -463,6 +463,7 @@ absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& inf
     layer->hbm_slot_bytes = staged[i].slot_bytes;
     layer->hbm_slot_count = layers[i].slots;
     layer->first_pin = layers[i].first_pin;
+    layer->hbm_info = layers[i];
   }
   // A GPU store's slots are reached through its IPC handles on the device path; the host path
   // (Lookup) gathers from host stores only.
@@ -479,6 +480,72 @@ MappedTable::~MappedTable() {
     }
     if (layer->hbm_slots != nullptr) munmap(const_cast<uint8_t*>(layer->hbm_slots), layer->hbm_slot_bytes);
   }
+}
+
+absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id, uint32_t num_tokens,
+                                                                  absl::Span<const uint32_t> indices,
+                                                                  uint32_t* sources, uint8_t* staged) {
+  // Counts and samples go out as from Lookup (before the pin: a daemon that is gone is an error).
+  if (NowNs() - last_report_ns_.load(std::memory_order_relaxed) >= report_interval_ns_) {
+    if (absl::Status s = ReportCounters(); !s.ok()) return s;
+  }
+  thread_local std::vector<uint64_t> rows;
+  const uint64_t heads = table_.heads;
+  auto resolved = ResolveRows(layer_id, num_tokens, indices, uint64_t{num_tokens} * heads * row_bytes_, &rows);
+  if (!resolved.ok()) return resolved.status();
+  Layer* layer = *resolved;
+  if (layer->hbm_index == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat("table '", table_.name, "' layer ", layer_id, " has no HBM tier"));
+  }
+  std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
+  if (link_->arena == nullptr) return absl::FailedPreconditionError("the connection to engramd is closed");
+  uint64_t g = 0;
+  const int k = AcquirePin(layer, &g);
+  if (k < 0) return absl::FailedPreconditionError("every HBM pin of this layer is in use");
+  const kernels::HbmIndexHeader* h = layer->hbm_index;
+  const auto* base = reinterpret_cast<const uint8_t*>(h);
+  const int b = static_cast<int>(g & 1);
+  const auto* keys = reinterpret_cast<const uint64_t*>(base + h->keys_offset[b]);
+  const auto* values = reinterpret_cast<const uint32_t*>(base + h->values_offset[b]);
+  DevicePin pin{layer_id, static_cast<uint32_t>(k), 0};
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const uint32_t slot = kernels::HbmProbe(keys, values, h->bucket_mask, rows[i]);
+    if (slot < layer->hbm_slot_count) {
+      sources[i] = slot;
+    } else {
+      std::memcpy(staged + pin.staged_rows * row_bytes_, layer->base + rows[i] * row_bytes_, row_bytes_);
+      sources[i] = kernels::kHbmFromStaging | static_cast<uint32_t>(pin.staged_rows++);
+    }
+  }
+  const uint64_t hits = rows.size() - pin.staged_rows;
+  layer->hbm_rows.fetch_add(hits, std::memory_order_relaxed);
+  layer->hbm_rows_total.fetch_add(hits, std::memory_order_relaxed);
+  layer->rows.fetch_add(pin.staged_rows, std::memory_order_relaxed);
+  layer->lookups.fetch_add(1, std::memory_order_relaxed);
+  Sample(layer, rows);
+  return pin;
+}
+
+void MappedTable::ReleaseDevicePin(const DevicePin& pin) {
+  for (const auto& layer : layers_) {
+    if (layer->id != pin.layer_id || pin.pin >= shm::kPinsPerHbmLayer) continue;
+    std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
+    UnpinLocked(layer.get(), static_cast<int>(pin.pin));
+  }
+}
+
+const shm::HbmLayer* MappedTable::hbm_layer(int layer_id) const {
+  for (const auto& layer : layers_) {
+    if (layer->id == layer_id && layer->hbm_index != nullptr) return &layer->hbm_info;
+  }
+  return nullptr;
+}
+
+const uint8_t* MappedTable::hbm_host_slots(int layer_id) const {
+  for (const auto& layer : layers_) {
+    if (layer->id == layer_id) return layer->hbm_slots;
+  }
+  return nullptr;
 }
 
 uint64_t MappedTable::hbm_rows_served(int layer_id) const {
@@ -500,26 +567,39 @@ void MappedTable::Sample(Layer* layer, absl::Span<const uint64_t> rows) {
   }
 }
 
-bool MappedTable::GatherWithHbm(Layer* layer, absl::Span<const uint64_t> rows, absl::Span<uint8_t> out) {
-  std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
-  if (link_->arena == nullptr) return false;  // the connection is gone: nobody protects the slots
-  // A pin of our own (one reader per pin).
+int MappedTable::AcquirePin(Layer* layer, uint64_t* generation) {
   uint32_t busy = layer->pins_busy.load(std::memory_order_relaxed);
   uint32_t k = 0;
   for (;;) {
     while (k < shm::kPinsPerHbmLayer && (busy & (1u << k)) != 0) ++k;
-    if (k == shm::kPinsPerHbmLayer) return false;
+    if (k == shm::kPinsPerHbmLayer) return -1;
     if (layer->pins_busy.compare_exchange_weak(busy, busy | (1u << k), std::memory_order_acquire)) break;
     k = 0;
   }
   std::atomic<uint64_t>& pin = link_->arena->hbm_pins[layer->first_pin + k];
   const kernels::HbmIndexHeader* h = layer->hbm_index;
-  uint64_t g;
   for (;;) {
-    g = h->generation.load(std::memory_order_acquire);
+    const uint64_t g = h->generation.load(std::memory_order_acquire);
     pin.store(g + 1, std::memory_order_seq_cst);
-    if (h->generation.load(std::memory_order_seq_cst) == g) break;
+    if (h->generation.load(std::memory_order_seq_cst) == g) {
+      *generation = g;
+      return static_cast<int>(k);
+    }
   }
+}
+
+void MappedTable::UnpinLocked(Layer* layer, int k) {
+  if (link_->arena != nullptr) link_->arena->hbm_pins[layer->first_pin + k].store(0, std::memory_order_seq_cst);
+  layer->pins_busy.fetch_and(~(1u << k), std::memory_order_release);
+}
+
+bool MappedTable::GatherWithHbm(Layer* layer, absl::Span<const uint64_t> rows, absl::Span<uint8_t> out) {
+  std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
+  if (link_->arena == nullptr) return false;  // the connection is gone: nobody protects the slots
+  uint64_t g = 0;
+  const int k = AcquirePin(layer, &g);
+  if (k < 0) return false;
+  const kernels::HbmIndexHeader* h = layer->hbm_index;
   const auto* base = reinterpret_cast<const uint8_t*>(h);
   const int b = static_cast<int>(g & 1);
   const auto* keys = reinterpret_cast<const uint64_t*>(base + h->keys_offset[b]);
@@ -532,8 +612,7 @@ bool MappedTable::GatherWithHbm(Layer* layer, absl::Span<const uint64_t> rows, a
     hits += slot < layer->hbm_slot_count ? 1 : 0;
     std::memcpy(out.data() + i * row_bytes_, src, row_bytes_);
   }
-  pin.store(0, std::memory_order_seq_cst);
-  layer->pins_busy.fetch_and(~(1u << k), std::memory_order_release);
+  UnpinLocked(layer, k);
   layer->hbm_rows.fetch_add(hits, std::memory_order_relaxed);
   layer->hbm_rows_total.fetch_add(hits, std::memory_order_relaxed);
   layer->rows.fetch_add(rows.size() - hits, std::memory_order_relaxed);
@@ -546,8 +625,9 @@ uint64_t MappedTable::mapped_bytes() const {
   return total;
 }
 
-absl::Status MappedTable::Lookup(int layer_id, uint32_t num_tokens, absl::Span<const uint32_t> indices,
-                                 absl::Span<uint8_t> out) {
+absl::StatusOr<MappedTable::Layer*> MappedTable::ResolveRows(int layer_id, uint32_t num_tokens,
+                                                           absl::Span<const uint32_t> indices, uint64_t out_bytes,
+                                                           std::vector<uint64_t>* rows) {
   Layer* layer = nullptr;
   for (const auto& l : layers_) {
     if (l->id == layer_id) layer = l.get();
@@ -560,13 +640,12 @@ absl::Status MappedTable::Lookup(int layer_id, uint32_t num_tokens, absl::Span<c
     return absl::InvalidArgumentError(absl::StrCat("indices hold ", indices.size() * 4, " bytes; ", num_tokens,
                                                    " tokens x ", heads, " heads x 4 bytes = ", total * 4, " expected"));
   }
-  if (out.size() != total * row_bytes_) {
-    return absl::InvalidArgumentError(absl::StrCat("output buffer holds ", out.size(), " bytes; ", total, " rows x ",
+  if (out_bytes != total * row_bytes_) {
+    return absl::InvalidArgumentError(absl::StrCat("output buffer holds ", out_bytes, " bytes; ", total, " rows x ",
                                                    row_bytes_, " bytes = ", total * row_bytes_, " expected"));
   }
   // Every index is checked (and turned into a row of the layer) before any row is copied.
-  thread_local std::vector<uint64_t> rows;
-  rows.resize(total);
+  rows->resize(total);
   for (uint32_t t = 0; t < num_tokens; ++t) {
     for (size_t h = 0; h < heads; ++h) {
       const size_t i = static_cast<size_t>(t) * heads + h;
@@ -575,9 +654,19 @@ absl::Status MappedTable::Lookup(int layer_id, uint32_t num_tokens, absl::Span<c
             "index ", indices[i], " for token ", t, ", head ", h, " is out of range: head ", h, " of layer ",
             layer_id, " has ", layer->head_rows[h], " rows (valid 0..", layer->head_rows[h] - 1, ")"));
       }
-      rows[i] = layer->head_offset[h] + indices[i];
+      (*rows)[i] = layer->head_offset[h] + indices[i];
     }
   }
+  return layer;
+}
+
+absl::Status MappedTable::Lookup(int layer_id, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                                 absl::Span<uint8_t> out) {
+  thread_local std::vector<uint64_t> rows;
+  auto resolved = ResolveRows(layer_id, num_tokens, indices, out.size(), &rows);
+  if (!resolved.ok()) return resolved.status();
+  Layer* layer = *resolved;
+  const uint64_t total = rows.size();
   const bool hbm = hbm_access_ == HbmAccess::kHost && layer->hbm_index != nullptr &&
                    GatherWithHbm(layer, absl::MakeConstSpan(rows), out);
   if (!hbm) {

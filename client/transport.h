@@ -12,6 +12,8 @@
 
 namespace engram {
 
+class MappedTable;
+
 class Transport {
  public:
   virtual ~Transport() = default;
@@ -23,6 +25,8 @@ class Transport {
                                 absl::Span<const uint32_t> indices) = 0;
   // True when lookups of an open table gather from a read-only mapping of its rows.
   virtual bool Mapped(const std::string& table) const { return false; }
+  // The mapping of an open table, when the transport has one (shared memory); else nullptr.
+  virtual MappedTable* mapped_table(const std::string& table) { return nullptr; }
 };
 
 absl::StatusOr<std::unique_ptr<Transport>> MakeShmTransport(const std::string& socket_path, const ClientOptions& options);

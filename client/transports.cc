@@ -38,6 +38,10 @@ class ShmTransport final : public Transport {
     return table->table_info;
   }
   bool Mapped(const std::string& table) const override { return mapped_.count(table) > 0; }
+  MappedTable* mapped_table(const std::string& table) override {
+    auto it = mapped_.find(table);
+    return it == mapped_.end() ? nullptr : it->second.get();
+  }
   absl::Status Lookup(const std::string& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
                       absl::Span<uint8_t> out, ClientLookupStats* stats) override {
     auto it = tables_.find(table);

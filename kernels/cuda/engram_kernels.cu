@@ -3,6 +3,7 @@
 
 #include "engram/kernels/cuda_kernels.h"
 #include "engram/kernels/engram_math.h"
+#include "engram/kernels/hbm_probe.h"
 
 namespace engram::kernels::cuda {
 namespace {
@@ -46,6 +47,23 @@ __global__ void GatherRowsKernel(const uint8_t* __restrict__ table, int64_t row_
   if (vector) {
     const int64_t words = row_bytes / 16;
     for (int64_t w = lane; w < words; w += 32) {
+      reinterpret_cast<uint4*>(dst)[w] = __ldg(reinterpret_cast<const uint4*>(src) + w);
+    }
+  } else {
+    for (int64_t b = lane; b < row_bytes; b += 32) dst[b] = src[b];
+  }
+}
+
+__global__ void GatherHbmRowsKernel(const uint8_t* __restrict__ slots, const uint8_t* __restrict__ staged,
+                                    int64_t row_bytes, const uint32_t* __restrict__ sources, int64_t n,
+                                    uint8_t* __restrict__ out, bool vector) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= n) return;
+  const uint8_t* src = HbmRowSource(sources[warp], slots, staged, row_bytes);
+  uint8_t* dst = out + warp * row_bytes;
+  if (vector) {
+    for (int64_t w = lane; w < row_bytes / 16; w += 32) {
       reinterpret_cast<uint4*>(dst)[w] = __ldg(reinterpret_cast<const uint4*>(src) + w);
     }
   } else {
@@ -129,6 +147,16 @@ int GatherRows(const uint8_t* table, int64_t row_bytes, const uint64_t* rows, in
                       reinterpret_cast<uintptr_t>(out) % 16 == 0;
   GatherRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, row_bytes,
                                                                                                 rows, n, out, vector);
+  return Launched();
+}
+
+int GatherHbmRows(const uint8_t* slots, const uint8_t* staged, int64_t row_bytes, const uint32_t* sources, int64_t n,
+                  uint8_t* out, void* stream) {
+  if (n == 0) return 0;
+  const bool vector = row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(slots) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(staged) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  GatherHbmRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      slots, staged, row_bytes, sources, n, out, vector);
   return Launched();
 }
 

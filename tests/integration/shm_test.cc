@@ -18,6 +18,7 @@
 #include "tests/integration/daemon_process.h"
 #include "tests/test_util.h"
 #include "tiering/layout/manifest.h"
+#include "engram/kernels/hbm_probe.h"
 #include "tiering/hbm/gpu_probe.h"
 #include "tiering/layout/synthetic.h"
 
@@ -518,6 +519,72 @@ TEST_F(ShmTest, HbmTierOnHostServesHitsThatAreExactWhileItChurns) {
   EXPECT_GT(MetricValue(port, "engram_hbm_resident_rows{table=\"demo\",layer=\"1\"}"), 0);
   EXPECT_GT(MetricValue(port, "engram_hbm_demotions_total{table=\"demo\",layer=\"1\"}"), 0) << "phase 2 displaced phase 1";
   EXPECT_GT(MetricValue(port, "engram_table_resident_bytes{table=\"demo\",tier=\"hbm\"}"), 0);
+}
+
+// The device path's host half (MappedTable::SplitForDevice, which the CUDA gather uses): with the
+// host store, the device copy is replayed here through the same source rule the kernel uses, and
+// must give the formula's rows. Pins are a bounded resource: while all are held, SplitForDevice
+// says so and Lookup still answers, from the DRAM mapping.
+TEST_F(ShmTest, HbmDeviceSplitNamesTheRightSourceForEveryRow) {
+  StartDaemon({"--hbm-budget", "512K", "--hbm-store", "host", "--hbm-step-ms", "2"});
+  ShmConnectOptions options;
+  options.mapped_report_interval_ms = 10;
+  auto c = ShmConnection::Connect(daemon_->socket(), options);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto table = (*c)->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  auto mapped = (*c)->MapTable(*table);
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  MappedTable& m = **mapped;
+  const uint64_t row_bytes = manifest_->row.bytes;
+  const uint8_t* slots = m.hbm_host_slots(15);
+  ASSERT_NE(slots, nullptr);
+  ASSERT_NE(m.hbm_layer(15), nullptr);
+  EXPECT_EQ(m.hbm_layer(15)->kind, static_cast<uint32_t>(shm::HbmKind::kHost));
+  uint64_t from_slots = 0;
+  for (int i = 0; i < 2000 && from_slots < 5000; ++i) {
+    const auto idx = HotIndices(*manifest_, 15, 32, 700, i);
+    std::vector<uint32_t> sources(idx.size());
+    std::vector<uint8_t> staged(idx.size() * row_bytes), out(idx.size() * row_bytes);
+    auto pin = m.SplitForDevice(15, 32, idx, sources.data(), staged.data());
+    ASSERT_TRUE(pin.ok()) << pin.status();
+    for (size_t r = 0; r < idx.size(); ++r) {
+      std::memcpy(out.data() + r * row_bytes,
+                  kernels::HbmRowSource(sources[r], slots, staged.data(), static_cast<int64_t>(row_bytes)), row_bytes);
+      from_slots += (sources[r] & kernels::kHbmFromStaging) == 0 ? 1 : 0;
+    }
+    m.ReleaseDevicePin(*pin);  // the "kernel" is done
+    CheckRows(15, idx, out);
+    EXPECT_EQ(pin->staged_rows, static_cast<uint64_t>(std::count_if(sources.begin(), sources.end(), [](uint32_t s) {
+                return (s & kernels::kHbmFromStaging) != 0;
+              })));
+    if (i % 50 == 49) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  EXPECT_GE(from_slots, 5000u) << "the hot rows should have been promoted";
+  // Bad input is refused before anything is pinned.
+  std::vector<uint32_t> sources(16);
+  std::vector<uint8_t> staged(16 * row_bytes);
+  auto bad = HotIndices(*manifest_, 15, 1, 0, 1);
+  bad[3] = 0xffffffffu;
+  EXPECT_EQ(m.SplitForDevice(15, 1, bad, sources.data(), staged.data()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(m.SplitForDevice(99, 1, bad, sources.data(), staged.data()).status().code(), absl::StatusCode::kNotFound);
+  // Every pin held (kernels still "running"): the next split is refused; Lookup still serves.
+  std::vector<MappedTable::DevicePin> held;
+  const auto idx = HotIndices(*manifest_, 15, 1, 700, 3);
+  for (uint32_t k = 0; k < shm::kPinsPerHbmLayer; ++k) {
+    auto pin = m.SplitForDevice(15, 1, idx, sources.data(), staged.data());
+    ASSERT_TRUE(pin.ok()) << pin.status();
+    held.push_back(*pin);
+  }
+  auto refused = m.SplitForDevice(15, 1, idx, sources.data(), staged.data());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find("pin"), std::string::npos) << refused.status();
+  std::vector<uint8_t> out(idx.size() * row_bytes);
+  ASSERT_TRUE(m.Lookup(15, 1, idx, absl::MakeSpan(out)).ok());
+  CheckRows(15, idx, out);
+  for (const auto& pin : held) m.ReleaseDevicePin(pin);
+  EXPECT_TRUE(m.SplitForDevice(15, 1, idx, sources.data(), staged.data()).ok());
 }
 
 // Lookups the daemon serves itself (ring, gRPC) are sampled for the promoter too.

@@ -80,6 +80,26 @@ class MappedTable {
   // Rows of `layer_id` that Lookup took from HBM slots so far (counted here; also reported).
   uint64_t hbm_rows_served(int layer_id) const;
 
+  // The device path over the HBM tier (libengram_client's CUDA code uses it; it runs on the host,
+  // so it is tested everywhere). Checks the request like Lookup, pins the layer's published
+  // index and, for every row, writes where the device should copy it from into `sources`: its
+  // slot, or kernels::kHbmFromStaging | k when the tier does not hold it and it was copied here
+  // into row k of `staged` (room for every row). Release the pin with ReleaseDevicePin once the
+  // device copy that reads the slots has completed (a stream callback). FailedPrecondition when
+  // the layer has no HBM tier or all its pins are in use; use Lookup then.
+  struct DevicePin {
+    int layer_id = 0;
+    uint32_t pin = 0;
+    uint64_t staged_rows = 0;  // rows written to `staged`
+  };
+  absl::StatusOr<DevicePin> SplitForDevice(int layer_id, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                                           uint32_t* sources, uint8_t* staged);
+  void ReleaseDevicePin(const DevicePin& pin);
+  // The layer's HBM tier as the daemon described it (kind, slots, CUDA IPC handles), or nullptr.
+  const shm::HbmLayer* hbm_layer(int layer_id) const;
+  // A host store's slots as mapped here (for checks), or nullptr.
+  const uint8_t* hbm_host_slots(int layer_id) const;
+
  private:
   friend class ShmConnection;
   struct Layer {
@@ -96,6 +116,7 @@ class MappedTable {
     uint64_t hbm_slot_bytes = 0;
     uint32_t hbm_slot_count = 0;
     uint32_t first_pin = 0;
+    shm::HbmLayer hbm_info{};
     std::atomic<uint32_t> pins_busy{0};  // bit k: pin first_pin + k is in use by a reader here
     std::atomic<uint64_t> hbm_rows{0}, hbm_rows_total{0};  // unreported / all time
     std::mutex sample_mu;
@@ -105,6 +126,13 @@ class MappedTable {
   MappedTable() = default;
   // Gathers through the HBM index (pinned); false when no pin was free or the link is gone.
   bool GatherWithHbm(Layer* layer, absl::Span<const uint64_t> rows, absl::Span<uint8_t> out);
+  // Checks a request like the daemon and turns indices into the layer's rows.
+  absl::StatusOr<Layer*> ResolveRows(int layer_id, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                                     uint64_t out_bytes, std::vector<uint64_t>* rows);
+  // A free pin of the layer set to the current generation (returned in *generation), or -1. Call
+  // with link_->arena_mu held shared and link_->arena set.
+  int AcquirePin(Layer* layer, uint64_t* generation);
+  void UnpinLocked(Layer* layer, int k);
   void Sample(Layer* layer, absl::Span<const uint64_t> rows);
 
   // The connection, cleared (under `mu`) when the connection is destroyed. `arena_mu` is held

@@ -17,6 +17,11 @@ namespace engram::kernels::cuda {
 // memory (cudaHostRegister'ed, cudaHostGetDevicePointer). 16-byte loads when rows allow it.
 int GatherRows(const uint8_t* table, int64_t row_bytes, const uint64_t* rows, int64_t n, uint8_t* out, void* stream);
 
+// out[i] = the row sources[i] names (hbm_probe.h: HbmRowSource): a slot of an HBM tier's `slots`
+// or a row of `staged`. Both are device memory (the slots usually mapped from engramd by CUDA IPC).
+int GatherHbmRows(const uint8_t* slots, const uint8_t* staged, int64_t row_bytes, const uint32_t* sources, int64_t n,
+                  uint8_t* out, void* stream);
+
 // n_rows rows of `dim` elements (RowBytesFor(dtype, dim) bytes each) -> f32 [n_rows][dim].
 int Dequantize(const uint8_t* rows, int64_t n_rows, int dim, RowDtype dtype, float* out, void* stream);
 

@@ -34,6 +34,16 @@ ENGRAM_HD inline uint32_t HbmProbe(const uint64_t* keys, const uint32_t* slots, 
   }
 }
 
+// A client's device gather over the HBM tier: per output row a source, either a slot of the tier
+// or (with this bit) a row the client staged itself because the index did not have it.
+inline constexpr uint32_t kHbmFromStaging = 0x80000000u;
+
+ENGRAM_HD inline const uint8_t* HbmRowSource(uint32_t source, const uint8_t* slots, const uint8_t* staged,
+                                             int64_t row_bytes) {
+  return (source & kHbmFromStaging) != 0 ? staged + static_cast<int64_t>(source & ~kHbmFromStaging) * row_bytes
+                                         : slots + static_cast<int64_t>(source) * row_bytes;
+}
+
 #ifndef __CUDACC__
 // The index as engramd publishes it to clients in shared memory (a memfd they map read-only):
 // this header, then two buffers of keys and two of slots. Generation g is current and lives in
