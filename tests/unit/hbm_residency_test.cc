@@ -124,5 +124,35 @@ TEST(HbmResidencyTest, IndexStaysExactUnderChurn) {
   EXPECT_GT(r.resident(), 400u);
 }
 
+// Many residents: victims come from a sample, and a plan's cost does not grow with the slots.
+// Every hot row still gets in, every victim was resident, and no slot is handed out twice.
+TEST(HbmResidencyTest, ManyResidentsVictimsFromASampleStillMakeRoomForTheHotRows) {
+  constexpr uint32_t kSlots = 100000;
+  HbmResidency r(kSlots, /*decay_every=*/1ull << 40);
+  for (uint64_t row = 0; row < kSlots; ++row) r.RecordAccess(row);
+  r.Apply(r.NextPlan(kSlots));
+  ASSERT_EQ(r.resident(), kSlots);
+  for (uint64_t row = 1000000; row < 1001000; ++row) Touch(&r, row, 10);
+  Touch(&r, 2000000, 1);  // no hotter than the residents: not a candidate at all
+  const HbmPlan plan = r.NextPlan(5000);
+  ASSERT_EQ(plan.promote.size(), 1000u);
+  ASSERT_EQ(plan.demote.size(), 1000u);
+  std::set<uint32_t> slots;
+  for (const HbmMove& m : plan.promote) {
+    EXPECT_GE(m.row, 1000000u);
+    EXPECT_LT(m.row, 1001000u);
+    EXPECT_TRUE(slots.insert(m.slot).second) << "slot " << m.slot << " twice";
+  }
+  std::set<uint64_t> demoted(plan.demote.begin(), plan.demote.end());
+  EXPECT_EQ(demoted.size(), 1000u);
+  for (uint64_t row : demoted) EXPECT_NE(r.SlotOf(row), kernels::kNoSlot) << row << " was not resident";
+  r.Apply(plan);
+  for (uint64_t row = 1000000; row < 1001000; ++row) ASSERT_NE(r.SlotOf(row), kernels::kNoSlot) << row;
+  for (uint64_t row : demoted) EXPECT_EQ(r.SlotOf(row), kernels::kNoSlot) << row;
+  EXPECT_EQ(r.SlotOf(2000000), kernels::kNoSlot);
+  EXPECT_EQ(r.resident(), kSlots);
+  EXPECT_TRUE(r.NextPlan(5000).promote.empty()) << "nothing left hotter than the residents";
+}
+
 }  // namespace
 }  // namespace engram

@@ -8,8 +8,13 @@
 
 namespace engram {
 
+namespace {
+constexpr uint64_t kEmptySlot = ~0ull;
+constexpr size_t kExactVictimScan = 65536;  // residents up to this many: victims chosen exactly
+}  // namespace
+
 HbmResidency::HbmResidency(uint32_t slots, uint64_t decay_every)
-    : slots_(slots), decay_every_(std::max<uint64_t>(1, decay_every)) {
+    : slots_(slots), decay_every_(std::max<uint64_t>(1, decay_every)), slot_row_(slots, kEmptySlot) {
   free_slots_.reserve(slots);
   for (uint32_t s = slots; s > 0; --s) free_slots_.push_back(s - 1);  // hand out slot 0 first
   RebuildIndexLocked();
@@ -26,9 +31,11 @@ void HbmResidency::RecordAccesses(const std::vector<uint64_t>& rows) {
 }
 
 void HbmResidency::RecordAccessLocked(uint64_t row) {
-  heat_[row] += 1.0;
+  const double heat = heat_[row] += 1.0;
+  if (heat >= admit_heat_ && !row_slot_.contains(row)) candidates_.insert(row);
   if (++recorded_ % decay_every_ != 0) return;
   // Halve everything; forget rows that went cold (keeps the map near the working set).
+  admit_heat_ *= 0.5;
   for (auto it = heat_.begin(); it != heat_.end();) {
     it->second *= 0.5;
     if (it->second < 0.25 && !row_slot_.contains(it->first)) {
@@ -50,8 +57,15 @@ HbmPlan HbmResidency::NextPlan(size_t max_moves, double margin) const {
   if (slots_ == 0 || max_moves == 0) return plan;
   // Candidates: the hottest rows not resident, hottest first.
   std::vector<std::pair<double, uint64_t>> candidates;
-  for (const auto& [row, heat] : heat_) {
-    if (!row_slot_.contains(row)) candidates.push_back({heat, row});
+  candidates.reserve(candidates_.size());
+  for (auto it = candidates_.begin(); it != candidates_.end();) {
+    const double heat = HeatLocked(*it);
+    if (heat <= 0 || row_slot_.contains(*it)) {
+      candidates_.erase(it++);
+      continue;
+    }
+    candidates.push_back({heat, *it});
+    ++it;
   }
   const size_t want = std::min(max_moves, candidates.size());
   std::partial_sort(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(want), candidates.end(),
@@ -60,11 +74,25 @@ HbmPlan HbmResidency::NextPlan(size_t max_moves, double margin) const {
   // Victims: the coldest resident rows, coldest first; only as many as could be displaced.
   std::vector<std::pair<double, uint64_t>> victims;
   if (free_slots_.size() < want) {
-    victims.reserve(row_slot_.size());
-    for (const auto& [row, slot] : row_slot_) victims.push_back({HeatLocked(row), row});
-    const size_t needed = std::min(victims.size(), want - free_slots_.size());
-    std::partial_sort(victims.begin(), victims.begin() + static_cast<std::ptrdiff_t>(needed), victims.end());
-    victims.resize(needed);
+    const size_t needed = want - free_slots_.size();
+    if (row_slot_.size() <= std::max(kExactVictimScan, 8 * needed)) {
+      victims.reserve(row_slot_.size());
+      for (const auto& [row, slot] : row_slot_) victims.push_back({HeatLocked(row), row});
+    } else {
+      // A sample of the residents (slots drawn by a fixed-seed generator: plans are repeatable).
+      absl::flat_hash_set<uint64_t> seen;
+      uint64_t x = 0x9e3779b97f4a7c15ull ^ recorded_;
+      for (size_t k = 0; k < 8 * needed; ++k) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        const uint64_t row = slot_row_[x % slots_];
+        if (row != kEmptySlot && seen.insert(row).second) victims.push_back({HeatLocked(row), row});
+      }
+    }
+    const size_t take = std::min(victims.size(), needed);
+    std::partial_sort(victims.begin(), victims.begin() + static_cast<std::ptrdiff_t>(take), victims.end());
+    victims.resize(take);
   }
   size_t free_used = 0, victim = 0;
   for (const auto& [heat, row] : candidates) {
@@ -78,6 +106,20 @@ HbmPlan HbmResidency::NextPlan(size_t max_moves, double margin) const {
     plan.demote.push_back(out);
     plan.promote.push_back({row, row_slot_.at(out)});
   }
+  // From now on only rows at least as hot as what they would displace become candidates, and the
+  // ones that are not drop out.
+  if (free_slots_.size() <= free_used && !victims.empty()) {
+    admit_heat_ = victims[std::min(victim, victims.size() - 1)].first * margin;
+    for (auto it = candidates_.begin(); it != candidates_.end();) {
+      if (HeatLocked(*it) < admit_heat_) {
+        candidates_.erase(it++);
+      } else {
+        ++it;
+      }
+    }
+  } else if (free_slots_.size() > free_used) {
+    admit_heat_ = 0;
+  }
   return plan;
 }
 
@@ -88,15 +130,19 @@ void HbmResidency::Apply(const HbmPlan& plan) {
     auto it = row_slot_.find(row);
     if (it == row_slot_.end()) continue;
     freed.insert(it->second);
+    slot_row_[it->second] = kEmptySlot;
     row_slot_.erase(it);
     IndexEraseLocked(row);
   }
   for (const HbmMove& m : plan.promote) {
     if (auto it = row_slot_.find(m.row); it != row_slot_.end()) {  // already resident: move it
       freed.insert(it->second);
+      slot_row_[it->second] = kEmptySlot;
       IndexEraseLocked(m.row);
     }
     row_slot_[m.row] = m.slot;
+    slot_row_[m.slot] = m.row;
+    candidates_.erase(m.row);
     IndexInsertLocked(m.row, m.slot);
     if (freed.erase(m.slot) > 0) continue;  // a slot this plan's demotions just gave up
     // NextPlan hands out free slots from the back, in order.

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 
 namespace engram {
 
@@ -40,7 +41,9 @@ class HbmResidency {
   void RecordAccess(uint64_t row);
   void RecordAccesses(const std::vector<uint64_t>& rows);  // one lock for many
   // Up to `max_moves` promotions (with the demotions that make room). A resident row is displaced
-  // only by a row whose count exceeds its own by `margin` (a factor >= 1).
+  // only by a row whose count exceeds its own by `margin` (a factor >= 1). The victims are the
+  // coldest residents exactly while there are few; with many, the coldest of a random sample of
+  // 8 per needed victim (an approximation that keeps a plan's cost independent of the slots).
   HbmPlan NextPlan(size_t max_moves, double margin = 1.25) const;
   // Records the plan (demotions free their slots; promotions take theirs) and updates the index.
   // A plan may be applied in two steps, demotions first. REQUIRES: plans are applied in the
@@ -70,6 +73,11 @@ class HbmResidency {
   mutable std::mutex mu_;
   absl::flat_hash_map<uint64_t, double> heat_;      // recent access counts (decayed)
   absl::flat_hash_map<uint64_t, uint32_t> row_slot_;  // resident rows
+  std::vector<uint64_t> slot_row_;                    // slot -> resident row (kEmptySlot: free)
+  // Rows not resident whose count reached admit_heat_ when last recorded: the only rows a plan
+  // considers, so a plan costs the candidates and a sample of the residents, not the whole map.
+  mutable absl::flat_hash_set<uint64_t> candidates_;
+  mutable double admit_heat_ = 0;  // 0 while slots are free; else margin x the coldest resident seen
   std::vector<uint32_t> free_slots_;
   uint64_t recorded_ = 0;
   std::vector<uint64_t> index_keys_;
