@@ -167,9 +167,52 @@ bool Client::IsMapped(const TableHandle& table) {
 
 std::future<absl::Status> Client::LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
                                               absl::Span<const uint32_t> indices, absl::Span<uint8_t> out) {
-  return std::async(std::launch::async, [this, table, layer, num_tokens, indices, out] {
-    return Lookup(*table, layer, num_tokens, indices, out);
+  auto promise = std::make_shared<std::promise<absl::Status>>();
+  std::future<absl::Status> future = promise->get_future();
+  LookupAsync(std::move(table), layer, num_tokens, indices, out,
+              [promise](absl::Status status) { promise->set_value(std::move(status)); });
+  return future;
+}
+
+void Client::LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
+                         absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
+                         std::function<void(absl::Status)> done) {
+  if (table == nullptr) {
+    done(absl::InvalidArgumentError("LookupAsync: no table (a null TableHandle)"));
+    return;
+  }
+  async_.Post([this, table = std::move(table), layer, num_tokens, indices, out, done = std::move(done)] {
+    done(Lookup(*table, layer, num_tokens, indices, out));
   });
+}
+
+Client::AsyncWorker::~AsyncWorker() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Client::AsyncWorker::Post(std::function<void()> job) {
+  std::lock_guard<std::mutex> lock(mu_);
+  jobs_.push_back(std::move(job));
+  if (!thread_.joinable()) {
+    thread_ = std::thread([this] {
+      std::unique_lock<std::mutex> lock(mu_);
+      for (;;) {
+        cv_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+        if (jobs_.empty()) return;  // stopping, and everything queued has run
+        std::function<void()> next = std::move(jobs_.front());
+        jobs_.pop_front();
+        lock.unlock();
+        next();
+        lock.lock();
+      }
+    });
+  }
+  cv_.notify_one();
 }
 
 absl::Status Client::Prefetch(const TableHandle& table, int layer, uint32_t num_tokens,

@@ -4,6 +4,7 @@
 // and the example engine integration prints the same checksums over shared memory and gRPC.
 #include "engram/client.h"
 
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -111,6 +112,48 @@ TEST_P(ClientTest, LookupLookupTokensAsyncAndPrefetch) {
 
 // Rows for a GPU buffer: without a usable device (or CUDA in the build) the call says so instead
 // of touching the pointer; a buffer of the wrong size is refused first, naming both sizes.
+// Many LookupAsync calls in flight at once, futures and callbacks mixed: every one gets its own
+// rows, every callback runs once, and destroying the Client finishes the calls already made.
+TEST_P(ClientTest, ManyAsyncLookupsEachGetTheirRowsAndEveryCallbackRunsOnce) {
+  auto client = Client::Connect(Uri(), Options());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto table = (*client)->OpenTable("demo");
+  ASSERT_TRUE(table.ok()) << table.status();
+  constexpr int kCalls = 48;
+  constexpr uint32_t kTokens = 20;
+  std::mt19937 rng(7);
+  std::vector<std::vector<uint32_t>> idx(kCalls, std::vector<uint32_t>(kTokens * 16));
+  std::vector<std::vector<uint8_t>> out(kCalls, std::vector<uint8_t>(kTokens * 16 * 128));
+  for (auto& v : idx) {
+    for (size_t i = 0; i < v.size(); ++i) v[i] = rng() % manifest_->layers[0].layout.head_rows[i % 16];
+  }
+  idx[kCalls - 1][5] = 4000000000u;  // the last call is refused, the others are not disturbed
+  std::vector<std::future<absl::Status>> futures;
+  std::vector<absl::Status> callback_status(kCalls);
+  std::atomic<int> callbacks{0};
+  for (int c = 0; c < kCalls; ++c) {
+    if (c % 2 == 0) {
+      futures.push_back((*client)->LookupAsync(*table, 1, kTokens, idx[c], absl::MakeSpan(out[c])));
+    } else {
+      (*client)->LookupAsync(*table, 1, kTokens, idx[c], absl::MakeSpan(out[c]),
+                             [&callback_status, &callbacks, c](absl::Status s) {
+                               callback_status[c] = std::move(s);
+                               callbacks.fetch_add(1);
+                             });
+    }
+  }
+  for (auto& f : futures) EXPECT_TRUE(f.get().ok());
+  client->reset();  // waits for the callbacks still queued
+  EXPECT_EQ(callbacks.load(), kCalls / 2);
+  for (int c = 0; c + 1 < kCalls; ++c) {
+    if (c % 2 == 1) {
+      EXPECT_TRUE(callback_status[c].ok()) << c << ": " << callback_status[c];
+    }
+    EXPECT_EQ(out[c], Expected(1, idx[c])) << "call " << c;
+  }
+  EXPECT_EQ(callback_status[kCalls - 1].code(), absl::StatusCode::kInvalidArgument) << callback_status[kCalls - 1];
+}
+
 TEST_P(ClientTest, LookupToDeviceExplainsWhyItCannot) {
   auto client = Client::Connect(Uri(), Options());
   ASSERT_TRUE(client.ok()) << client.status();

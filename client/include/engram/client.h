@@ -13,11 +13,15 @@
 #ifndef ENGRAM_CLIENT_CLIENT_H_
 #define ENGRAM_CLIENT_CLIENT_H_
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <future>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -76,10 +80,15 @@ class Client {
   // Rows of head-local `indices` [num_tokens][heads] into `out` ([num_tokens][heads][row_bytes]).
   absl::Status Lookup(const TableHandle& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
                       absl::Span<uint8_t> out, ClientLookupStats* stats = nullptr);
-  // The same, on another thread. `indices`, `out`, and this Client must stay alive until the
-  // future is ready.
+  // The same, run by this Client's async worker (one thread, started by the first call; calls
+  // run in the order made). `indices` and `out` must stay alive until the future is ready or
+  // `done` has run. Destroying the Client first finishes every call already made.
   std::future<absl::Status> LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
                                         absl::Span<const uint32_t> indices, absl::Span<uint8_t> out);
+  // Callback form: `done` runs on the worker thread with the lookup's status, exactly once.
+  void LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
+                   absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
+                   std::function<void(absl::Status)> done);
   absl::Status Prefetch(const TableHandle& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices);
   // Rows into GPU memory: looked up into a pinned (page-locked) staging buffer, then copied to
   // `device_out` (device_bytes = num_tokens * heads * row_bytes) with cudaMemcpyAsync on
@@ -110,6 +119,22 @@ class Client {
   std::unique_ptr<Transport> transport_;
   std::mutex device_mu_;                          // serializes LookupToDevice (one staging buffer)
   std::unique_ptr<DeviceStaging> staging_;  // created by the first LookupToDevice
+
+  // LookupAsync's worker: a FIFO of jobs and the thread that runs them. Declared last, so it is
+  // stopped (after running what was queued) before the transport goes away.
+  class AsyncWorker {
+   public:
+    ~AsyncWorker();
+    void Post(std::function<void()> job);
+
+   private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<std::function<void()>> jobs_;
+    bool stopping_ = false;
+    std::thread thread_;  // started by the first Post
+  };
+  AsyncWorker async_;
 };
 
 }  // namespace engram
