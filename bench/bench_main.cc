@@ -242,7 +242,9 @@ int Simulate(int argc, char** argv) {
                 "beside hindsight references: static-topk (the most used rows of this very trace) and belady\n"
                 "(optimal replacement with bypass). Policies: lru, s3fifo (the daemon's default), tinylfu\n"
                 "(TinyLFU admission in front of S3-FIFO), hbm (the HBM tier's residency planner: decayed\n"
-                "counts, a batch of promotions every 65,536 accesses), static-topk, belady; 'all' runs every one.");
+                "counts, a batch of promotions every 65,536 accesses), hbm-1inN (the same, counting about one\n"
+                "access in N, as engramd does above its sample budget), static-topk, belady; 'all' runs every one\n"
+                "(hbm-1in64 for the sampled planner).");
   flags.String("pack", &pack, "pack directory (its manifest gives the layout; rows are not read)");
   flags.String("tokens", &tokens_path, "raw token ids, little-endian int32");
   flags.StringList("policy", &policies, "policy to simulate (default: the daemon's, s3fifo)");
@@ -258,7 +260,7 @@ int Simulate(int argc, char** argv) {
   if (pack.empty() || tokens_path.empty()) return fail(absl::InvalidArgumentError("--pack and --tokens are required"));
   if (policies.empty()) policies = {std::string(kDefaultPolicy)};
   if (policies.size() == 1 && policies[0] == "all") {
-    policies = {"lru", "s3fifo", "tinylfu", "hbm", "static-topk", "belady"};
+    policies = {"lru", "s3fifo", "tinylfu", "hbm", "hbm-1in64", "static-topk", "belady"};
   }
   auto manifest = LoadPackManifest(pack);
   if (!manifest.ok()) return fail(manifest.status());

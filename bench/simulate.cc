@@ -12,6 +12,8 @@
 #include "service/cli_flags.h"
 #include "tiering/cache/row_cache.h"
 #include "tiering/hbm/hbm_residency.h"
+#include "tiering/hbm/hbm_sampler.h"
+#include "tiering/hbm/hbm_tier.h"
 
 namespace engram {
 namespace {
@@ -75,19 +77,25 @@ uint64_t BeladyHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
   return hits;
 }
 
-// The HBM tier's residency planning (HbmResidency, the daemon's code): accesses counted as they
-// come, and every kHbmPlanEvery accesses one batched plan of at most kHbmMovesPerPlan promotions
-// applied, as the promoter would between steps. A hit is an access whose row was resident then.
+// The HBM tier's residency planning (HbmResidency, the daemon's code, with HbmTierOptions'
+// decay): accesses counted as they come, and every kHbmPlanEvery accesses one batched plan of at
+// most kHbmMovesPerPlan promotions applied, as the promoter would between steps. A hit is an
+// access whose row was resident then.
 constexpr uint64_t kHbmPlanEvery = 16 * 4096;  // about one 4096-token batch of one layer
 constexpr size_t kHbmMovesPerPlan = 16 * 4096;
 
-uint64_t HbmPlannerHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
+// `sample_every` > 1 counts about one access in that many (HbmSampler, each sample weighing
+// `sample_every`), as engramd does when its load exceeds the promoter's sample budget; 1 counts
+// every access, as it does below that.
+uint64_t HbmPlannerHits(const std::vector<uint64_t>& stream, uint64_t capacity, uint32_t sample_every) {
   if (capacity == 0) return 0;
-  HbmResidency residency(static_cast<uint32_t>(std::min<uint64_t>(capacity, UINT32_MAX)));
+  HbmResidency residency(static_cast<uint32_t>(std::min<uint64_t>(capacity, UINT32_MAX)),
+                         HbmTierOptions{}.decay_every);
+  HbmSampler sampler(sample_every);  // the engine's and the clients' sampling
   uint64_t hits = 0;
   for (size_t i = 0; i < stream.size(); ++i) {
     if (residency.SlotOf(stream[i]) != kernels::kNoSlot) ++hits;
-    residency.RecordAccess(stream[i]);
+    sampler.ForEach(1, [&](size_t) { residency.RecordAccess(stream[i], sample_every); });
     if ((i + 1) % kHbmPlanEvery == 0) residency.Apply(residency.NextPlan(kHbmMovesPerPlan));
   }
   return hits;
@@ -136,7 +144,14 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
       } else if (result.policy == "static-topk") {
         result.hits += StaticTopKHits(stream, *capacity);
       } else if (result.policy == "hbm") {
-        result.hits += HbmPlannerHits(stream, *capacity);
+        result.hits += HbmPlannerHits(stream, *capacity, /*sample_every=*/1);
+      } else if (absl::StartsWith(result.policy, "hbm-1in")) {
+        uint32_t every = 0;
+        if (!absl::SimpleAtoi(result.policy.substr(7), &every) || every == 0 || every > 1024) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("policy '", result.policy, "': hbm-1inN wants N in 1..1024 (one access counted in N)"));
+        }
+        result.hits += HbmPlannerHits(stream, *capacity, every);
       } else {
         auto spec = ParsePolicy(result.policy);
         if (!spec.ok()) return spec.status();

@@ -555,16 +555,11 @@ uint64_t MappedTable::hbm_rows_served(int layer_id) const {
   return 0;
 }
 
-namespace {
-constexpr uint32_t kSampleEvery = 64;
-}  // namespace
-
 void MappedTable::Sample(Layer* layer, absl::Span<const uint64_t> rows) {
   std::lock_guard<std::mutex> lock(layer->sample_mu);
-  const uint64_t start = layer->sample_tick++ % kSampleEvery;
-  for (size_t i = start; i < rows.size() && layer->samples.size() < shm::kMaxAccessSamples; i += kSampleEvery) {
-    layer->samples.push_back(rows[i]);
-  }
+  layer->sampler.ForEach(rows.size(), [&](size_t i) {
+    if (layer->samples.size() < shm::kMaxAccessSamples) layer->samples.push_back(rows[i]);
+  });
 }
 
 int MappedTable::AcquirePin(Layer* layer, uint64_t* generation) {

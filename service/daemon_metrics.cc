@@ -133,6 +133,9 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
       mirror("engram_hbm_stalls_total", "Promoter steps held back by a reader still on an older index", hs.stalls);
       mirror("engram_hbm_samples_total", "Row accesses the HBM promoter counted (sampled)", hs.samples);
       mirror("engram_hbm_samples_dropped_total", "Sampled row accesses dropped (promoter behind)", hs.samples_dropped);
+      registry_->GetGauge("engram_hbm_sample_every", "The HBM promoter counts one in this many of the rows engramd serves",
+                          names, labels)
+          ->Set(static_cast<double>(hs.sample_every));
     }
     if (has_hbm) {
       registry_

@@ -73,7 +73,7 @@ absl::StatusOr<bool> SetUpHbm(const HbmSetupOptions& options, Engine* engine) {
     for (const auto& layer : table->layers()) all_rows += layer.tier->total_rows();
   }
   HbmTierOptions tier_options;
-  tier_options.sample_every = options.sample_every;
+  tier_options.samples_per_step = options.samples_per_step;
   tier_options.max_moves = options.max_moves;
   uint64_t slots_total = 0, bytes_total = 0;
   for (Table* table : engine->mutable_tables()) {

@@ -23,7 +23,7 @@ struct HbmSetupOptions {
   int gpu = 0;
   std::string store = "auto";  // auto|cuda|host
   int step_ms = 20;
-  uint32_t sample_every = 64;
+  size_t samples_per_step = 16384;
   size_t max_moves = 4096;
 };
 

@@ -495,7 +495,7 @@ absl::Status ShmServer::HandleAccessReport(const shm::Frame& frame, const std::v
     LogWarn("shm_access_report_refused", {{"pid", who}, {"reason", refused}});
     return absl::OkStatus();
   }
-  layer->hbm->RecordRows(rows);
+  layer->hbm->RecordRows(rows, shm::kAccessSampleEvery);
   if (r.hbm_rows > 0) metrics_->RecordMappedLookups(*table, 0, r.hbm_rows, TierKind::kHbm);
   return absl::OkStatus();
 }

@@ -35,3 +35,13 @@ set +e
 set -e
 [ "$rc" = 2 ] && grep -q "usage:" "$T/usage2.txt" || { echo "pkg-config consumer: exit $rc"; cat "$T/usage2.txt"; exit 1; }
 echo "pkg-config engram-client: built and ran"
+
+# Every installed public header stands on its own with only the installed tree (no source checkout).
+for h in "$T"/prefix/include/engram/*.h; do
+  name="engram/$(basename "$h")"
+  # shellcheck disable=SC2046
+  printf '#include <%s>\nint main() { return 0; }\n' "$name" |
+    g++ -std=c++20 -fsyntax-only -x c++ - $(pkg-config --cflags engram-client) ||
+    { echo "installed header $name does not compile on its own"; exit 1; }
+done
+echo "installed headers: each compiles on its own"

@@ -120,24 +120,94 @@ TEST(HbmTierTest, HotRowsArePromotedIntoSlotsAndPublished) {
   EXPECT_FALSE(*idle);
 }
 
-TEST(HbmTierTest, EngineSamplingKeepsOneRowInNAndDropsBeyondTheBound) {
-  PatternTier source(1000);
+// Sampling picks about one in N overall and does not lock onto a batch's layout: batches of 16
+// heads x 4 tokens (64 rows, the stride a fixed one-in-64 pick would repeat) still get every head
+// counted about equally, and batches of one row are sampled as often as big ones.
+TEST(HbmSamplerTest, PicksOneInNWithoutLockingOntoTheBatchLayout) {
+  HbmSampler sampler(64);
+  std::vector<uint64_t> per_head(16, 0);
+  uint64_t picked = 0;
+  constexpr int kBatches = 20000;
+  for (int b = 0; b < kBatches; ++b) {
+    sampler.ForEach(64, [&](size_t i) {
+      ASSERT_LT(i, 64u);
+      ++per_head[i % 16];
+      ++picked;
+    });
+  }
+  EXPECT_NEAR(static_cast<double>(picked), kBatches, kBatches * 0.05);
+  for (int h = 0; h < 16; ++h) EXPECT_NEAR(static_cast<double>(per_head[h]), picked / 16.0, picked / 16.0 * 0.2) << h;
+  // Within one big batch (4096 tokens x 16 heads) too: a fixed stride of 64 would count one head.
+  std::vector<uint64_t> one_batch(16, 0);
+  sampler.ForEach(4096 * 16, [&](size_t i) { ++one_batch[i % 16]; });
+  for (int h = 0; h < 16; ++h) EXPECT_GT(one_batch[h], 30u) << "head " << h << " in one batch";
+  uint64_t single = 0;
+  for (int i = 0; i < 64000; ++i) sampler.ForEach(1, [&](size_t) { ++single; });
+  EXPECT_NEAR(static_cast<double>(single), 1000, 150);
+  HbmSampler all(1);
+  uint64_t every = 0;
+  all.ForEach(37, [&](size_t i) { EXPECT_EQ(i, every++); });
+  EXPECT_EQ(every, 37u);
+}
+
+// The engine's sampling follows the load: every row while a step sees few, fewer as the load
+// grows (about samples_per_step a step), every row again when it falls; beyond the pending bound
+// samples are dropped and counted.
+TEST(HbmTierTest, EngineSamplingFollowsTheLoadAndDropsBeyondTheBound) {
+  PatternTier source(100000);
   HbmTierOptions options;
-  options.sample_every = 4;
-  options.max_pending_samples = 10;
+  options.samples_per_step = 100;
+  options.max_pending_samples = 1000;
   auto tier = MakeTier(&source, 10, options);
-  std::vector<uint64_t> rows(20);
+  std::vector<uint64_t> rows(60);
   for (uint64_t i = 0; i < rows.size(); ++i) rows[i] = i;
-  tier->SampleLookup(rows);  // 5 of 20
+  tier->SampleLookup(rows);  // light: all 60 counted
   ASSERT_TRUE(tier->Step().ok());
-  EXPECT_EQ(tier->stats().samples, 5u);
-  EXPECT_EQ(tier->stats().samples_dropped, 0u);
-  rows.resize(80);
+  EXPECT_EQ(tier->stats().samples, 60u);
+  EXPECT_EQ(tier->stats().sample_every, 1u);
+
+  rows.resize(2000);
   for (uint64_t i = 0; i < rows.size(); ++i) rows[i] = i;
-  tier->SampleLookup(rows);  // 20 of 80, room for 10
+  tier->SampleLookup(rows);  // still one in 1: 1000 fit, 1000 are dropped
   ASSERT_TRUE(tier->Step().ok());
-  EXPECT_EQ(tier->stats().samples, 15u);
-  EXPECT_EQ(tier->stats().samples_dropped, 10u);
+  EXPECT_EQ(tier->stats().samples, 1060u);
+  EXPECT_EQ(tier->stats().samples_dropped, 1000u);
+  EXPECT_EQ(tier->stats().sample_every, 2u);
+  uint64_t last = 0;
+  for (int round = 0; round < 12; ++round) {
+    const uint64_t before = tier->stats().samples;
+    tier->SampleLookup(rows);
+    ASSERT_TRUE(tier->Step().ok());
+    last = tier->stats().samples - before;
+  }
+  // 2000 rows a step against a budget of 100: settles at one in 16..64 (random gaps).
+  const uint32_t every = tier->stats().sample_every;
+  EXPECT_GE(every, 16u);
+  EXPECT_LE(every, 64u);
+  EXPECT_GT(last, 15u);
+  EXPECT_LE(last, 200u);
+  EXPECT_EQ(tier->stats().samples_dropped, 1000u);
+
+  rows.resize(10);
+  for (int round = 0; round < 7; ++round) {
+    tier->SampleLookup(rows);
+    ASSERT_TRUE(tier->Step().ok());
+  }
+  EXPECT_EQ(tier->stats().sample_every, 1u);  // halved back, one step at a time
+}
+
+// A sample stands for the accesses it was taken from: one reported row of weight 64 outranks a
+// row recorded ten times at weight 1.
+TEST(HbmTierTest, ReportedSamplesWeighTheAccessesTheyStandFor) {
+  PatternTier source(1000);
+  auto tier = MakeTier(&source, 1);
+  const std::vector<uint64_t> heavy = {5};
+  const std::vector<uint64_t> light = {7};
+  tier->RecordRows(heavy, 64);
+  for (int i = 0; i < 10; ++i) tier->RecordRows(light, 1);
+  ASSERT_TRUE(tier->Step().ok());
+  EXPECT_NE(tier->PublishedSlotOf(5), kNoSlot);
+  EXPECT_EQ(tier->PublishedSlotOf(7), kNoSlot);
 }
 
 TEST(HbmTierTest, AReaderHoldingAnOldIndexStallsPromotionNotCorrectness) {

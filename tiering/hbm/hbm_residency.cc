@@ -14,26 +14,31 @@ constexpr size_t kExactVictimScan = 65536;  // residents up to this many: victim
 }  // namespace
 
 HbmResidency::HbmResidency(uint32_t slots, uint64_t decay_every)
-    : slots_(slots), decay_every_(std::max<uint64_t>(1, decay_every)), slot_row_(slots, kEmptySlot) {
+    : slots_(slots),
+      decay_every_(std::max<uint64_t>(1, decay_every)),
+      slot_row_(slots, kEmptySlot),
+      next_decay_(decay_every_) {
   free_slots_.reserve(slots);
   for (uint32_t s = slots; s > 0; --s) free_slots_.push_back(s - 1);  // hand out slot 0 first
   RebuildIndexLocked();
 }
 
-void HbmResidency::RecordAccess(uint64_t row) {
+void HbmResidency::RecordAccess(uint64_t row, uint32_t weight) {
   std::lock_guard<std::mutex> lock(mu_);
-  RecordAccessLocked(row);
+  RecordAccessLocked(row, weight);
 }
 
-void HbmResidency::RecordAccesses(const std::vector<uint64_t>& rows) {
+void HbmResidency::RecordAccesses(const std::vector<uint64_t>& rows, uint32_t weight) {
   std::lock_guard<std::mutex> lock(mu_);
-  for (uint64_t row : rows) RecordAccessLocked(row);
+  for (uint64_t row : rows) RecordAccessLocked(row, weight);
 }
 
-void HbmResidency::RecordAccessLocked(uint64_t row) {
-  const double heat = heat_[row] += 1.0;
+void HbmResidency::RecordAccessLocked(uint64_t row, uint32_t weight) {
+  const double heat = heat_[row] += weight;
   if (heat >= admit_heat_ && !row_slot_.contains(row)) candidates_.insert(row);
-  if (++recorded_ % decay_every_ != 0) return;
+  recorded_ += weight;
+  if (recorded_ < next_decay_) return;
+  next_decay_ = recorded_ + decay_every_;
   // Halve everything; forget rows that went cold (keeps the map near the working set).
   admit_heat_ *= 0.5;
   for (auto it = heat_.begin(); it != heat_.end();) {

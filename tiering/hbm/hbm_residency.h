@@ -38,8 +38,9 @@ class HbmResidency {
   // `slots`: rows the arena holds. Counts halve every `decay_every` recorded accesses.
   explicit HbmResidency(uint32_t slots, uint64_t decay_every = 1u << 23);
 
-  void RecordAccess(uint64_t row);
-  void RecordAccesses(const std::vector<uint64_t>& rows);  // one lock for many
+  // `weight`: the accesses one record stands for (a sample of one access in N records weight N).
+  void RecordAccess(uint64_t row, uint32_t weight = 1);
+  void RecordAccesses(const std::vector<uint64_t>& rows, uint32_t weight = 1);  // one lock for many
   // Up to `max_moves` promotions (with the demotions that make room). A resident row is displaced
   // only by a row whose count exceeds its own by `margin` (a factor >= 1). The victims are the
   // coldest residents exactly while there are few; with many, the coldest of a random sample of
@@ -60,7 +61,7 @@ class HbmResidency {
   void CopyIndex(std::vector<uint64_t>* keys, std::vector<uint32_t>* slots, uint64_t* bucket_mask) const;
 
  private:
-  void RecordAccessLocked(uint64_t row);
+  void RecordAccessLocked(uint64_t row, uint32_t weight);
   void RebuildIndexLocked();  // sizes the index for `slots_` (at most half full); once, at start
   void IndexInsertLocked(uint64_t row, uint32_t slot) {
     HbmIndexInsert(index_keys_.data(), index_slots_.data(), bucket_mask_, row, slot);
@@ -79,7 +80,8 @@ class HbmResidency {
   mutable absl::flat_hash_set<uint64_t> candidates_;
   mutable double admit_heat_ = 0;  // 0 while slots are free; else margin x the coldest resident seen
   std::vector<uint32_t> free_slots_;
-  uint64_t recorded_ = 0;
+  uint64_t recorded_ = 0;     // accesses recorded (weighted)
+  uint64_t next_decay_ = 0;   // recorded_ at which counts halve next
   std::vector<uint64_t> index_keys_;
   std::vector<uint32_t> index_slots_;
   uint64_t bucket_mask_ = 0;

@@ -80,28 +80,26 @@ uint32_t* HbmTier::values(int b) const {
 }
 
 void HbmTier::SampleLookup(absl::Span<const uint64_t> rows) {
-  const uint32_t every = std::max<uint32_t>(1, options_.sample_every);
-  // A rotating start, so a batch's fixed positions (a head, a token slot) are not always skipped.
-  const uint64_t start = sample_tick_.fetch_add(1, std::memory_order_relaxed) % every;
-  if (start >= rows.size()) return;
   std::lock_guard<std::mutex> lock(samples_mu_);
-  for (size_t i = start; i < rows.size(); i += every) {
-    if (samples_.size() >= options_.max_pending_samples) {
-      samples_dropped_.fetch_add((rows.size() - i + every - 1) / every, std::memory_order_relaxed);
+  bool full = false;
+  sampler_.ForEach(rows.size(), [&](size_t i) {
+    if (full || samples_.size() >= options_.max_pending_samples) {
+      full = true;
+      samples_dropped_.fetch_add(1, std::memory_order_relaxed);
       return;
     }
     samples_.push_back(rows[i]);
-  }
+  });
 }
 
-void HbmTier::RecordRows(absl::Span<const uint64_t> rows) {
+void HbmTier::RecordRows(absl::Span<const uint64_t> rows, uint32_t weight) {
   std::lock_guard<std::mutex> lock(samples_mu_);
   for (size_t i = 0; i < rows.size(); ++i) {
-    if (samples_.size() >= options_.max_pending_samples) {
+    if (reported_.size() >= options_.max_pending_samples) {
       samples_dropped_.fetch_add(rows.size() - i, std::memory_order_relaxed);
       return;
     }
-    samples_.push_back(rows[i]);
+    reported_.push_back({rows[i], std::max<uint32_t>(1, weight)});
   }
 }
 
@@ -194,14 +192,30 @@ absl::Status HbmTier::WritePromotions(const std::vector<HbmMove>& promote) {
 absl::StatusOr<bool> HbmTier::Step() {
   if (!failed_.ok()) return failed_;
   std::vector<uint64_t> drained;
+  std::vector<std::pair<uint64_t, uint32_t>> reported;
+  uint32_t weight = 1;
   {
     std::lock_guard<std::mutex> lock(samples_mu_);
     drained.swap(samples_);
+    reported.swap(reported_);
+    weight = sample_every_;
+    // Adapt the engine's sampling to the load: halve the rate when this step took in more than
+    // the budget (counting costs the promoter, and a few thousand samples rank the hot rows well
+    // enough), double it when well under, down to every row.
+    uint32_t every = sample_every_;
+    if (drained.size() > options_.samples_per_step && every < kMaxSampleEvery) {
+      every *= 2;
+    } else if (drained.size() < options_.samples_per_step / 4 && every > 1) {
+      every /= 2;
+    }
+    if (every != sample_every_) {
+      sample_every_ = every;
+      sampler_ = HbmSampler(every, 0x243f6a8885a308d3ULL + samples_recorded_.load(std::memory_order_relaxed));
+    }
   }
-  if (!drained.empty()) {
-    residency_.RecordAccesses(drained);
-    samples_recorded_.fetch_add(drained.size(), std::memory_order_relaxed);
-  }
+  if (!drained.empty()) residency_.RecordAccesses(drained, weight);
+  for (const auto& [row, w] : reported) residency_.RecordAccess(row, w);
+  samples_recorded_.fetch_add(drained.size() + reported.size(), std::memory_order_relaxed);
   // Every publication, and every rewrite of a slot an older index named, needs the readers to be
   // on the current index.
   if (!Quiescent()) {
@@ -243,6 +257,10 @@ HbmTierStats HbmTier::stats() const {
   s.stalls = stalls_.load(std::memory_order_relaxed);
   s.samples = samples_recorded_.load(std::memory_order_relaxed);
   s.samples_dropped = samples_dropped_.load(std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(samples_mu_));
+    s.sample_every = sample_every_;
+  }
   {
     std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(readers_mu_));
     s.readers = readers_.size();

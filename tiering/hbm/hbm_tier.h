@@ -4,8 +4,10 @@
 // read-only; clients then gather hits from the slots themselves and ask the tier below for the
 // rest.
 //
-// Who feeds it: the engine samples the rows of lookups it serves (SampleLookup, one row in
-// `sample_every`), clients that gather on their own report samples of their rows (RecordRows).
+// Who feeds it: the engine samples the rows of lookups it serves (SampleLookup), clients that
+// gather on their own report samples of their rows (RecordRows). The engine's sampling adapts to
+// the load: it counts every row while a step sees at most `samples_per_step` of them, and one in
+// 2, 4, ... (up to 1024) as the load grows; each sample weighs the accesses it stands for.
 // Who moves rows: a promoter thread calls Step every few milliseconds. A step plans a batch by
 // the decayed counts (HbmResidency: promotion of the hottest rows, demotion of the coldest when
 // the slots are full), publishes an index without the demoted rows, waits until no reader still
@@ -30,16 +32,17 @@
 #include "absl/types/span.h"
 #include "engram/kernels/hbm_probe.h"
 #include "tiering/hbm/hbm_residency.h"
+#include "tiering/hbm/hbm_sampler.h"
 #include "tiering/hbm/hbm_slot_store.h"
 #include "tiering/row_tier.h"
 
 namespace engram {
 
 struct HbmTierOptions {
-  uint64_t decay_every = 1u << 20;    // recorded samples between halvings of every count
+  uint64_t decay_every = 1ull << 26;  // accesses (as the samples weigh them) between halvings of every count
   size_t max_moves = 4096;            // promotions per step
   double margin = 1.25;               // a resident row is displaced by one at least this much hotter
-  uint32_t sample_every = 64;         // the engine records one row in this many
+  size_t samples_per_step = 16384;    // the engine's sampling keeps about this many rows a step
   size_t max_pending_samples = 1u << 18;  // between two steps; more are dropped (counted)
   int quiesce_wait_us = 2000;         // how long a step waits for readers before leaving it to the next
 };
@@ -52,6 +55,7 @@ struct HbmTierStats {
   uint64_t stalls = 0;            // steps that could not go on because a reader held an old index
   uint64_t samples = 0;           // rows recorded
   uint64_t samples_dropped = 0;
+  uint32_t sample_every = 1;      // the engine counts one row in this many now
   uint64_t readers = 0;
 };
 
@@ -65,8 +69,9 @@ class HbmTier {
   HbmTier& operator=(const HbmTier&) = delete;
 
   void SampleLookup(absl::Span<const uint64_t> rows);
-  // Rows already sampled by someone else. REQUIRES: every row < source->total_rows().
-  void RecordRows(absl::Span<const uint64_t> rows);
+  // Rows already sampled by someone else, one for every `weight` accesses.
+  // REQUIRES: every row < source->total_rows().
+  void RecordRows(absl::Span<const uint64_t> rows, uint32_t weight = 1);
 
   // One promoter round; true when it published a new index. After an error publishing the index
   // the tier stays as published (still correct) and every later Step returns that error.
@@ -118,9 +123,12 @@ class HbmTier {
   std::mutex readers_mu_;
   std::vector<const std::atomic<uint64_t>*> readers_;
 
+  static constexpr uint32_t kMaxSampleEvery = 1024;
   std::mutex samples_mu_;
-  std::vector<uint64_t> samples_;
-  std::atomic<uint64_t> sample_tick_{0};
+  std::vector<uint64_t> samples_;            // from SampleLookup, each weighs sample_every_
+  std::vector<std::pair<uint64_t, uint32_t>> reported_;  // from RecordRows: row, weight
+  uint32_t sample_every_ = 1;                // changed only by Step, under samples_mu_
+  HbmSampler sampler_{1};                    // under samples_mu_
   std::atomic<uint64_t> samples_recorded_{0}, samples_dropped_{0};
   std::atomic<uint64_t> promotions_{0}, demotions_{0}, stalls_{0};
 };

@@ -21,6 +21,7 @@
 #include "engram/kernels/hbm_probe.h"
 #include "engram/shm_protocol.h"
 #include "engram/shm_socket.h"
+#include "tiering/hbm/hbm_sampler.h"
 
 namespace engram {
 namespace v1 {
@@ -120,8 +121,8 @@ class MappedTable {
     std::atomic<uint32_t> pins_busy{0};  // bit k: pin first_pin + k is in use by a reader here
     std::atomic<uint64_t> hbm_rows{0}, hbm_rows_total{0};  // unreported / all time
     std::mutex sample_mu;
-    std::vector<uint64_t> samples;  // rows served, one in kSampleEvery, for the daemon's promoter
-    uint64_t sample_tick = 0;
+    std::vector<uint64_t> samples;  // rows served, about one in kAccessSampleEvery, for the daemon's promoter
+    HbmSampler sampler{shm::kAccessSampleEvery};
   };
   MappedTable() = default;
   // Gathers through the HBM index (pinned); false when no pin was free or the link is gone.

@@ -111,6 +111,9 @@ struct CounterReport {
 inline constexpr uint32_t kMaxHbmPins = 256;     // in the arena header
 inline constexpr uint32_t kPinsPerHbmLayer = 8;  // one per concurrent reader of a layer
 inline constexpr uint32_t kMaxAccessSamples = 4096;
+// A client samples about one in this many of the rows it gathers; each sample it reports stands
+// for this many accesses.
+inline constexpr uint32_t kAccessSampleEvery = 64;
 
 enum class HbmKind : uint32_t { kHost = 1, kCuda = 2 };
 
