@@ -246,6 +246,15 @@ absl::Status ShmConnection::Prefetch(const RemoteTable& table, int layer, uint32
 
 namespace {
 
+// Closes the descriptors a frame brought (unless released by setting fds to null).
+struct FdsCloser {
+  std::vector<int>* fds;
+  ~FdsCloser() {
+    if (fds == nullptr) return;
+    for (int fd : *fds) close(fd);
+  }
+};
+
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -267,36 +276,42 @@ absl::Status ShmConnection::SendCounters(const std::vector<shm::CounterReport>& 
       std::string(reinterpret_cast<const char*>(reports.data()), reports.size() * sizeof(shm::CounterReport)), {});
 }
 
+absl::StatusOr<shm::Frame> ShmConnection::MapCall(shm::FrameType request_type, shm::FrameType reply_type,
+                                                   uint32_t table_id, shm::MapTableReply* reply, std::string* body) {
+  shm::Frame frame;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const shm::MapTableRequest request{table_id};
+    auto got = ControlCallLocked(request_type, std::string(reinterpret_cast<const char*>(&request), sizeof(request)));
+    if (!got.ok()) return got.status();
+    frame = std::move(*got);
+  }
+  FdsCloser closer{&frame.fds};  // on every error below; released on success
+  if (frame.type != reply_type || frame.payload.size() < sizeof(*reply)) {
+    return absl::UnavailableError(absl::StrCat("engramd sent no valid reply to a ",
+                                               request_type == shm::FrameType::kMapHbm ? "MapHbm" : "MapTable",
+                                               " request"));
+  }
+  std::memcpy(reply, frame.payload.data(), sizeof(*reply));
+  *body = frame.payload.substr(sizeof(*reply));
+  if (reply->status != 0) return absl::Status(static_cast<absl::StatusCode>(reply->status), *body);
+  closer.fds = nullptr;
+  return frame;
+}
+
 absl::StatusOr<std::unique_ptr<MappedTable>> ShmConnection::MapTable(const RemoteTable& table) {
   v1::TableInfo info;
   if (!info.ParseFromString(table.table_info)) return absl::InvalidArgumentError("the table's layout does not parse");
   if (version_ < 2) {
     return absl::FailedPreconditionError("this engramd speaks shared-memory protocol 1, which has no mapped tables");
   }
-  shm::Frame frame;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    const shm::MapTableRequest request{table.id};
-    auto got = ControlCallLocked(shm::FrameType::kMapTable,
-                                 std::string(reinterpret_cast<const char*>(&request), sizeof(request)));
-    if (!got.ok()) return got.status();
-    frame = std::move(*got);
-  }
-  std::unique_ptr<MappedTable> mapped(new MappedTable());
-  // Close whatever descriptors came; the mappings keep the memory.
-  struct Closer {
-    std::vector<int>* fds;
-    ~Closer() {
-      for (int fd : *fds) close(fd);
-    }
-  } closer{&frame.fds};
   shm::MapTableReply reply{};
-  if (frame.type != shm::FrameType::kMapTableReply || frame.payload.size() < sizeof(reply)) {
-    return absl::UnavailableError("engramd sent no valid map reply");
-  }
-  std::memcpy(&reply, frame.payload.data(), sizeof(reply));
-  const std::string body = frame.payload.substr(sizeof(reply));
-  if (reply.status != 0) return absl::Status(static_cast<absl::StatusCode>(reply.status), body);
+  std::string body;
+  auto got = MapCall(shm::FrameType::kMapTable, shm::FrameType::kMapTableReply, table.id, &reply, &body);
+  if (!got.ok()) return got.status();
+  shm::Frame frame = std::move(*got);
+  FdsCloser closer{&frame.fds};  // the mappings keep the memory
+  std::unique_ptr<MappedTable> mapped(new MappedTable());
   if (reply.layers != static_cast<uint32_t>(info.layers_size()) || frame.fds.size() != reply.layers ||
       body.size() != reply.layers * sizeof(shm::MappedLayer)) {
     return absl::DataLossError(absl::StrCat("engramd's map reply for '", table.name, "' does not match its layout"));
@@ -358,28 +373,12 @@ absl::StatusOr<std::unique_ptr<MappedTable>> ShmConnection::MapTable(const Remot
 }
 
 absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& info) {
-  shm::Frame frame;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    const shm::MapTableRequest request{mapped->table_.id};
-    auto got = ControlCallLocked(shm::FrameType::kMapHbm,
-                                 std::string(reinterpret_cast<const char*>(&request), sizeof(request)));
-    if (!got.ok()) return got.status();
-    frame = std::move(*got);
-  }
-  struct Closer {
-    std::vector<int>* fds;
-    ~Closer() {
-      for (int fd : *fds) close(fd);
-    }
-  } closer{&frame.fds};
   shm::MapTableReply reply{};
-  if (frame.type != shm::FrameType::kMapHbmReply || frame.payload.size() < sizeof(reply)) {
-    return absl::UnavailableError("engramd sent no valid HBM map reply");
-  }
-  std::memcpy(&reply, frame.payload.data(), sizeof(reply));
-  const std::string body = frame.payload.substr(sizeof(reply));
-  if (reply.status != 0) return absl::Status(static_cast<absl::StatusCode>(reply.status), body);
+  std::string body;
+  auto got = MapCall(shm::FrameType::kMapHbm, shm::FrameType::kMapHbmReply, mapped->table_.id, &reply, &body);
+  if (!got.ok()) return got.status();
+  shm::Frame frame = std::move(*got);
+  FdsCloser closer{&frame.fds};
   if (reply.layers != static_cast<uint32_t>(info.layers_size()) || body.size() != reply.layers * sizeof(shm::HbmLayer)) {
     return absl::DataLossError("engramd's HBM map reply does not match the table's layout");
   }

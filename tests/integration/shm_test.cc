@@ -48,6 +48,21 @@ class ShmTest : public ::testing::Test {
     ASSERT_TRUE(daemon_->running()) << daemon_->log();
     ASSERT_FALSE(daemon_->socket().empty());
   }
+  // engramd with the HBM tier's slots in host memory, the promoter stepping every 2 ms.
+  void StartHbmDaemon() { StartDaemon({"--hbm-budget", "512K", "--hbm-store", "host", "--hbm-step-ms", "2"}); }
+  // A connection that reports every 10 ms, and table "demo" mapped on it (with its HBM tier).
+  void ConnectAndMap(std::unique_ptr<ShmConnection>* conn, std::unique_ptr<MappedTable>* mapped) {
+    ShmConnectOptions options;
+    options.mapped_report_interval_ms = 10;
+    auto c = ShmConnection::Connect(daemon_->socket(), options);
+    ASSERT_TRUE(c.ok()) << c.status();
+    auto table = (*c)->OpenTable("demo");
+    ASSERT_TRUE(table.ok()) << table.status();
+    auto m = (*c)->MapTable(*table);
+    ASSERT_TRUE(m.ok()) << m.status();
+    *conn = std::move(*c);
+    *mapped = std::move(*m);
+  }
   std::unique_ptr<ShmConnection> Connect() {
     auto c = ShmConnection::Connect(daemon_->socket());
     EXPECT_TRUE(c.ok()) << c.status();
@@ -474,40 +489,36 @@ std::vector<uint32_t> HotIndices(const PackManifest& m, int layer_id, uint32_t t
 // uses (mapping the published index, pins, gathering from slots while the promoter churns) runs
 // here, and every row that comes back is checked against the formula.
 TEST_F(ShmTest, HbmTierOnHostServesHitsThatAreExactWhileItChurns) {
-  StartDaemon({"--hbm-budget", "512K", "--hbm-store", "host", "--hbm-step-ms", "2"});
+  StartHbmDaemon();
   EXPECT_TRUE(daemon_->WaitForLog("event=tier_hbm_on")) << daemon_->log();
-  ShmConnectOptions options;
-  options.mapped_report_interval_ms = 10;
-  auto c = ShmConnection::Connect(daemon_->socket(), options);
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto table = (*c)->OpenTable("demo");
-  ASSERT_TRUE(table.ok());
-  auto mapped = (*c)->MapTable(*table);
-  ASSERT_TRUE(mapped.ok()) << mapped.status();
-  ASSERT_EQ((*mapped)->hbm_access(), MappedTable::HbmAccess::kHost) << daemon_->log();
+  std::unique_ptr<ShmConnection> c;
+  std::unique_ptr<MappedTable> mapped;
+  ConnectAndMap(&c, &mapped);
+  if (HasFatalFailure()) return;
+  ASSERT_EQ(mapped->hbm_access(), MappedTable::HbmAccess::kHost) << daemon_->log();
   EXPECT_TRUE(daemon_->WaitForLog("event=shm_hbm_mapped")) << daemon_->log();
   // Two phases with different hot sets (the second displaces the first), each until HBM served a
   // good share of its rows; bounded either way.
   uint64_t served_rows = 0;
   for (uint32_t phase = 0; phase < 2; ++phase) {
-    const uint64_t hbm_before = (*mapped)->hbm_rows_served(1);
+    const uint64_t hbm_before = mapped->hbm_rows_served(1);
     uint64_t rows_phase = 0;
     for (int i = 0; i < 3000; ++i) {
       const auto idx = HotIndices(*manifest_, 1, 64, 1000 + phase * 5000, i + phase * 7919);
       std::vector<uint8_t> out(idx.size() * manifest_->row.bytes);
-      ASSERT_TRUE((*mapped)->Lookup(1, 64, idx, absl::MakeSpan(out)).ok());
+      ASSERT_TRUE(mapped->Lookup(1, 64, idx, absl::MakeSpan(out)).ok());
       CheckRows(1, idx, out);
       rows_phase += idx.size();
-      if (i >= 100 && (*mapped)->hbm_rows_served(1) - hbm_before > rows_phase / 2) break;
+      if (i >= 100 && mapped->hbm_rows_served(1) - hbm_before > rows_phase / 2) break;
       if (i % 50 == 49) std::this_thread::sleep_for(std::chrono::milliseconds(2));  // let the promoter step
     }
     served_rows += rows_phase;
-    EXPECT_GT((*mapped)->hbm_rows_served(1) - hbm_before, 0u) << "phase " << phase << "\n" << daemon_->log();
+    EXPECT_GT(mapped->hbm_rows_served(1) - hbm_before, 0u) << "phase " << phase << "\n" << daemon_->log();
   }
   // Layer 15 saw no traffic: nothing of it came from HBM.
-  EXPECT_EQ((*mapped)->hbm_rows_served(15), 0u);
-  const uint64_t from_hbm = (*mapped)->hbm_rows_served(1);
-  mapped->reset();  // reports what is left
+  EXPECT_EQ(mapped->hbm_rows_served(15), 0u);
+  const uint64_t from_hbm = mapped->hbm_rows_served(1);
+  mapped.reset();  // reports what is left
   const int port = daemon_->metrics_port();
   const std::string hbm_series = "engram_rows_served_total{table=\"demo\",tier=\"hbm\"}";
   for (int i = 0; i < 100 && MetricValue(port, hbm_series) < static_cast<double>(from_hbm); ++i) {
@@ -526,16 +537,12 @@ TEST_F(ShmTest, HbmTierOnHostServesHitsThatAreExactWhileItChurns) {
 // must give the formula's rows. Pins are a bounded resource: while all are held, SplitForDevice
 // says so and Lookup still answers, from the DRAM mapping.
 TEST_F(ShmTest, HbmDeviceSplitNamesTheRightSourceForEveryRow) {
-  StartDaemon({"--hbm-budget", "512K", "--hbm-store", "host", "--hbm-step-ms", "2"});
-  ShmConnectOptions options;
-  options.mapped_report_interval_ms = 10;
-  auto c = ShmConnection::Connect(daemon_->socket(), options);
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto table = (*c)->OpenTable("demo");
-  ASSERT_TRUE(table.ok());
-  auto mapped = (*c)->MapTable(*table);
-  ASSERT_TRUE(mapped.ok()) << mapped.status();
-  MappedTable& m = **mapped;
+  StartHbmDaemon();
+  std::unique_ptr<ShmConnection> c;
+  std::unique_ptr<MappedTable> mapped;
+  ConnectAndMap(&c, &mapped);
+  if (HasFatalFailure()) return;
+  MappedTable& m = *mapped;
   const uint64_t row_bytes = manifest_->row.bytes;
   const uint8_t* slots = m.hbm_host_slots(15);
   ASSERT_NE(slots, nullptr);
@@ -589,7 +596,7 @@ TEST_F(ShmTest, HbmDeviceSplitNamesTheRightSourceForEveryRow) {
 
 // Lookups the daemon serves itself (ring, gRPC) are sampled for the promoter too.
 TEST_F(ShmTest, HbmTierPromotesRowsTheDaemonServes) {
-  StartDaemon({"--hbm-budget", "512K", "--hbm-store", "host", "--hbm-step-ms", "2"});
+  StartHbmDaemon();
   ShmConnectOptions options;
   auto c = ShmConnection::Connect(daemon_->socket(), options);
   ASSERT_TRUE(c.ok()) << c.status();

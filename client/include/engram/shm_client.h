@@ -197,6 +197,10 @@ class ShmConnection {
   // Asks for the HBM tier over a freshly mapped table and attaches it (protocol 3). An error
   // means the table is served without it.
   absl::Status MapHbm(MappedTable* mapped, const v1::TableInfo& info);
+  // A MapTable/MapHbm round trip: the reply checked for its type and size and split into `reply`
+  // and `body`; an error reply becomes its status. The caller closes the frame's fds.
+  absl::StatusOr<shm::Frame> MapCall(shm::FrameType request_type, shm::FrameType reply_type, uint32_t table_id,
+                                     shm::MapTableReply* reply, std::string* body);
   absl::Status Call(const shm::RequestDescriptor& d, shm::Completion* c);
   absl::StatusOr<absl::Span<const uint8_t>> LookupLocked(const RemoteTable& table, int layer, uint32_t num_tokens,
                                                          absl::Span<const uint32_t> indices, uint64_t out_bytes,
