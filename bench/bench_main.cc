@@ -145,6 +145,23 @@ class ShmTarget final : public Target {
   absl::Status Prefetch(int thread, const Batch& batch) override {
     return connections_[thread]->Prefetch(tables_[thread], batch.layer_id, batch.num_tokens, batch.indices);
   }
+  // Mapped: where the HBM tier is mapped ("none", "host", "cuda"), and the rows taken from its
+  // slots so far, all threads and `layers` together.
+  std::string HbmAccess() const {
+    if (mapped_.empty()) return "none";
+    switch (mapped_[0]->hbm_access()) {
+      case MappedTable::HbmAccess::kHost: return "host";
+      case MappedTable::HbmAccess::kCuda: return "cuda";
+      default: return "none";
+    }
+  }
+  uint64_t HbmRows(const std::vector<int>& layers) const {
+    uint64_t rows = 0;
+    for (const auto& m : mapped_) {
+      for (int layer : layers) rows += m->hbm_rows_served(layer);
+    }
+    return rows;
+  }
 
  private:
   std::vector<std::unique_ptr<ShmConnection>> connections_;
@@ -489,6 +506,7 @@ int Main(int argc, char** argv) {
   std::string target = "inproc", table_name, pack, workload_text = "zipf:1.0";
   int64_t batch_tokens = 4096, concurrency = 1, worker_threads = -1, seed = 1, max_batches = 64;
   double duration = 5;
+  double warmup = 0;
   bool json = false, ceiling = true, mapped = false;
   std::string dedup = "auto";
   FlagSet flags("engram-bench", kUsage);
@@ -505,6 +523,9 @@ int Main(int argc, char** argv) {
   flags.Int("batch-tokens", &batch_tokens, "tokens per request");
   flags.Int("concurrency", &concurrency, "client threads, each with one request in flight");
   flags.Double("duration", &duration, "seconds to run each measurement");
+  flags.Double("warmup", &warmup,
+               "seconds of the same requests before measuring, not timed (a fresh mapping's first-touch page\n"
+               "faults, a cold cache or HBM tier)");
   flags.Int("worker-threads", &worker_threads, "inproc engine's gather helpers (-1: cores - 1)");
   flags.Int("batches", &max_batches, "distinct batches generated before timing (cycled)");
   flags.Int("seed", &seed, "workload seed");
@@ -537,6 +558,7 @@ int Main(int argc, char** argv) {
   std::unique_ptr<Engine> engine;
   const Table* table = nullptr;
   std::unique_ptr<Target> driver;
+  const ShmTarget* shm_driver = nullptr;  // when the target is unix://
   std::shared_ptr<const TableHandle> remote_table;
   const NgramHasher* hasher = nullptr;
   int64_t row_bytes = 0;
@@ -578,6 +600,7 @@ int Main(int argc, char** argv) {
     remote_table = std::move(*handle);
     hasher = &remote_table->hasher();
     row_bytes = remote_table->row_bytes();
+    shm_driver = shm_target->get();
     driver = std::move(*shm_target);
   } else if (absl::StartsWith(target, "grpc://")) {
     if (table_name.empty()) return fail(absl::InvalidArgumentError("--target grpc://... needs --table NAME"));
@@ -636,6 +659,18 @@ int Main(int argc, char** argv) {
     }
     return absl::OkStatus();
   };
+  if (warmup > 0) {
+    if (step_mode) {
+      RunTimed(static_cast<int>(concurrency), warmup, rows_per_request * num_layers, run_step);
+      std::fill(stall_us.begin(), stall_us.end(), 0.0);
+      std::fill(compute_us.begin(), compute_us.end(), 0.0);
+    } else {
+      RunTimed(static_cast<int>(concurrency), warmup, rows_per_request,
+               [&](int t, uint64_t i) { return driver->Lookup(t, (*batches)[i % batches->size()], &outs[t]); });
+    }
+  }
+  const uint64_t hbm_rows_before =
+      shm_driver != nullptr && mapped ? shm_driver->HbmRows(remote_table->layer_ids()) : 0;
   const RunResult run = step_mode
       ? RunTimed(static_cast<int>(concurrency), duration, rows_per_request * num_layers, run_step)
       : RunTimed(static_cast<int>(concurrency), duration, rows_per_request, [&](int t, uint64_t i) {
@@ -706,6 +741,7 @@ int Main(int argc, char** argv) {
       {"cache_policy", tier_flags.cache_policy},
       {"nvme_queue_depth", tier_flags.nvme_queue_depth},
       {"duration_s", run.seconds},
+      {"warmup_s", warmup},
       {"requests", run.requests},
       {"errors", run.errors},
       {"rows_per_s", rows_per_s},
@@ -718,6 +754,13 @@ int Main(int argc, char** argv) {
       {"cpus", std::thread::hardware_concurrency()},
       {"cpu_model", CpuModel()},
   };
+  if (shm_driver != nullptr && mapped) {
+    // The mapped gather's HBM share: rows it took from the tier's slots during the timed run.
+    out["hbm"] = shm_driver->HbmAccess();
+    out["hbm_rows_share"] =
+        run.rows > 0 ? static_cast<double>(shm_driver->HbmRows(remote_table->layer_ids()) - hbm_rows_before) / run.rows
+                     : 0.0;
+  }
   if (measure_ceiling) {
     out["ceiling_rows_per_s"] = ceiling_run.rows / ceiling_run.seconds;
     out["ceiling_p99_us"] = Percentile(ceiling_run.latencies_us, 0.99);
@@ -768,6 +811,10 @@ int Main(int argc, char** argv) {
                   prefetch_layers ? "on" : "off");
       std::printf("  stall fraction %.3f (waiting for rows %.0f us per step; latencies above are per step)\n",
                   out["stall_fraction"].get<double>(), out["stall_us_per_step"].get<double>());
+    }
+    if (out.contains("hbm")) {
+      std::printf("  HBM tier mapped: %s; rows taken from its slots: %.1f%%\n", out["hbm"].get<std::string>().c_str(),
+                  100 * out["hbm_rows_share"].get<double>());
     }
     if (!run.first_error.empty()) std::printf("  first error: %s\n", run.first_error.c_str());
   }

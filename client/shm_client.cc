@@ -507,15 +507,18 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   const auto* keys = reinterpret_cast<const uint64_t*>(base + h->keys_offset[b]);
   const auto* values = reinterpret_cast<const uint32_t*>(base + h->values_offset[b]);
   DevicePin pin{layer_id, static_cast<uint32_t>(k), 0};
+  kernels::HbmProbeMany(keys, values, h->bucket_mask, rows.data(), rows.size(), sources);
+  thread_local std::vector<uint64_t> missed;  // positions the staging takes, in order
+  missed.clear();
   for (size_t i = 0; i < rows.size(); ++i) {
-    const uint32_t slot = kernels::HbmProbe(keys, values, h->bucket_mask, rows[i]);
-    if (slot < layer->hbm_slot_count) {
-      sources[i] = slot;
-    } else {
-      std::memcpy(staged + pin.staged_rows * row_bytes_, layer->base + rows[i] * row_bytes_, row_bytes_);
-      sources[i] = kernels::kHbmFromStaging | static_cast<uint32_t>(pin.staged_rows++);
-    }
+    if (sources[i] < layer->hbm_slot_count) continue;
+    sources[i] = kernels::kHbmFromStaging | static_cast<uint32_t>(missed.size());
+    missed.push_back(i);
   }
+  pin.staged_rows = missed.size();
+  kernels::GatherRowsHost(
+      layer->base, row_bytes_, missed.size(), [&](size_t j) { return rows[missed[j]]; },
+      [&](size_t j) { return staged + j * row_bytes_; });
   const uint64_t hits = rows.size() - pin.staged_rows;
   layer->hbm_rows.fetch_add(hits, std::memory_order_relaxed);
   layer->hbm_rows_total.fetch_add(hits, std::memory_order_relaxed);
@@ -598,14 +601,17 @@ bool MappedTable::GatherWithHbm(Layer* layer, absl::Span<const uint64_t> rows, a
   const int b = static_cast<int>(g & 1);
   const auto* keys = reinterpret_cast<const uint64_t*>(base + h->keys_offset[b]);
   const auto* values = reinterpret_cast<const uint32_t*>(base + h->values_offset[b]);
+  thread_local std::vector<uint32_t> slots;
+  slots.resize(rows.size());
+  kernels::HbmProbeMany(keys, values, h->bucket_mask, rows.data(), rows.size(), slots.data());
   uint64_t hits = 0;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const uint32_t slot = kernels::HbmProbe(keys, values, h->bucket_mask, rows[i]);
-    const uint8_t* src = slot < layer->hbm_slot_count ? layer->hbm_slots + uint64_t{slot} * row_bytes_
-                                                      : layer->base + rows[i] * row_bytes_;
-    hits += slot < layer->hbm_slot_count ? 1 : 0;
-    std::memcpy(out.data() + i * row_bytes_, src, row_bytes_);
-  }
+  const uint8_t* hbm = layer->hbm_slots;
+  const uint32_t slot_count = layer->hbm_slot_count;
+  auto source = [&](size_t i) {
+    return slots[i] < slot_count ? hbm + uint64_t{slots[i]} * row_bytes_ : layer->base + rows[i] * row_bytes_;
+  };
+  for (size_t i = 0; i < rows.size(); ++i) hits += slots[i] < slot_count ? 1 : 0;
+  kernels::GatherFromHost(row_bytes_, rows.size(), source, [&](size_t i) { return out.data() + i * row_bytes_; });
   UnpinLocked(layer, k);
   layer->hbm_rows.fetch_add(hits, std::memory_order_relaxed);
   layer->hbm_rows_total.fetch_add(hits, std::memory_order_relaxed);

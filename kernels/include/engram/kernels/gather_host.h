@@ -13,18 +13,25 @@ namespace engram::kernels {
 
 inline constexpr size_t kGatherPrefetchRows = 8;
 
-// For i in [0, n): copies row_bytes bytes from base + row_of(i) * row_bytes to dest_of(i).
-template <typename RowOf, typename DestOf>
-inline void GatherRowsHost(const uint8_t* base, uint64_t row_bytes, size_t n, RowOf row_of, DestOf dest_of) {
+// For i in [0, n): copies row_bytes bytes from src_of(i) to dest_of(i).
+template <typename SrcOf, typename DestOf>
+inline void GatherFromHost(uint64_t row_bytes, size_t n, SrcOf src_of, DestOf dest_of) {
   auto touch = [&](size_t i) {
-    const uint8_t* p = base + static_cast<uint64_t>(row_of(i)) * row_bytes;
+    const uint8_t* p = src_of(i);
     for (uint64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
   };
   for (size_t i = 0; i < n && i < kGatherPrefetchRows; ++i) touch(i);
   for (size_t i = 0; i < n; ++i) {
     if (i + kGatherPrefetchRows < n) touch(i + kGatherPrefetchRows);
-    std::memcpy(dest_of(i), base + static_cast<uint64_t>(row_of(i)) * row_bytes, row_bytes);
+    std::memcpy(dest_of(i), src_of(i), row_bytes);
   }
+}
+
+// For i in [0, n): copies row_bytes bytes from base + row_of(i) * row_bytes to dest_of(i).
+template <typename RowOf, typename DestOf>
+inline void GatherRowsHost(const uint8_t* base, uint64_t row_bytes, size_t n, RowOf row_of, DestOf dest_of) {
+  GatherFromHost(
+      row_bytes, n, [&](size_t i) { return base + static_cast<uint64_t>(row_of(i)) * row_bytes; }, dest_of);
 }
 
 }  // namespace engram::kernels

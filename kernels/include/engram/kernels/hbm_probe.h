@@ -45,6 +45,24 @@ ENGRAM_HD inline const uint8_t* HbmRowSource(uint32_t source, const uint8_t* slo
 }
 
 #ifndef __CUDACC__
+// HbmProbe for many rows on the host: the buckets of the rows a little ahead are requested before
+// they are probed, so the index's cache misses overlap instead of coming one after another (the
+// index is far bigger than the caches). out_slots[i] = HbmProbe(..., rows[i]).
+inline constexpr size_t kHbmProbeAhead = 16;
+inline void HbmProbeMany(const uint64_t* keys, const uint32_t* slots, uint64_t bucket_mask, const uint64_t* rows,
+                         size_t n, uint32_t* out_slots) {
+  auto touch = [&](size_t i) {
+    const uint64_t b = HbmBucketOf(rows[i], bucket_mask);
+    __builtin_prefetch(keys + b);
+    __builtin_prefetch(slots + b);
+  };
+  for (size_t i = 0; i < n && i < kHbmProbeAhead; ++i) touch(i);
+  for (size_t i = 0; i < n; ++i) {
+    if (i + kHbmProbeAhead < n) touch(i + kHbmProbeAhead);
+    out_slots[i] = HbmProbe(keys, slots, bucket_mask, rows[i]);
+  }
+}
+
 // The index as engramd publishes it to clients in shared memory (a memfd they map read-only):
 // this header, then two buffers of keys and two of slots. Generation g is current and lives in
 // buffer g % 2; engramd writes the other buffer, then bumps the generation.
