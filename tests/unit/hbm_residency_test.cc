@@ -99,6 +99,19 @@ TEST(HbmResidencyTest, FlatIndexFindsEveryResidentRowAndNothingElse) {
     EXPECT_TRUE(seen.insert(slot).second) << "slot " << slot << " given twice";
     EXPECT_EQ(kernels::HbmProbe(keys.data(), slots.data(), mask, row * 7919 + 4), kernels::kNoSlot);
   }
+  // The batched host probe (what clients use) answers the same for resident and absent rows,
+  // batches shorter than its look-ahead included.
+  std::vector<uint64_t> rows;
+  for (uint64_t row = 0; row < 5000; ++row) rows.push_back(row * 7919 + 3 + (row % 3 == 0 ? 1 : 0));
+  for (size_t n : {size_t{0}, size_t{1}, size_t{7}, rows.size()}) {
+    std::vector<uint32_t> many(n + 1, 12345);
+    kernels::HbmProbeMany(keys.data(), slots.data(), mask, rows.data(), n, many.data());
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_EQ(many[i], kernels::HbmProbe(keys.data(), slots.data(), mask, rows[i])) << i;
+      EXPECT_EQ(many[i] == kernels::kNoSlot, i % 3 == 0) << i;
+    }
+    EXPECT_EQ(many[n], 12345u) << "wrote past the batch";
+  }
 }
 
 // Rows come and go for many rounds (every demotion deletes from the index in place): the index
