@@ -71,6 +71,34 @@ __global__ void GatherHbmRowsKernel(const uint8_t* __restrict__ slots, const uin
   }
 }
 
+// The HBM tier's promotions: packed row i goes to slot slots[i]. One warp per row.
+__global__ void ScatterRowsKernel(const uint8_t* __restrict__ packed, int64_t row_bytes,
+                                  const uint32_t* __restrict__ slots, int64_t n, uint8_t* __restrict__ dst,
+                                  bool vector) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= n) return;
+  const uint8_t* src = packed + warp * row_bytes;
+  uint8_t* out = dst + static_cast<int64_t>(slots[warp]) * row_bytes;
+  if (vector) {
+    for (int64_t w = lane; w < row_bytes / 16; w += 32) {
+      reinterpret_cast<uint4*>(out)[w] = __ldg(reinterpret_cast<const uint4*>(src) + w);
+    }
+  } else {
+    for (int64_t b = lane; b < row_bytes; b += 32) out[b] = src[b];
+  }
+}
+
+// The HBM index's changed buckets: keys[buckets[i]] = bucket_keys[i], same for values.
+__global__ void ScatterIndexKernel(const uint64_t* __restrict__ buckets, const uint64_t* __restrict__ bucket_keys,
+                                   const uint32_t* __restrict__ bucket_values, int64_t n, uint64_t* __restrict__ keys,
+                                   uint32_t* __restrict__ values) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  keys[buckets[i]] = bucket_keys[i];
+  values[buckets[i]] = bucket_values[i];
+}
+
 __global__ void DequantizeKernel(const uint8_t* __restrict__ rows, int64_t n_rows, int dim, int64_t row_bytes,
                                  RowDtype dtype, float* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -157,6 +185,24 @@ int GatherHbmRows(const uint8_t* slots, const uint8_t* staged, int64_t row_bytes
                       reinterpret_cast<uintptr_t>(staged) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   GatherHbmRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       slots, staged, row_bytes, sources, n, out, vector);
+  return Launched();
+}
+
+int ScatterRows(const uint8_t* packed, int64_t row_bytes, const uint32_t* slots, int64_t n, uint8_t* dst,
+                void* stream) {
+  if (n == 0) return 0;
+  const bool vector = row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  ScatterRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      packed, row_bytes, slots, n, dst, vector);
+  return Launched();
+}
+
+int ScatterIndex(const uint64_t* buckets, const uint64_t* bucket_keys, const uint32_t* bucket_values, int64_t n,
+                 uint64_t* keys, uint32_t* values, void* stream) {
+  if (n == 0) return 0;
+  ScatterIndexKernel<<<Blocks(n, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      buckets, bucket_keys, bucket_values, n, keys, values);
   return Launched();
 }
 

@@ -301,6 +301,82 @@ TEST(HbmTierTest, ReadersNeverSeeASlotRewrittenUnderThem) {
   EXPECT_GT(tier->stats().demotions, 1000u);
 }
 
+// A store that keeps its own copy of both index buffers the way the CUDA store keeps its device
+// copy: the whole index once, then only the buckets each publication lists.
+class MirrorSlotStore final : public HbmSlotStore {
+ public:
+  explicit MirrorSlotStore(std::unique_ptr<HbmSlotStore> host) : host_(std::move(host)) {}
+  HbmStoreKind kind() const override { return host_->kind(); }
+  uint32_t slots() const override { return host_->slots(); }
+  int64_t row_bytes() const override { return host_->row_bytes(); }
+  absl::Status WriteRows(absl::Span<const uint32_t> slots, const uint8_t* rows) override {
+    return host_->WriteRows(slots, rows);
+  }
+  absl::Status UploadIndex(int buffer, absl::Span<const uint64_t> keys, absl::Span<const uint32_t> values) override {
+    keys_[buffer].assign(keys.begin(), keys.end());
+    values_[buffer].assign(values.begin(), values.end());
+    return absl::OkStatus();
+  }
+  absl::Status UpdateIndex(int buffer, absl::Span<const uint64_t> buckets, const uint64_t* keys,
+                           const uint32_t* values) override {
+    for (uint64_t b : buckets) {
+      keys_[buffer].at(b) = keys[b];
+      values_[buffer].at(b) = values[b];
+    }
+    updated_ += buckets.size();
+    ++updates_;
+    return absl::OkStatus();
+  }
+  int host_fd() const override { return host_->host_fd(); }
+  const uint8_t* host_slots() const override { return host_->host_slots(); }
+  uint64_t bytes() const override { return host_->bytes(); }
+  std::string description() const override { return "mirror"; }
+
+  std::vector<uint64_t> keys_[2];
+  std::vector<uint32_t> values_[2];
+  uint64_t updated_ = 0, updates_ = 0;
+
+ private:
+  std::unique_ptr<HbmSlotStore> host_;
+};
+
+// The device copy of the index is kept by uploading only the buckets a publication changed
+// (insertions, and the entries a deletion moved back): after every step of a churning hot set,
+// both copies equal the published buffers bucket for bucket, for a small share of the uploads.
+TEST(HbmTierTest, ADeviceCopyOfTheIndexKeptByChangedBucketsStaysExact) {
+  PatternTier source(1u << 20);
+  auto host = CreateHostSlotStore(512, kRowBytes);
+  ASSERT_TRUE(host.ok());
+  auto mirror = std::make_unique<MirrorSlotStore>(std::move(*host));
+  MirrorSlotStore* m = mirror.get();
+  HbmTierOptions options;
+  options.max_moves = 96;
+  options.margin = 1.0;
+  options.decay_every = 3000;
+  auto tier = HbmTier::Create(&source, std::move(mirror), options);
+  ASSERT_TRUE(tier.ok()) << tier.status();
+  const HbmIndexHeader* h = (*tier)->header();
+  const auto* base = reinterpret_cast<const uint8_t*>(h);
+  const uint64_t buckets = h->bucket_mask + 1;
+  std::mt19937_64 rng(11);
+  for (int round = 0; round < 80; ++round) {
+    std::vector<uint64_t> rows;
+    for (int i = 0; i < 3000; ++i) rows.push_back((round * 37 + rng() % 900) * 131 % (1u << 20));
+    (*tier)->RecordRows(rows);
+    ASSERT_TRUE((*tier)->Step().ok());
+    for (int b = 0; b < 2; ++b) {
+      const auto* keys = reinterpret_cast<const uint64_t*>(base + h->keys_offset[b]);
+      const auto* values = reinterpret_cast<const uint32_t*>(base + h->values_offset[b]);
+      ASSERT_EQ(m->keys_[b], std::vector<uint64_t>(keys, keys + buckets)) << "round " << round << " buffer " << b;
+      ASSERT_EQ(m->values_[b], std::vector<uint32_t>(values, values + buckets)) << "round " << round << " buffer " << b;
+    }
+  }
+  EXPECT_GT((*tier)->stats().promotions, 512u) << "the hot set churned";
+  ASSERT_GT(m->updates_, 0u);
+  // Each publication sent its changes, not the index (1024 buckets here).
+  EXPECT_LT(m->updated_ / m->updates_, buckets / 2) << m->updated_ << " buckets in " << m->updates_ << " updates";
+}
+
 TEST(HbmTierTest, RefusesAStoreOfTheWrongRowSize) {
   PatternTier source(10);
   auto store = CreateHostSlotStore(4, kRowBytes * 2);

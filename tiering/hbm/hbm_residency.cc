@@ -160,16 +160,19 @@ void HbmResidency::Apply(const HbmPlan& plan) {
   free_slots_.insert(free_slots_.end(), freed.begin(), freed.end());
 }
 
-void HbmIndexInsert(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row, uint32_t slot) {
+void HbmIndexInsert(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row, uint32_t slot,
+                    std::vector<uint64_t>* touched) {
   uint64_t b = kernels::HbmBucketOf(row, bucket_mask);
   while (keys[b] != 0 && keys[b] != row + 1) b = (b + 1) & bucket_mask;
   keys[b] = row + 1;
   slots[b] = slot;
+  if (touched != nullptr) touched->push_back(b);
 }
 
 // Linear-probing deletion without tombstones: later members of the run that could live in the
 // emptied bucket move back into it, so every probe still ends at a true empty bucket.
-void HbmIndexErase(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row) {
+void HbmIndexErase(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row,
+                   std::vector<uint64_t>* touched) {
   uint64_t hole = kernels::HbmBucketOf(row, bucket_mask);
   while (keys[hole] != row + 1) {
     if (keys[hole] == 0) return;  // not present
@@ -182,11 +185,13 @@ void HbmIndexErase(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64
     if (!home_in_between) {
       keys[hole] = keys[next];
       slots[hole] = slots[next];
+      if (touched != nullptr) touched->push_back(hole);
       hole = next;
     }
   }
   keys[hole] = 0;
   slots[hole] = kernels::kNoSlot;
+  if (touched != nullptr) touched->push_back(hole);
 }
 
 uint64_t HbmResidency::BucketsFor(uint32_t slots) {

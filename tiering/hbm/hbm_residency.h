@@ -29,9 +29,12 @@ struct HbmPlan {
 
 // The flat index's two edits (host only). Replaying the same edits in the same order on two copies
 // of an index leaves them identical, bucket for bucket: the HBM tier keeps its published buffers
-// up to date that way.
-void HbmIndexInsert(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row, uint32_t slot);
-void HbmIndexErase(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row);  // absent: no-op
+// up to date that way. `touched`, when given, gets every bucket the edit wrote (so a copy kept
+// elsewhere, on a GPU, can be brought up to date with those buckets alone).
+void HbmIndexInsert(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row, uint32_t slot,
+                    std::vector<uint64_t>* touched = nullptr);
+void HbmIndexErase(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64_t row,
+                   std::vector<uint64_t>* touched = nullptr);  // absent: no-op
 
 class HbmResidency {
  public:

@@ -1,5 +1,6 @@
 #include "tiering/hbm/hbm_tier.h"
 
+#include <algorithm>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -139,18 +140,19 @@ absl::Status HbmTier::Publish(std::vector<IndexEdit> edits) {
   uint32_t* v = values(b);
   const uint64_t mask = header_->bucket_mask;
   // The back buffer holds generation next - 2: replay what generation next - 1 changed, then ours.
+  std::vector<uint64_t> touched;
   for (const std::vector<IndexEdit>* list : {&last_edits_, &edits}) {
     for (const IndexEdit& e : *list) {
       if (e.slot == kNoSlot) {
-        HbmIndexErase(k, v, mask, e.row);
+        HbmIndexErase(k, v, mask, e.row, &touched);
       } else {
-        HbmIndexInsert(k, v, mask, e.row, e.slot);
+        HbmIndexInsert(k, v, mask, e.row, e.slot, &touched);
       }
     }
   }
-  if (absl::Status s = store_->UploadIndex(b, absl::Span<const uint64_t>(k, mask + 1),
-                                           absl::Span<const uint32_t>(v, mask + 1));
-      !s.ok()) {
+  std::sort(touched.begin(), touched.end());
+  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+  if (absl::Status s = store_->UpdateIndex(b, touched, k, v); !s.ok()) {
     // The planner has moved on but readers have not: the tier stops here, serving what the
     // published index says (which is still true), and promotes nothing more.
     failed_ = s;

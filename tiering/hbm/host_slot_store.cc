@@ -64,6 +64,9 @@ class HostSlotStore final : public HbmSlotStore {
   absl::Status UploadIndex(int, absl::Span<const uint64_t>, absl::Span<const uint32_t>) override {
     return absl::OkStatus();
   }
+  absl::Status UpdateIndex(int, absl::Span<const uint64_t>, const uint64_t*, const uint32_t*) override {
+    return absl::OkStatus();
+  }
 
  private:
   uint32_t slots_ = 0;

@@ -22,6 +22,13 @@ int GatherRows(const uint8_t* table, int64_t row_bytes, const uint64_t* rows, in
 int GatherHbmRows(const uint8_t* slots, const uint8_t* staged, int64_t row_bytes, const uint32_t* sources, int64_t n,
                   uint8_t* out, void* stream);
 
+// The HBM tier's writes (engramd): packed row i (device memory) -> dst slot slots[i]; and the
+// index's changed buckets, keys[buckets[i]] = bucket_keys[i], values[buckets[i]] = bucket_values[i].
+int ScatterRows(const uint8_t* packed, int64_t row_bytes, const uint32_t* slots, int64_t n, uint8_t* dst,
+                void* stream);
+int ScatterIndex(const uint64_t* buckets, const uint64_t* bucket_keys, const uint32_t* bucket_values, int64_t n,
+                 uint64_t* keys, uint32_t* values, void* stream);
+
 // n_rows rows of `dim` elements (RowBytesFor(dtype, dim) bytes each) -> f32 [n_rows][dim].
 int Dequantize(const uint8_t* rows, int64_t n_rows, int dim, RowDtype dtype, float* out, void* stream);
 
