@@ -638,7 +638,6 @@ int Main(int argc, char** argv) {
     }
     return n;
   };
-  const uint64_t nvme_reads_before = nvme_reads();
   // Step mode: one timed call is a whole step; the time spent inside lookups is the stall.
   std::vector<double> stall_us(concurrency, 0), compute_us(concurrency, 0);
   const size_t steps = batches->size() / num_layers;
@@ -660,15 +659,21 @@ int Main(int argc, char** argv) {
     return absl::OkStatus();
   };
   if (warmup > 0) {
+    RunResult warm;
     if (step_mode) {
-      RunTimed(static_cast<int>(concurrency), warmup, rows_per_request * num_layers, run_step);
+      warm = RunTimed(static_cast<int>(concurrency), warmup, rows_per_request * num_layers, run_step);
       std::fill(stall_us.begin(), stall_us.end(), 0.0);
       std::fill(compute_us.begin(), compute_us.end(), 0.0);
     } else {
-      RunTimed(static_cast<int>(concurrency), warmup, rows_per_request,
-               [&](int t, uint64_t i) { return driver->Lookup(t, (*batches)[i % batches->size()], &outs[t]); });
+      warm = RunTimed(static_cast<int>(concurrency), warmup, rows_per_request,
+                      [&](int t, uint64_t i) { return driver->Lookup(t, (*batches)[i % batches->size()], &outs[t]); });
+    }
+    if (warm.errors > 0) {
+      std::fprintf(stderr, "engram-bench: %llu errors during the warm-up, the first: %s\n",
+                   static_cast<unsigned long long>(warm.errors), warm.first_error.c_str());
     }
   }
+  const uint64_t nvme_reads_before = nvme_reads();
   const uint64_t hbm_rows_before =
       shm_driver != nullptr && mapped ? shm_driver->HbmRows(remote_table->layer_ids()) : 0;
   const RunResult run = step_mode

@@ -12,7 +12,7 @@ SECS=${3:-5}
 BUDGET=${4:-256M}
 BIN=${BUILD_DIR:-build}
 OUT=$(mktemp -d)
-trap 'kill -TERM ${PLAIN:-0} ${HBM:-0} 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$OUT"' EXIT
+trap 'for p in ${PLAIN:-} ${HBM:-}; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$OUT"' EXIT
 start() {  # NAME EXTRA_FLAGS...
   local name=$1
   shift

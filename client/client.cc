@@ -1,5 +1,7 @@
 #include "engram/client.h"
 
+#include <cstdio>
+#include <cstdlib>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -177,16 +179,28 @@ std::future<absl::Status> Client::LookupAsync(std::shared_ptr<const TableHandle>
 void Client::LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
                          absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
                          std::function<void(absl::Status)> done) {
-  if (table == nullptr) {
-    done(absl::InvalidArgumentError("LookupAsync: no table (a null TableHandle)"));
-    return;
-  }
+  if (!done) done = [](absl::Status) {};
   async_.Post([this, table = std::move(table), layer, num_tokens, indices, out, done = std::move(done)] {
-    done(Lookup(*table, layer, num_tokens, indices, out));
+    absl::Status status;
+    if (table == nullptr) {
+      status = absl::InvalidArgumentError("LookupAsync: no table (a null TableHandle)");
+    } else {
+      try {
+        status = Lookup(*table, layer, num_tokens, indices, out);
+      } catch (const std::exception& e) {  // bad_alloc and the like: the caller still hears back
+        status = absl::InternalError(absl::StrCat("LookupAsync: ", e.what()));
+      }
+    }
+    done(std::move(status));
   });
 }
 
 Client::AsyncWorker::~AsyncWorker() {
+  if (thread_.joinable() && std::this_thread::get_id() == thread_.get_id()) {
+    // The queued jobs use the Client being destroyed: there is no way to finish them safely.
+    std::fprintf(stderr, "engram::Client destroyed from one of its own LookupAsync callbacks; not allowed\n");
+    std::abort();
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
@@ -197,8 +211,7 @@ Client::AsyncWorker::~AsyncWorker() {
 
 void Client::AsyncWorker::Post(std::function<void()> job) {
   std::lock_guard<std::mutex> lock(mu_);
-  jobs_.push_back(std::move(job));
-  if (!thread_.joinable()) {
+  if (!thread_.joinable()) {  // started before the job is queued: if this throws, nothing is left behind
     thread_ = std::thread([this] {
       std::unique_lock<std::mutex> lock(mu_);
       for (;;) {
@@ -207,11 +220,15 @@ void Client::AsyncWorker::Post(std::function<void()> job) {
         std::function<void()> next = std::move(jobs_.front());
         jobs_.pop_front();
         lock.unlock();
-        next();
+        try {
+          next();
+        } catch (...) {  // a callback that throws must not take the worker (and the process) down
+        }
         lock.lock();
       }
     });
   }
+  jobs_.push_back(std::move(job));
   cv_.notify_one();
 }
 

@@ -463,6 +463,10 @@ absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& inf
     layer->hbm_slot_count = layers[i].slots;
     layer->first_pin = layers[i].first_pin;
     layer->hbm_info = layers[i];
+    // Each process and layer draws its own sample positions.
+    layer->sampler = HbmSampler(shm::kAccessSampleEvery,
+                                0x9e3779b97f4a7c15ULL ^ (static_cast<uint64_t>(getpid()) << 20) ^
+                                    static_cast<uint64_t>(static_cast<uint32_t>(layer->id)));
   }
   // A GPU store's slots are reached through its IPC handles on the device path; the host path
   // (Lookup) gathers from host stores only.
@@ -496,6 +500,8 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   if (layer->hbm_index == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat("table '", table_.name, "' layer ", layer_id, " has no HBM tier"));
   }
+  thread_local std::vector<uint64_t> missed;  // positions the staging takes, in order
+  missed.reserve(rows.size());  // before the pin: nothing may throw while it is held
   std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
   if (link_->arena == nullptr) return absl::FailedPreconditionError("the connection to engramd is closed");
   uint64_t g = 0;
@@ -508,7 +514,6 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   const auto* values = reinterpret_cast<const uint32_t*>(base + h->values_offset[b]);
   DevicePin pin{layer_id, static_cast<uint32_t>(k), 0};
   kernels::HbmProbeMany(keys, values, h->bucket_mask, rows.data(), rows.size(), sources);
-  thread_local std::vector<uint64_t> missed;  // positions the staging takes, in order
   missed.clear();
   for (size_t i = 0; i < rows.size(); ++i) {
     if (sources[i] < layer->hbm_slot_count) continue;
@@ -591,6 +596,8 @@ void MappedTable::UnpinLocked(Layer* layer, int k) {
 }
 
 bool MappedTable::GatherWithHbm(Layer* layer, absl::Span<const uint64_t> rows, absl::Span<uint8_t> out) {
+  thread_local std::vector<uint32_t> slots;
+  slots.resize(rows.size());  // before the pin: nothing may throw while it is held
   std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
   if (link_->arena == nullptr) return false;  // the connection is gone: nobody protects the slots
   uint64_t g = 0;
@@ -601,8 +608,6 @@ bool MappedTable::GatherWithHbm(Layer* layer, absl::Span<const uint64_t> rows, a
   const int b = static_cast<int>(g & 1);
   const auto* keys = reinterpret_cast<const uint64_t*>(base + h->keys_offset[b]);
   const auto* values = reinterpret_cast<const uint32_t*>(base + h->values_offset[b]);
-  thread_local std::vector<uint32_t> slots;
-  slots.resize(rows.size());
   kernels::HbmProbeMany(keys, values, h->bucket_mask, rows.data(), rows.size(), slots.data());
   uint64_t hits = 0;
   const uint8_t* hbm = layer->hbm_slots;

@@ -136,6 +136,21 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
       registry_->GetGauge("engram_hbm_sample_every", "The HBM promoter counts one in this many of the rows engramd serves",
                           names, labels)
           ->Set(static_cast<double>(hs.sample_every));
+      const uint64_t served = hs.served_hbm + hs.served_below;
+      registry_
+          ->GetGauge("engram_hbm_hit_ratio",
+                     "Share of the rows clients mapping the HBM tier gathered that came from its slots, since start",
+                     names, labels)
+          ->Set(served > 0 ? static_cast<double>(hs.served_hbm) / static_cast<double>(served) : 0);
+      if (const auto alpha = layer.hbm->zipf_alpha()) {
+        registry_->GetGauge("engram_hbm_zipf_alpha", "Zipf exponent fitted to the rows the HBM promoter counted", names,
+                            labels)
+            ->Set(*alpha);
+        registry_
+            ->GetGauge("engram_hbm_predicted_hit_ratio",
+                       "Hit ratio the HBM tier's slots should give under the fitted Zipf exponent", names, labels)
+            ->Set(ZipfEstimator::PredictHitRatio(*alpha, layer.hbm->store()->slots(), layer.hbm->total_rows()));
+      }
     }
     if (has_hbm) {
       registry_

@@ -348,6 +348,8 @@ absl::Status ShmServer::HandleControlFrame(const shm::Frame& frame, int sock, co
           continue;
         }
         metrics_->RecordMappedLookups(*table, r.lookups, r.rows);
+        const Table::Layer* layer = table->FindLayer(r.layer_id);
+        if (layer->hbm != nullptr && client->hbm_mapped[r.table_id]) layer->hbm->CountServed(0, r.rows);
       }
       if (refused_count > 0) {  // one line per frame, however many entries were wrong
         LogWarn("shm_counter_report_refused",
@@ -496,6 +498,7 @@ absl::Status ShmServer::HandleAccessReport(const shm::Frame& frame, const std::v
     return absl::OkStatus();
   }
   layer->hbm->RecordRows(rows, shm::kAccessSampleEvery);
+  layer->hbm->CountServed(r.hbm_rows, 0);
   if (r.hbm_rows > 0) metrics_->RecordMappedLookups(*table, 0, r.hbm_rows, TierKind::kHbm);
   return absl::OkStatus();
 }

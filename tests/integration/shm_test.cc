@@ -525,6 +525,9 @@ TEST_F(ShmTest, HbmTierOnHostServesHitsThatAreExactWhileItChurns) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   EXPECT_EQ(MetricValue(port, hbm_series), static_cast<double>(from_hbm));
+  // The observed HBM hit ratio is what this client saw: rows from the slots over rows gathered.
+  EXPECT_NEAR(MetricValue(port, "engram_hbm_hit_ratio{table=\"demo\",layer=\"1\"}"),
+              static_cast<double>(from_hbm) / static_cast<double>(served_rows), 1e-6);
   EXPECT_EQ(MetricValue(port, "engram_lookup_rows_total{table=\"demo\"}"), static_cast<double>(served_rows));
   EXPECT_EQ(MetricValue(port, "engram_tier_enabled{tier=\"hbm\"}"), 1);
   EXPECT_GT(MetricValue(port, "engram_hbm_resident_rows{table=\"demo\",layer=\"1\"}"), 0);

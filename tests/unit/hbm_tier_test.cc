@@ -2,6 +2,7 @@
 // clients read, reader pins, and slot reuse only after readers moved on.
 #include "tiering/hbm/hbm_tier.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <random>
@@ -150,50 +151,70 @@ TEST(HbmSamplerTest, PicksOneInNWithoutLockingOntoTheBatchLayout) {
   EXPECT_EQ(every, 37u);
 }
 
-// The engine's sampling follows the load: every row while a step sees few, fewer as the load
-// grows (about samples_per_step a step), every row again when it falls; beyond the pending bound
-// samples are dropped and counted.
+// The engine's sampling follows the load (judged over windows of 8 steps): every row while steps
+// see few, fewer as the load grows (about samples_per_step a step), every row again when it falls;
+// beyond the pending bound samples are dropped and counted.
 TEST(HbmTierTest, EngineSamplingFollowsTheLoadAndDropsBeyondTheBound) {
   PatternTier source(100000);
   HbmTierOptions options;
   options.samples_per_step = 100;
   options.max_pending_samples = 1000;
   auto tier = MakeTier(&source, 10, options);
-  std::vector<uint64_t> rows(60);
-  for (uint64_t i = 0; i < rows.size(); ++i) rows[i] = i;
-  tier->SampleLookup(rows);  // light: all 60 counted
-  ASSERT_TRUE(tier->Step().ok());
-  EXPECT_EQ(tier->stats().samples, 60u);
+  auto steps = [&](size_t rows_per_step, int n) {
+    std::vector<uint64_t> rows(rows_per_step);
+    for (uint64_t i = 0; i < rows.size(); ++i) rows[i] = i;
+    for (int i = 0; i < n; ++i) {
+      tier->SampleLookup(rows);
+      ASSERT_TRUE(tier->Step().ok());
+    }
+  };
+  steps(60, 8);  // light: all counted
+  EXPECT_EQ(tier->stats().samples, 480u);
   EXPECT_EQ(tier->stats().sample_every, 1u);
 
-  rows.resize(2000);
-  for (uint64_t i = 0; i < rows.size(); ++i) rows[i] = i;
-  tier->SampleLookup(rows);  // still one in 1: 1000 fit, 1000 are dropped
-  ASSERT_TRUE(tier->Step().ok());
-  EXPECT_EQ(tier->stats().samples, 1060u);
-  EXPECT_EQ(tier->stats().samples_dropped, 1000u);
-  EXPECT_EQ(tier->stats().sample_every, 2u);
-  uint64_t last = 0;
-  for (int round = 0; round < 12; ++round) {
-    const uint64_t before = tier->stats().samples;
-    tier->SampleLookup(rows);
-    ASSERT_TRUE(tier->Step().ok());
-    last = tier->stats().samples - before;
-  }
+  steps(2000, 8);  // heavy, still one in 1 for a window: 1000 a step fit, 1000 are dropped
+  EXPECT_EQ(tier->stats().samples, 480u + 8000u);
+  EXPECT_EQ(tier->stats().samples_dropped, 8000u);
+  EXPECT_EQ(tier->stats().sample_every, 16u) << "1000 a step against 100: at once to the next power of two";
+  steps(2000, 32);
   // 2000 rows a step against a budget of 100: settles at one in 16..64 (random gaps).
   const uint32_t every = tier->stats().sample_every;
   EXPECT_GE(every, 16u);
   EXPECT_LE(every, 64u);
-  EXPECT_GT(last, 15u);
-  EXPECT_LE(last, 200u);
-  EXPECT_EQ(tier->stats().samples_dropped, 1000u);
+  const uint64_t before = tier->stats().samples;
+  steps(2000, 8);
+  EXPECT_GT(tier->stats().samples - before, 8 * 2000 / 64 / 2);
+  EXPECT_LE(tier->stats().samples - before, 8 * 200u);
+  EXPECT_EQ(tier->stats().samples_dropped, 8000u);
 
-  rows.resize(10);
-  for (int round = 0; round < 7; ++round) {
+  steps(10, 48);  // light again: halved a window at a time
+  EXPECT_EQ(tier->stats().sample_every, 1u);
+  // Bursts: a big batch every 4th step, nothing between; the window sees the average.
+  for (int i = 0; i < 16; ++i) {
+    steps(i % 4 == 0 ? 200 : 0, 1);
+  }
+  EXPECT_EQ(tier->stats().sample_every, 1u) << "50 a step on average is under the budget";
+}
+
+// The tier fits the Zipf exponent of what it counts (for its predicted hit ratio in /metrics).
+TEST(HbmTierTest, FitsTheZipfExponentOfTheRowsItCounts) {
+  PatternTier source(200000);
+  auto tier = MakeTier(&source, 1000);
+  EXPECT_FALSE(tier->zipf_alpha().has_value()) << "nothing counted yet";
+  // Zipf(1.0) over 200k rows by inverse transform on the harmonic CDF.
+  std::vector<double> cdf(200000);
+  double sum = 0;
+  for (size_t r = 0; r < cdf.size(); ++r) cdf[r] = sum += 1.0 / static_cast<double>(r + 1);
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<double> u(0, sum);
+  for (int step = 0; step < 40; ++step) {
+    std::vector<uint64_t> rows(4000);
+    for (auto& row : rows) row = static_cast<uint64_t>(std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin());
     tier->SampleLookup(rows);
     ASSERT_TRUE(tier->Step().ok());
   }
-  EXPECT_EQ(tier->stats().sample_every, 1u);  // halved back, one step at a time
+  ASSERT_TRUE(tier->zipf_alpha().has_value());
+  EXPECT_NEAR(*tier->zipf_alpha(), 1.0, 0.15);
 }
 
 // A sample stands for the accesses it was taken from: one reported row of weight 64 outranks a

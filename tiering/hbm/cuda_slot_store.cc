@@ -5,6 +5,7 @@
 // a kernel given a pinned generation probes the same buckets a host reader would.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -64,6 +65,7 @@ class CudaSlotStore final : public HbmSlotStore {
     for (uint32_t slot : slots) {
       if (slot >= slots_count_) return absl::InternalError("HBM tier: a slot out of range");
     }
+    if (absl::Status s = CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
     // One copy of the packed rows and their slot numbers, one kernel scattering them into slots.
     const uint64_t n = slots.size();
     const uint64_t row_part = (n * static_cast<uint64_t>(row_bytes_) + 15) / 16 * 16;
@@ -145,6 +147,7 @@ class CudaSlotStore final : public HbmSlotStore {
   // shrink: a step's promotions are bounded).
   absl::Status Reserve(uint64_t bytes) {
     if (bytes <= staging_bytes_) return absl::OkStatus();
+    bytes = std::max(bytes, 2 * staging_bytes_);  // grow geometrically: a reallocation syncs the device
     if (absl::Status s = CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
     if (staging_ != nullptr) cudaFreeHost(staging_);
     if (scratch_ != nullptr) cudaFree(scratch_);

@@ -35,6 +35,7 @@ void HbmResidency::RecordAccesses(const std::vector<uint64_t>& rows, uint32_t we
 
 void HbmResidency::RecordAccessLocked(uint64_t row, uint32_t weight) {
   const double heat = heat_[row] += weight;
+  last_weight_ = weight;
   if (heat >= admit_heat_ && !row_slot_.contains(row)) candidates_.insert(row);
   recorded_ += weight;
   if (recorded_ < next_decay_) return;
@@ -43,7 +44,7 @@ void HbmResidency::RecordAccessLocked(uint64_t row, uint32_t weight) {
   admit_heat_ *= 0.5;
   for (auto it = heat_.begin(); it != heat_.end();) {
     it->second *= 0.5;
-    if (it->second < 0.25 && !row_slot_.contains(it->first)) {
+    if (it->second < 0.25 * last_weight_ && !row_slot_.contains(it->first)) {
       heat_.erase(it++);
     } else {
       ++it;

@@ -85,6 +85,7 @@ class HbmResidency {
   std::vector<uint32_t> free_slots_;
   uint64_t recorded_ = 0;     // accesses recorded (weighted)
   uint64_t next_decay_ = 0;   // recorded_ at which counts halve next
+  uint32_t last_weight_ = 1;  // a row whose count fell below a quarter of one record is forgotten
   std::vector<uint64_t> index_keys_;
   std::vector<uint32_t> index_slots_;
   uint64_t bucket_mask_ = 0;

@@ -201,14 +201,19 @@ absl::StatusOr<bool> HbmTier::Step() {
     drained.swap(samples_);
     reported.swap(reported_);
     weight = sample_every_;
-    // Adapt the engine's sampling to the load: halve the rate when this step took in more than
-    // the budget (counting costs the promoter, and a few thousand samples rank the hot rows well
-    // enough), double it when well under, down to every row.
+    // Adapt the engine's sampling to the load, judged on the average of a window of steps (lookups
+    // come in bursts; one step says little): above the budget (counting costs the promoter, and a
+    // few thousand samples a step rank the hot rows well enough) sample as much less as needed,
+    // at a quarter of it twice as much, down to every row.
+    window_samples_ += drained.size();
     uint32_t every = sample_every_;
-    if (drained.size() > options_.samples_per_step && every < kMaxSampleEvery) {
-      every *= 2;
-    } else if (drained.size() < options_.samples_per_step / 4 && every > 1) {
-      every /= 2;
+    if (++window_steps_ == kAdaptWindowSteps) {
+      const double per_step = static_cast<double>(window_samples_) / kAdaptWindowSteps;
+      const double budget = static_cast<double>(std::max<size_t>(1, options_.samples_per_step));
+      while (per_step * sample_every_ / every > budget && every < kMaxSampleEvery) every *= 2;
+      if (every == sample_every_ && per_step < budget / 4 && every > 1) every /= 2;
+      window_samples_ = 0;
+      window_steps_ = 0;
     }
     if (every != sample_every_) {
       sample_every_ = every;
@@ -216,6 +221,10 @@ absl::StatusOr<bool> HbmTier::Step() {
     }
   }
   if (!drained.empty()) residency_.RecordAccesses(drained, weight);
+  // The exponent fit needs a uniform sample, not every sample (each costs a lock and a log).
+  constexpr size_t kZipfSamplesPerStep = 4096;
+  const size_t zipf_stride = drained.size() / kZipfSamplesPerStep + 1;
+  for (size_t i = 0; i < drained.size(); i += zipf_stride) frequency_.Record(drained[i]);
   for (const auto& [row, w] : reported) residency_.RecordAccess(row, w);
   samples_recorded_.fetch_add(drained.size() + reported.size(), std::memory_order_relaxed);
   // Every publication, and every rewrite of a slot an older index named, needs the readers to be
@@ -259,6 +268,8 @@ HbmTierStats HbmTier::stats() const {
   s.stalls = stalls_.load(std::memory_order_relaxed);
   s.samples = samples_recorded_.load(std::memory_order_relaxed);
   s.samples_dropped = samples_dropped_.load(std::memory_order_relaxed);
+  s.served_hbm = served_hbm_.load(std::memory_order_relaxed);
+  s.served_below = served_below_.load(std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(samples_mu_));
     s.sample_every = sample_every_;

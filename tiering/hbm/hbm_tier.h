@@ -6,8 +6,9 @@
 //
 // Who feeds it: the engine samples the rows of lookups it serves (SampleLookup), clients that
 // gather on their own report samples of their rows (RecordRows). The engine's sampling adapts to
-// the load: it counts every row while a step sees at most `samples_per_step` of them, and one in
-// 2, 4, ... (up to 1024) as the load grows; each sample weighs the accesses it stands for.
+// the load: it counts every row while steps see at most `samples_per_step` of them on average
+// (over 8 steps), and one in 2, 4, ... (up to 1024) as the load grows; each sample weighs the
+// accesses it stands for.
 // Who moves rows: a promoter thread calls Step every few milliseconds. A step plans a batch by
 // the decayed counts (HbmResidency: promotion of the hottest rows, demotion of the coldest when
 // the slots are full), publishes an index without the demoted rows, waits until no reader still
@@ -25,12 +26,14 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engram/kernels/hbm_probe.h"
+#include "tiering/cache/zipf_estimator.h"
 #include "tiering/hbm/hbm_residency.h"
 #include "tiering/hbm/hbm_sampler.h"
 #include "tiering/hbm/hbm_slot_store.h"
@@ -57,6 +60,8 @@ struct HbmTierStats {
   uint64_t samples_dropped = 0;
   uint32_t sample_every = 1;      // the engine counts one row in this many now
   uint64_t readers = 0;
+  // Rows clients that map this tier gathered: from its slots, and from the tier below.
+  uint64_t served_hbm = 0, served_below = 0;
 };
 
 class HbmTier {
@@ -72,6 +77,14 @@ class HbmTier {
   // Rows already sampled by someone else, one for every `weight` accesses.
   // REQUIRES: every row < source->total_rows().
   void RecordRows(absl::Span<const uint64_t> rows, uint32_t weight = 1);
+
+  // What clients that map this tier report gathering: rows from its slots, rows from below.
+  void CountServed(uint64_t hbm_rows, uint64_t below_rows) {
+    served_hbm_.fetch_add(hbm_rows, std::memory_order_relaxed);
+    served_below_.fetch_add(below_rows, std::memory_order_relaxed);
+  }
+  // The Zipf exponent fitted to the counted rows (nullopt until enough were seen).
+  std::optional<double> zipf_alpha() const { return frequency_.Alpha(); }
 
   // One promoter round; true when it published a new index. After an error publishing the index
   // the tier stays as published (still correct) and every later Step returns that error.
@@ -128,9 +141,14 @@ class HbmTier {
   std::vector<uint64_t> samples_;            // from SampleLookup, each weighs sample_every_
   std::vector<std::pair<uint64_t, uint32_t>> reported_;  // from RecordRows: row, weight
   uint32_t sample_every_ = 1;                // changed only by Step, under samples_mu_
+  static constexpr uint32_t kAdaptWindowSteps = 8;
+  uint64_t window_samples_ = 0;              // Step's, over the current window
+  uint32_t window_steps_ = 0;
   HbmSampler sampler_{1};                    // under samples_mu_
   std::atomic<uint64_t> samples_recorded_{0}, samples_dropped_{0};
   std::atomic<uint64_t> promotions_{0}, demotions_{0}, stalls_{0};
+  std::atomic<uint64_t> served_hbm_{0}, served_below_{0};
+  ZipfEstimator frequency_{2048, 1};  // fed by Step with a bounded share of its samples
 };
 
 }  // namespace engram

@@ -85,7 +85,9 @@ class Client {
   // `done` has run. Destroying the Client first finishes every call already made.
   std::future<absl::Status> LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
                                         absl::Span<const uint32_t> indices, absl::Span<uint8_t> out);
-  // Callback form: `done` runs on the worker thread with the lookup's status, exactly once.
+  // Callback form: `done` runs on the worker thread with the lookup's status, exactly once. It
+  // must not wait for another LookupAsync of this Client (the one worker would wait on itself)
+  // nor destroy the Client; what it throws is dropped.
   void LookupAsync(std::shared_ptr<const TableHandle> table, int layer, uint32_t num_tokens,
                    absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
                    std::function<void(absl::Status)> done);

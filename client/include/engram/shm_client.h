@@ -122,7 +122,7 @@ class MappedTable {
     std::atomic<uint64_t> hbm_rows{0}, hbm_rows_total{0};  // unreported / all time
     std::mutex sample_mu;
     std::vector<uint64_t> samples;  // rows served, about one in kAccessSampleEvery, for the daemon's promoter
-    HbmSampler sampler{shm::kAccessSampleEvery};
+    HbmSampler sampler{shm::kAccessSampleEvery};  // reseeded per process and layer when mapped
   };
   MappedTable() = default;
   // Gathers through the HBM index (pinned); false when no pin was free or the link is gone.
