@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <fstream>
 #include <random>
 #include <thread>
 
@@ -533,6 +534,14 @@ TEST_F(ShmTest, HbmTierOnHostServesHitsThatAreExactWhileItChurns) {
   EXPECT_GT(MetricValue(port, "engram_hbm_resident_rows{table=\"demo\",layer=\"1\"}"), 0);
   EXPECT_GT(MetricValue(port, "engram_hbm_demotions_total{table=\"demo\",layer=\"1\"}"), 0) << "phase 2 displaced phase 1";
   EXPECT_GT(MetricValue(port, "engram_table_resident_bytes{table=\"demo\",tier=\"hbm\"}"), 0);
+  // With the tier on, the exposition (its HBM families included) still passes promtool's lint.
+  const auto [code, body] = testing::HttpGet(port, "/metrics");
+  ASSERT_EQ(code, 200);
+  EXPECT_NE(body.find("engram_hbm_hit_ratio{"), std::string::npos);
+  const std::string file = dir_->path() + "/hbm_metrics.txt";
+  std::ofstream(file) << body;
+  const auto [lint_code, lint_out] = RunCommand("promtool check metrics < " + file);
+  EXPECT_EQ(lint_code, 0) << lint_out;
 }
 
 // The device path's host half (MappedTable::SplitForDevice, which the CUDA gather uses): with the
