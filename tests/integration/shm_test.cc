@@ -538,6 +538,19 @@ TEST_F(ShmTest, HbmTierOnHostServesHitsThatAreExactWhileItChurns) {
   const auto [code, body] = testing::HttpGet(port, "/metrics");
   ASSERT_EQ(code, 200);
   EXPECT_NE(body.find("engram_hbm_hit_ratio{"), std::string::npos);
+  // Every HBM series the Grafana dashboard plots is exported by a daemon with the tier on (but
+  // the prediction, which waits for enough counts to fit a Zipf exponent).
+  const std::string dashboard = testing::ReadFile(std::string(ENGRAM_SOURCE_DIR) + "/deploy/grafana/engramd-dashboard.json");
+  int hbm_plotted = 0;
+  for (size_t at = dashboard.find("engram_hbm_"); at != std::string::npos; at = dashboard.find("engram_hbm_", at + 1)) {
+    size_t end = at;
+    while (end < dashboard.size() && (std::islower(dashboard[end]) || dashboard[end] == '_')) ++end;
+    const std::string name = dashboard.substr(at, end - at);
+    if (name == "engram_hbm_predicted_hit_ratio" || name == "engram_hbm_zipf_alpha") continue;
+    ++hbm_plotted;
+    EXPECT_NE(body.find("# TYPE " + name + " "), std::string::npos) << "the dashboard plots " << name;
+  }
+  EXPECT_GE(hbm_plotted, 4);
   const std::string file = dir_->path() + "/hbm_metrics.txt";
   std::ofstream(file) << body;
   const auto [lint_code, lint_out] = RunCommand("promtool check metrics < " + file);
