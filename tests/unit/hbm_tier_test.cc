@@ -215,6 +215,16 @@ TEST(HbmTierTest, FitsTheZipfExponentOfTheRowsItCounts) {
   }
   ASSERT_TRUE(tier->zipf_alpha().has_value());
   EXPECT_NEAR(*tier->zipf_alpha(), 1.0, 0.15);
+  // Rows reported by clients that gather on their own count as well.
+  auto reported = MakeTier(&source, 1000);
+  for (int step = 0; step < 40; ++step) {
+    std::vector<uint64_t> rows(4000);
+    for (auto& row : rows) row = static_cast<uint64_t>(std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin());
+    reported->RecordRows(rows, 64);
+    ASSERT_TRUE(reported->Step().ok());
+  }
+  ASSERT_TRUE(reported->zipf_alpha().has_value());
+  EXPECT_NEAR(*reported->zipf_alpha(), 1.0, 0.15);
 }
 
 // A sample stands for the accesses it was taken from: one reported row of weight 64 outranks a

@@ -221,11 +221,13 @@ absl::StatusOr<bool> HbmTier::Step() {
     }
   }
   if (!drained.empty()) residency_.RecordAccesses(drained, weight);
-  // The exponent fit needs a uniform sample, not every sample (each costs a lock and a log).
-  constexpr size_t kZipfSamplesPerStep = 4096;
-  const size_t zipf_stride = drained.size() / kZipfSamplesPerStep + 1;
-  for (size_t i = 0; i < drained.size(); i += zipf_stride) frequency_.Record(drained[i]);
   for (const auto& [row, w] : reported) residency_.RecordAccess(row, w);
+  // The exponent fit needs a uniform sample of the rows asked for, not every sample (each costs a
+  // lock and a log): the engine's and the mapping clients' alike.
+  constexpr size_t kZipfSamplesPerStep = 4096;
+  const size_t zipf_stride = (drained.size() + reported.size()) / kZipfSamplesPerStep + 1;
+  for (size_t i = 0; i < drained.size(); i += zipf_stride) frequency_.Record(drained[i]);
+  for (size_t i = 0; i < reported.size(); i += zipf_stride) frequency_.Record(reported[i].first);
   samples_recorded_.fetch_add(drained.size() + reported.size(), std::memory_order_relaxed);
   // Every publication, and every rewrite of a slot an older index named, needs the readers to be
   // on the current index.
