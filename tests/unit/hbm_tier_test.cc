@@ -333,20 +333,21 @@ TEST(HbmTierTest, ReadersNeverSeeASlotRewrittenUnderThem) {
 }
 
 // A store that keeps its own copy of both index buffers the way the CUDA store keeps its device
-// copy: the whole index once, then only the buckets each publication lists.
+// copy: empty at start, then only the buckets each publication lists.
 class MirrorSlotStore final : public HbmSlotStore {
  public:
-  explicit MirrorSlotStore(std::unique_ptr<HbmSlotStore> host) : host_(std::move(host)) {}
+  explicit MirrorSlotStore(std::unique_ptr<HbmSlotStore> host) : host_(std::move(host)) {
+    const uint64_t buckets = HbmResidency::BucketsFor(host_->slots());
+    for (int b = 0; b < 2; ++b) {
+      keys_[b].assign(buckets, 0);
+      values_[b].assign(buckets, kNoSlot);
+    }
+  }
   HbmStoreKind kind() const override { return host_->kind(); }
   uint32_t slots() const override { return host_->slots(); }
   int64_t row_bytes() const override { return host_->row_bytes(); }
   absl::Status WriteRows(absl::Span<const uint32_t> slots, const uint8_t* rows) override {
     return host_->WriteRows(slots, rows);
-  }
-  absl::Status UploadIndex(int buffer, absl::Span<const uint64_t> keys, absl::Span<const uint32_t> values) override {
-    keys_[buffer].assign(keys.begin(), keys.end());
-    values_[buffer].assign(values.begin(), values.end());
-    return absl::OkStatus();
   }
   absl::Status UpdateIndex(int buffer, absl::Span<const uint64_t> buckets, const uint64_t* keys,
                            const uint32_t* values) override {

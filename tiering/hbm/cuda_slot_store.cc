@@ -1,7 +1,7 @@
 // The HBM tier's slots in GPU memory (see hbm_slot_store.h). Rows arrive packed in host memory,
 // go through a pinned staging buffer in one copy and a kernel scatters them into their slots, on
 // the store's own stream; the index is kept twice on the device (the buffers the published
-// generations name), uploaded whole once and then bucket by bucket as publications change it, so
+// generations name), empty at start and then updated bucket by bucket as publications change it, so
 // a kernel given a pinned generation probes the same buckets a host reader would.
 #include <cuda_runtime.h>
 
@@ -48,7 +48,11 @@ class CudaSlotStore final : public HbmSlotStore {
       if (absl::Status s = CudaStatus(cudaMalloc(&values_[b], buckets * 4), "allocating the index"); !s.ok()) {
         return s;
       }
+      // Empty: no keys, every slot "none" (0xffffffff, kernels::kNoSlot).
       if (absl::Status s = CudaStatus(cudaMemset(keys_[b], 0, buckets * 8), "clearing the index"); !s.ok()) return s;
+      if (absl::Status s = CudaStatus(cudaMemset(values_[b], 0xff, buckets * 4), "clearing the index"); !s.ok()) {
+        return s;
+      }
     }
     bytes_ = slot_bytes + buckets * 24;
     return absl::OkStatus();
@@ -121,26 +125,6 @@ class CudaSlotStore final : public HbmSlotStore {
       return s;
     }
     return CudaStatus(cudaStreamSynchronize(stream_), "uploading index changes");
-  }
-
-  absl::Status UploadIndex(int buffer, absl::Span<const uint64_t> keys, absl::Span<const uint32_t> values) override {
-    if (buffer < 0 || buffer > 1 || keys.size() != buckets_ || values.size() != buckets_) {
-      return absl::InternalError("HBM tier: index upload of the wrong shape");
-    }
-    if (absl::Status s = CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
-    if (absl::Status s = CudaStatus(cudaMemcpyAsync(keys_[buffer], keys.data(), keys.size() * 8,
-                                                    cudaMemcpyHostToDevice, stream_),
-                                    "uploading the index");
-        !s.ok()) {
-      return s;
-    }
-    if (absl::Status s = CudaStatus(cudaMemcpyAsync(values_[buffer], values.data(), values.size() * 4,
-                                                    cudaMemcpyHostToDevice, stream_),
-                                    "uploading the index");
-        !s.ok()) {
-      return s;
-    }
-    return CudaStatus(cudaStreamSynchronize(stream_), "uploading the index");
   }
 
   // Pinned host staging and a device scratch buffer of at least `bytes` each (they grow, never

@@ -85,14 +85,10 @@ HbmPlan HbmResidency::NextPlan(size_t max_moves, double margin) const {
       victims.reserve(row_slot_.size());
       for (const auto& [row, slot] : row_slot_) victims.push_back({HeatLocked(row), row});
     } else {
-      // A sample of the residents (slots drawn by a fixed-seed generator: plans are repeatable).
+      // A sample of the residents (slots drawn from a counter-based generator: plans are repeatable).
       absl::flat_hash_set<uint64_t> seen;
-      uint64_t x = 0x9e3779b97f4a7c15ull ^ recorded_;
       for (size_t k = 0; k < 8 * needed; ++k) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        const uint64_t row = slot_row_[x % slots_];
+        const uint64_t row = slot_row_[kernels::HbmMix64(recorded_ * 0x100000001b3ull + k) % slots_];
         if (row != kEmptySlot && seen.insert(row).second) victims.push_back({HeatLocked(row), row});
       }
     }

@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "engram/kernels/hbm_probe.h"
+
 namespace engram {
 
 class HbmSampler {
@@ -32,12 +34,8 @@ class HbmSampler {
  private:
   uint64_t Gap() {
     if (every_ == 1) return 1;
-    // splitmix64: cheap, and good enough to decorrelate the picks from the batch layout.
-    uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    z ^= z >> 31;
-    return 1 + z % (2 * uint64_t{every_} - 1);
+    // Cheap, and good enough to decorrelate the picks from the batch layout.
+    return 1 + kernels::HbmMix64(state_++) % (2 * uint64_t{every_} - 1);
   }
 
   uint32_t every_;

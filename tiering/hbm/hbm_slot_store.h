@@ -38,11 +38,11 @@ class HbmSlotStore {
   virtual int64_t row_bytes() const = 0;
   // Copies rows (packed, row_bytes() each, in order) into `slots`. REQUIRES: slots < slots().
   virtual absl::Status WriteRows(absl::Span<const uint32_t> slots, const uint8_t* rows) = 0;
-  // Makes index buffer `buffer` (0 or 1) equal to keys/values, for readers that probe on the
-  // device; the host store has nothing to do. Once, at start.
-  virtual absl::Status UploadIndex(int buffer, absl::Span<const uint64_t> keys, absl::Span<const uint32_t> values) = 0;
-  // The same for the buckets listed (their entries in keys/values, the whole host buffer): what a
-  // publication changed, so keeping the device copy costs the changes, not the index's size.
+  // For readers that probe on the device: a store keeps a copy of both index buffers, empty at
+  // start (keys 0, slots kNoSlot), and this brings buffer `buffer` (0 or 1) up to date for the
+  // buckets listed (their entries in keys/values, the whole host buffer): what a publication
+  // changed, so keeping the copy costs the changes, not the index's size. The host store has
+  // nothing to do.
   virtual absl::Status UpdateIndex(int buffer, absl::Span<const uint64_t> buckets, const uint64_t* keys,
                                    const uint32_t* values) = 0;
   // Host store: the memfd holding the slots; -1 for other stores.

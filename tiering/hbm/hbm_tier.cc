@@ -65,12 +65,8 @@ absl::Status HbmTier::Init() {
   header_->values_offset[0] = header + 2 * keys_bytes;
   header_->values_offset[1] = header + 2 * keys_bytes + values_bytes;
   header_->total_bytes = index_bytes_;
-  for (int b = 0; b < 2; ++b) {  // memfd pages start zeroed: keys are empty; slots say "none"
-    std::fill(values(b), values(b) + buckets, kNoSlot);
-    const absl::Span<const uint64_t> k(keys(b), buckets);
-    const absl::Span<const uint32_t> v(values(b), buckets);
-    if (absl::Status s = store_->UploadIndex(b, k, v); !s.ok()) return s;
-  }
+  // memfd pages start zeroed: keys are empty; slots say "none" (as a store's copy starts).
+  for (int b = 0; b < 2; ++b) std::fill(values(b), values(b) + buckets, kNoSlot);
   header_->generation.store(0, std::memory_order_seq_cst);
   return absl::OkStatus();
 }

@@ -61,9 +61,6 @@ class HostSlotStore final : public HbmSlotStore {
     return absl::OkStatus();
   }
 
-  absl::Status UploadIndex(int, absl::Span<const uint64_t>, absl::Span<const uint32_t>) override {
-    return absl::OkStatus();
-  }
   absl::Status UpdateIndex(int, absl::Span<const uint64_t>, const uint64_t*, const uint32_t*) override {
     return absl::OkStatus();
   }

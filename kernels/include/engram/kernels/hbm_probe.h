@@ -16,13 +16,16 @@ namespace engram::kernels {
 
 inline constexpr uint32_t kNoSlot = 0xffffffffu;
 
-ENGRAM_HD inline uint64_t HbmBucketOf(uint64_t row, uint64_t bucket_mask) {
-  // A 64-bit mix so neighbouring rows spread over the buckets.
-  uint64_t x = row + 0x9e3779b97f4a7c15ull;
+// A 64-bit mix (splitmix64's step): neighbouring inputs give unrelated outputs. The HBM tier uses
+// it for bucket homes, and as a counter-based generator for its random samples.
+ENGRAM_HD inline uint64_t HbmMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return (x ^ (x >> 31)) & bucket_mask;
+  return x ^ (x >> 31);
 }
+
+ENGRAM_HD inline uint64_t HbmBucketOf(uint64_t row, uint64_t bucket_mask) { return HbmMix64(row) & bucket_mask; }
 
 // The slot of `row`, or kNoSlot. `keys`/`slots` have bucket_mask + 1 entries; the table is never
 // full (the builder keeps it at most half full), so the probe ends at an empty bucket.
