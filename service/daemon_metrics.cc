@@ -85,7 +85,13 @@ void DaemonMetrics::RecordTables(const Engine& engine, bool hbm_enabled) {
     registry_
         ->GetGauge("engram_table_resident_bytes", "Bytes of each table held in each memory tier",
                    {"table", "tier"}, {table->name(), "dram"})
-        ->Set(static_cast<double>(table->resident_bytes()));
+        ->Set(static_cast<double>(table->resident_bytes() + table->checksum_bytes()));
+    registry_
+        ->GetGauge("engram_table_verified",
+                   "1 when every byte served is checked (resident: file checksum at load; NVMe: block checksums "
+                   "on every read), 0 when the pack has no block checksums",
+                   {"table"}, {table->name()})
+        ->Set(table->verified() ? 1 : 0);
     for (const auto& layer : table->manifest().layers) {
       registry_
           ->GetGauge("engram_table_rows", "Rows of each table layer", {"table", "layer"},
@@ -174,6 +180,15 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
       mirror("engram_nvme_read_bytes_total", "Bytes read from NVMe", io.bytes.load());
       mirror("engram_nvme_read_retries_total", "Short reads re-issued", io.retries.load());
       mirror("engram_nvme_read_errors_total", "Lookups failed with DATA_LOSS by a read error", io.errors.load());
+      mirror("engram_nvme_blocks_verified_total", "4096-byte blocks read from NVMe and checked against the pack's block checksums",
+             io.blocks_verified.load());
+      mirror("engram_nvme_checksum_retries_total", "Blocks that failed their checksum and passed when read again",
+             io.checksum_retries.load());
+      mirror("engram_nvme_checksum_failures_total",
+             "Blocks that failed their checksum twice (their lookups failed with DATA_LOSS; never cached)",
+             io.checksum_failures.load());
+      mirror("engram_nvme_rings_abandoned_total", "io_uring rings given up after a failed wait with reads in flight",
+             io.rings_abandoned.load());
       mirror("engram_nvme_shared_reads_total", "Rows a request took from another request's read in flight",
              tier->shared_reads());
       registry_->GetGauge("engram_nvme_io_engine", "NVMe read engine in use (1 for the engine in use)",

@@ -27,6 +27,7 @@ constexpr char kUsage[] =
     "                        [--compress-lut FILE] [--name NAME] --out DIR\n"
     "  engramctl pack create --layout FILE.json --out DIR\n"
     "  engramctl pack verify DIR [--sample-rows N]\n"
+    "  engramctl pack checksum DIR\n"
     "  engramctl pack info DIR\n"
     "  engramctl hash --pack DIR --tokens FILE.i32 --shape B,T --out FILE.i64\n"
     "  engramctl profile --pack DIR --tokens FILE.i32 --out HOTSET [--fraction 0.1]\n"
@@ -139,7 +140,8 @@ int PackCreate(int argc, char** argv) {
 int PackVerify(int argc, char** argv) {
   int64_t sample = 64;
   FlagSet flags("engramctl pack verify",
-                "engramctl pack verify DIR: checks each row file's size and xxh3_64, and samples rows\n"
+                "engramctl pack verify DIR: checks each row file's size, xxh3_64 and block checksums (naming\n"
+                "every block that fails), and samples rows\n"
                 "of synthetic packs against the formula. Exit code 0 only when the pack is sound.");
   flags.Int("sample-rows", &sample, "rows per layer checked against the synthetic formula");
   std::vector<std::string> positional;
@@ -147,11 +149,28 @@ int PackVerify(int argc, char** argv) {
   if (positional.size() != 1) return Fail(absl::InvalidArgumentError("pack verify takes one pack directory"));
   auto report = VerifyPack(positional[0], static_cast<uint64_t>(std::max<int64_t>(0, sample)));
   if (!report.ok()) return Fail(report.status());
+  for (const auto& n : report->notes) std::printf("note: %s\n", n.c_str());
   for (const auto& p : report->problems) std::printf("problem: %s\n", p.c_str());
   std::printf("%s: %llu bytes checked, %llu rows sampled, %zu problems\n", positional[0].c_str(),
               static_cast<unsigned long long>(report->bytes_checked),
               static_cast<unsigned long long>(report->rows_sampled), report->problems.size());
   return report->problems.empty() ? 0 : 1;
+}
+
+int PackChecksum(int argc, char** argv) {
+  FlagSet flags("engramctl pack checksum",
+                "engramctl pack checksum DIR: adds block checksums (xxh3_64 of every 4096-byte block) to a\n"
+                "pack written before them, so engramd verifies every block it reads from NVMe. Each row file\n"
+                "is first checked against its xxh3_64; layers that have block checksums are left as they are.");
+  std::vector<std::string> positional;
+  ParseOrExit(flags, argc, argv, 3, &positional);
+  if (positional.size() != 1) return Fail(absl::InvalidArgumentError("pack checksum takes one pack directory"));
+  auto added = AddBlockChecksums(positional[0], [](const std::string& line) {
+    std::fprintf(stderr, "engramctl: %s\n", line.c_str());
+  });
+  if (!added.ok()) return Fail(added.status());
+  std::printf("%s: block checksums added to %d layer%s\n", positional[0].c_str(), *added, *added == 1 ? "" : "s");
+  return 0;
 }
 
 int PackInfo(int argc, char** argv) {
@@ -402,6 +421,7 @@ int Main(int argc, char** argv) {
   if (a1 == "pack" && a2 == "create") return PackCreate(argc, argv);
   if (a1 == "pack" && a2 == "verify") return PackVerify(argc, argv);
   if (a1 == "pack" && a2 == "info") return PackInfo(argc, argv);
+  if (a1 == "pack" && a2 == "checksum") return PackChecksum(argc, argv);
   if (a1 == "hash") return Hash(argc, argv);
   if (a1 == "profile") return Profile(argc, argv);
   if (a1 == "forward") return Forward(argc, argv);

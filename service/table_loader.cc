@@ -23,6 +23,11 @@ void TierFlags::Register(FlagSet& flags) {
   flags.Bool("verify-checksums", &verify_checksums,
              "check each resident row file's xxh3_64 against the manifest while loading (NVMe-served\n"
              "                              files are not read whole at start; `engramctl pack verify` checks them)");
+  flags.Bool("require-verified", &require_verified,
+             "refuse to serve a table any of whose bytes would go out unchecked: an NVMe-served pack\n"
+             "                              without block checksums (`engramctl pack checksum DIR` adds them), or a\n"
+             "                              resident one with --verify-checksums off. Without it such a table is served\n"
+             "                              with a warning and engram_table_verified 0");
   flags.Bool("share-tables", &share_tables,
              "hold resident tables in sealed memfds that shared-memory clients may map read-only and\n"
              "                              gather from without a round trip (they report their counts back)");
@@ -31,6 +36,10 @@ void TierFlags::Register(FlagSet& flags) {
 absl::StatusOr<PlacementOptions> TierFlags::ToPlacement() const {
   PlacementOptions placement;
   placement.table.verify_checksums = verify_checksums;
+  placement.table.require_verified = require_verified;
+  placement.table.nvme.on_corrupt_block = [](const absl::Status& what) {
+    LogError("nvme_block_corrupt", {{"error", std::string(what.message())}});
+  };
   placement.table.share_resident = share_tables;
   if (cache_shards < 1) return absl::InvalidArgumentError("--cache-shards must be at least 1");
   placement.table.cache_shards = static_cast<int>(cache_shards);
@@ -115,12 +124,22 @@ absl::Status LoadTables(const std::vector<std::string>& pack_dirs, const Placeme
         fields.push_back({"cache_policy", cached->cache() ? cached->cache()->policy().name : "none"});
         fields.push_back({"nvme_io", std::string(cached->reader().engine_name())});
         fields.push_back({"o_direct", cached->reader().direct() ? "true" : "false"});
+        fields.push_back({"block_checksums", cached->reader().verified() ? "verified-on-read" : "none"});
+        fields.push_back({"checksum_bytes", absl::StrCat(cached->reader().checksum_bytes())});
       } else {
         fields.push_back({"checksum", table_options.verify_checksums ? "verified" : "skipped"});
       }
       fields.push_back({"pack", pack_dirs[i]});
       fields.push_back({"load_seconds", absl::StrCat(seconds)});
       LogFields("INFO", "table_loaded", fields);
+    }
+    if (!(*table)->verified()) {
+      LogWarn("table_unverified",
+              {{"table", (*table)->name()},
+               {"pack", pack_dirs[i]},
+               {"reason", (*table)->resident() ? "resident rows not checked at load (--verify-checksums off or no xxh3_64)"
+                                               : "no block checksums: rows read from NVMe are served unchecked"},
+               {"fix", (*table)->resident() ? "--verify-checksums" : absl::StrCat("engramctl pack checksum ", pack_dirs[i])}});
     }
     if (absl::Status s = engine->AddTable(std::move(*table)); !s.ok()) return s;
   }

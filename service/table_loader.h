@@ -32,6 +32,7 @@ struct TierFlags {
   int64_t nvme_queue_depth = 64;
   std::string nvme_io = "auto";
   bool verify_checksums = true;
+  bool require_verified = false;
   bool share_tables = true;
 
   void Register(FlagSet& flags);

@@ -10,7 +10,7 @@ CachedNvmeTier::CachedNvmeTier(std::unique_ptr<NvmeReader> reader, std::unique_p
       total_rows_(reader_->total_rows()),
       row_bytes_(reader_->row_bytes()) {}
 
-void CachedNvmeTier::Publish(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests,
+void CachedNvmeTier::Publish(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> sources,
                              const absl::Status& status) {
   for (size_t i = 0; i < rows.size(); ++i) {
     PendingShard& shard = PendingFor(rows[i]);
@@ -19,7 +19,7 @@ void CachedNvmeTier::Publish(absl::Span<const uint64_t> rows, absl::Span<uint8_t
     if (it == shard.rows.end()) continue;
     Pending& p = *it->second;
     if (status.ok()) {
-      p.bytes.assign(dests[i], dests[i] + row_bytes_);
+      p.bytes.assign(sources[i], sources[i] + row_bytes_);
     } else {
       p.status = status;
     }
@@ -50,11 +50,19 @@ absl::Status CachedNvmeTier::ReadRows(absl::Span<const uint64_t> rows, absl::Spa
       waits.emplace_back(i, it->second);
     }
   }
+  // Misses are read into this thread's own staging, never straight into the caller's dests: the
+  // bytes the cache keeps and the waiting requests get must come from memory only engramd writes
+  // (a shared-memory client can rewrite its destination while the read is in flight).
+  thread_local std::vector<uint8_t> tls_staging;
+  std::vector<uint8_t>& staging = tls_staging;
+  if (staging.size() < misses.size() * static_cast<size_t>(row_bytes_)) {
+    staging.resize(misses.size() * static_cast<size_t>(row_bytes_));
+  }
   std::vector<uint64_t> miss_rows(misses.size());
   std::vector<uint8_t*> miss_dests(misses.size());
   for (size_t m = 0; m < misses.size(); ++m) {
     miss_rows[m] = rows[misses[m]];
-    miss_dests[m] = dests[misses[m]];
+    miss_dests[m] = staging.data() + m * static_cast<size_t>(row_bytes_);
   }
 
   // 2. NVMe reads in flight; meanwhile copy the hits (a hit evicted since the probe is read after).
@@ -73,8 +81,9 @@ absl::Status CachedNvmeTier::ReadRows(absl::Span<const uint64_t> rows, absl::Spa
   });
   Publish(miss_rows, miss_dests, s);
   if (!s.ok()) return s;
-  if (cache_) {
-    for (size_t m = 0; m < miss_rows.size(); ++m) cache_->Insert(miss_rows[m], miss_dests[m]);
+  for (size_t m = 0; m < miss_rows.size(); ++m) {
+    if (cache_) cache_->Insert(miss_rows[m], miss_dests[m]);
+    std::memcpy(dests[misses[m]], miss_dests[m], static_cast<size_t>(row_bytes_));
   }
   uint64_t nvme_rows = miss_rows.size();
   if (!late.empty()) {

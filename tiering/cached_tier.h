@@ -66,7 +66,8 @@ class CachedNvmeTier final : public RowTier {
   };
   PendingShard& PendingFor(uint64_t row) { return pending_[(row * 0x9E3779B97F4A7C15ULL >> 40) % kPendingShards]; }
   // Publishes what this request read (or its error) to the requests waiting for those rows.
-  void Publish(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests, const absl::Status& status);
+  // REQUIRES: `sources` are this tier's own read buffers, never a caller's destination.
+  void Publish(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> sources, const absl::Status& status);
 
   static constexpr int kPendingShards = 16;
   std::unique_ptr<NvmeReader> reader_;

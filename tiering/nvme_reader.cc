@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "tiering/block_checksums.h"
 #include "tiering/worker_pool.h"
 
 namespace engram {
@@ -39,6 +40,11 @@ struct AlignedScratch {
   uint8_t* data = nullptr;
   size_t capacity = 0;
   ~AlignedScratch() { std::free(data); }
+  // Forgets the buffer without freeing it: the kernel may still write into it.
+  void Abandon() {
+    data = nullptr;
+    capacity = 0;
+  }
   uint8_t* Get(size_t bytes) {
     if (bytes > capacity) {
       std::free(data);
@@ -58,6 +64,12 @@ struct ThreadRing {
   bool failed = false;
   ~ThreadRing() {
     if (ready) io_uring_queue_exit(&ring);
+  }
+  // Leaves the ring to the kernel (never closed, never reused: its late completions go nowhere);
+  // the next Get sets up a new one.
+  void Abandon() {
+    ring = io_uring{};
+    ready = false;
   }
   io_uring* Get() {
     if (!ready && !failed) {
@@ -90,7 +102,7 @@ absl::StatusOr<IoEngine> ParseIoEngine(absl::string_view text) {
 
 absl::StatusOr<std::unique_ptr<NvmeReader>> NvmeReader::Open(const std::string& path, int64_t row_bytes,
                                                              uint64_t total_rows, const NvmeOptions& options,
-                                                             std::string label) {
+                                                             std::string label, std::vector<uint64_t> block_checksums) {
   std::unique_ptr<NvmeReader> reader(new NvmeReader());
   reader->path_ = path;
   reader->label_ = std::move(label);
@@ -105,12 +117,19 @@ absl::StatusOr<std::unique_ptr<NvmeReader>> NvmeReader::Open(const std::string& 
   }
   if (reader->fd_ < 0) return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
   struct stat st {};
-  fstat(reader->fd_, &st);
+  if (fstat(reader->fd_, &st) != 0) {
+    return absl::InternalError(absl::StrCat("cannot stat ", path, ": ", std::strerror(errno)));
+  }
   reader->file_bytes_ = static_cast<uint64_t>(st.st_size);
   if (reader->file_bytes_ != total_rows * static_cast<uint64_t>(row_bytes)) {
     return absl::DataLossError(absl::StrCat(path, " has ", reader->file_bytes_, " bytes; the manifest says ",
                                             total_rows, " rows x ", row_bytes, " = ", total_rows * row_bytes));
   }
+  if (!block_checksums.empty() && block_checksums.size() != ChecksumBlocks(reader->file_bytes_)) {
+    return absl::DataLossError(absl::StrCat(path, " has ", ChecksumBlocks(reader->file_bytes_), " blocks but ",
+                                            block_checksums.size(), " block checksums"));
+  }
+  reader->block_checksums_ = std::move(block_checksums);
   if (st.st_blksize > 4096 && st.st_blksize % 4096 == 0 && st.st_blksize <= 65536) {
     reader->block_bytes_ = static_cast<uint32_t>(st.st_blksize);
   }
@@ -137,11 +156,66 @@ absl::Status NvmeReader::ExtentError(const Extent& extent, const std::string& wh
                                           extent.offset, " (", extent.length, " bytes): ", what));
 }
 
+absl::Status NvmeReader::VerifyExtent(Extent& extent, int64_t result) {
+  const uint64_t first_block = extent.offset / kChecksumBlockBytes;
+  const uint64_t end_block = (extent.offset + extent.required + kChecksumBlockBytes - 1) / kChecksumBlockBytes;
+  for (uint64_t b = first_block; b < end_block; ++b) {
+    const uint64_t begin = b * kChecksumBlockBytes;
+    const uint32_t bytes = static_cast<uint32_t>(std::min(kChecksumBlockBytes, file_bytes_ - begin));
+    uint8_t* data = extent.buf + (begin - extent.offset);
+    stats_.blocks_verified.fetch_add(1, std::memory_order_relaxed);
+    if (BlockChecksum(data, bytes) == block_checksums_[b]) continue;
+    // Once more from the device, in case the bad bytes came from the transfer, not the medium.
+    thread_local AlignedScratch reread;
+    uint8_t* again = reread.Get(kChecksumBlockBytes);
+    int64_t got = -1;
+    if (again != nullptr) {
+      do {
+        got = pread(fd_, again, kChecksumBlockBytes, static_cast<off_t>(begin));
+      } while (got < 0 && errno == EINTR);
+    }
+    if (got >= static_cast<int64_t>(bytes)) {
+      if (options_.bytes_hook) options_.bytes_hook(begin, again, static_cast<uint32_t>(got));
+      if (BlockChecksum(again, bytes) == block_checksums_[b]) {
+        std::memcpy(data, again, bytes);
+        stats_.checksum_retries.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+    }
+    stats_.checksum_failures.fetch_add(1, std::memory_order_relaxed);
+    // Name the first requested row that lies in this block.
+    uint64_t row = extent.rows[extent.members.front()];
+    for (uint32_t i : extent.members) {
+      const uint64_t row_begin = extent.rows[i] * static_cast<uint64_t>(row_bytes_);
+      if (row_begin < begin + bytes && row_begin + static_cast<uint64_t>(row_bytes_) > begin) {
+        row = extent.rows[i];
+        break;
+      }
+    }
+    const absl::Status error = absl::DataLossError(absl::StrCat(
+        label_, " row ", row, ": block ", b, " of ", path_, " (bytes ", begin, "..", begin + bytes - 1,
+        ") fails its checksum, read twice; the pack file is corrupt (engramctl pack verify names every bad block)"));
+    bool first_report = false;
+    {
+      std::lock_guard<std::mutex> lock(reported_mu_);
+      first_report = reported_blocks_.insert(b).second;
+    }
+    if (first_report && options_.on_corrupt_block) options_.on_corrupt_block(error);
+    return error;
+  }
+  (void)result;
+  return absl::OkStatus();
+}
+
 absl::Status NvmeReader::FinishExtent(Extent& extent, int64_t result) {
   if (options_.fault_hook) result = options_.fault_hook(extent.offset, extent.length, result);
   if (result < 0) return ExtentError(extent, std::strerror(static_cast<int>(-result)));
   if (result < static_cast<int64_t>(extent.required)) {
     return absl::OutOfRangeError(absl::StrCat("short read: ", result, " of ", extent.required, " bytes"));
+  }
+  if (options_.bytes_hook) options_.bytes_hook(extent.offset, extent.buf, static_cast<uint32_t>(result));
+  if (!block_checksums_.empty()) {
+    if (absl::Status s = VerifyExtent(extent, result); !s.ok()) return s;
   }
   for (uint32_t i : extent.members) {
     std::memcpy(extent.dests[i], extent.buf + (extent.rows[i] * row_bytes_ - extent.offset),
@@ -214,6 +288,7 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
   size_t next = 0;
   uint32_t in_flight = 0;
   absl::Status first_error;
+  // The ring never holds more than queue_depth <= its size entries, so a sqe is always free.
   auto submit = [&](size_t index) {
     Extent& e = extents[index];
     io_uring_sqe* sqe = io_uring_get_sqe(ring);
@@ -222,8 +297,22 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
     ++e.attempts;
     ++in_flight;
   };
+  // A failed submit or wait with reads possibly in flight: the kernel may still write into this
+  // call's buffers, and late completions would reach the next request on this thread. Neither may
+  // happen, so this thread gives up its ring and its scratch (both left to the kernel, never
+  // reused) and sets up new ones on its next call.
+  auto abandon = [&](const char* what, int rc) {
+    tls_ring.Abandon();
+    tls_scratch.Abandon();
+    stats_.rings_abandoned.fetch_add(1, std::memory_order_relaxed);
+    return absl::InternalError(absl::StrCat("io_uring ", what, " failed with reads in flight (", std::strerror(-rc),
+                                            "); the request fails and its ring is replaced"));
+  };
   while (next < extents.size() && in_flight < queue_depth) submit(next++);
-  io_uring_submit(ring);
+  if (const int rc = io_uring_submit(ring); rc < 0) {
+    if (while_in_flight) while_in_flight();
+    return abandon("submit", rc);
+  }
   if (while_in_flight) while_in_flight();
   // Each round: wait for at least one completion, reap every completion that is ready, then
   // refill the queue and submit with one system call (io_uring_submit_and_wait on the next round).
@@ -231,10 +320,11 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
   io_uring_cqe* cqes[kReap];
   bool pending_submit = false;
   while (in_flight > 0) {
-    const int rc = pending_submit ? io_uring_submit_and_wait(ring, 1) : io_uring_wait_cqe(ring, &cqes[0]);
+    int rc = pending_submit ? io_uring_submit_and_wait(ring, 1) : io_uring_wait_cqe(ring, &cqes[0]);
+    if (options_.uring_wait_hook) rc = options_.uring_wait_hook(rc);
+    if (rc == -EINTR) continue;  // a signal: pending_submit stays, the retry submits what is left
+    if (rc < 0) return abandon("wait", rc);
     pending_submit = false;
-    if (rc == -EINTR) continue;
-    if (rc < 0) return absl::InternalError(absl::StrCat("io_uring wait: ", std::strerror(-rc)));
     const unsigned ready = io_uring_peek_batch_cqe(ring, cqes, kReap);
     for (unsigned c = 0; c < ready; ++c) {
       const size_t index = reinterpret_cast<size_t>(io_uring_cqe_get_data(cqes[c]));

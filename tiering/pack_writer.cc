@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "tiering/layout/synthetic.h"
+#include "tiering/block_checksums.h"
 #include "xxhash.h"
 
 namespace engram {
@@ -160,12 +161,14 @@ absl::StatusOr<PackManifest> CreateSyntheticPack(PackManifest m, const PackWrite
     if (fd < 0) return absl::InternalError(absl::StrCat("cannot create ", path, ": ", std::strerror(errno)));
     XXH3_state_t* state = XXH3_createState();
     XXH3_64bits_reset(state);
+    BlockChecksumBuilder blocks;
     absl::Status s;
     for (uint64_t first = 0; first < layer.layout.total_rows && s.ok(); first += rows_per_chunk) {
       const uint64_t count = std::min(rows_per_chunk, layer.layout.total_rows - first);
       FillRows(m, layer.id, first, count, threads, buf.data());
       const size_t bytes = static_cast<size_t>(count * m.row.bytes);
       XXH3_64bits_update(state, buf.data(), bytes);
+      blocks.Update(buf.data(), bytes);
       s = WriteAll(fd, buf.data(), bytes, path);
       written += bytes;
       if (options.progress) options.progress(written, all_bytes);
@@ -175,6 +178,10 @@ absl::StatusOr<PackManifest> CreateSyntheticPack(PackManifest m, const PackWrite
     if (s.ok() && fsync(fd) != 0) s = absl::InternalError(absl::StrCat("fsync ", path, ": ", std::strerror(errno)));
     close(fd);
     if (!s.ok()) return s;
+    layer.block_checksums_file = BlockChecksumFileName(layer.file);
+    auto sums_hex = WriteBlockChecksums(absl::StrCat(options.out_dir, "/", layer.block_checksums_file), blocks.Finish());
+    if (!sums_hex.ok()) return sums_hex.status();
+    layer.block_checksums_xxh3_64 = *sums_hex;
   }
   if (absl::Status s = WriteFileAtomically(absl::StrCat(options.out_dir, "/", kManifestFile),
                                            ManifestToJson(m));
@@ -200,6 +207,7 @@ absl::StatusOr<std::string> FileXxh3Hex(const std::string& path) {
 }
 
 absl::StatusOr<PackVerifyReport> VerifyPack(const std::string& dir, uint64_t sample_rows) {
+  constexpr uint64_t kMaxBlocksNamed = 32;
   auto manifest = LoadPackManifest(dir);
   if (!manifest.ok()) return manifest.status();
   const PackManifest& m = *manifest;
@@ -220,14 +228,40 @@ absl::StatusOr<PackVerifyReport> VerifyPack(const std::string& dir, uint64_t sam
                                              " bytes, expected ", expected));
       continue;
     }
-    auto digest = FileXxh3Hex(path);
-    if (!digest.ok()) return digest.status();
+    std::string digest;
+    auto sums = ComputeBlockChecksums(path, &digest);
+    if (!sums.ok()) return sums.status();
     report.bytes_checked += expected;
     if (layer.xxh3_64.empty()) {
       report.problems.push_back(absl::StrCat("layer ", layer.id, ": the manifest has no xxh3_64"));
-    } else if (*digest != layer.xxh3_64) {
-      report.problems.push_back(absl::StrCat("layer ", layer.id, ": xxh3_64 of ", path, " is ", *digest,
+    } else if (digest != layer.xxh3_64) {
+      report.problems.push_back(absl::StrCat("layer ", layer.id, ": xxh3_64 of ", path, " is ", digest,
                                              ", the manifest says ", layer.xxh3_64));
+    }
+    if (layer.block_checksums_file.empty()) {
+      report.notes.push_back(absl::StrCat("layer ", layer.id, ": no block checksums; engramd serves it from NVMe ",
+                                          "unverified (`engramctl pack checksum ", dir, "` adds them)"));
+    } else {
+      const std::string sums_path = absl::StrCat(dir, "/", layer.block_checksums_file);
+      auto want = LoadBlockChecksums(sums_path, expected, layer.block_checksums_xxh3_64);
+      if (!want.ok()) {
+        report.problems.push_back(absl::StrCat("layer ", layer.id, ": ", want.status().message()));
+      } else {
+        uint64_t bad = 0;
+        for (uint64_t b = 0; b < sums->size(); ++b) {
+          if ((*sums)[b] == (*want)[b]) continue;
+          if (++bad > kMaxBlocksNamed) continue;
+          const uint64_t begin = b * kChecksumBlockBytes;
+          const uint64_t end = std::min(expected, begin + kChecksumBlockBytes);
+          report.problems.push_back(absl::StrCat(
+              "layer ", layer.id, ": block ", b, " of ", path, " (bytes ", begin, "..", end - 1, ", rows ",
+              begin / m.row.bytes, "..", (end - 1) / m.row.bytes, ") fails its block checksum"));
+        }
+        if (bad > kMaxBlocksNamed) {
+          report.problems.push_back(absl::StrCat("layer ", layer.id, ": ", bad - kMaxBlocksNamed,
+                                                 " more blocks fail their checksums"));
+        }
+      }
     }
     if (!m.synthetic_seed || sample_rows == 0) continue;
     std::ifstream in(path, std::ios::binary);
@@ -245,6 +279,49 @@ absl::StatusOr<PackVerifyReport> VerifyPack(const std::string& dir, uint64_t sam
     }
   }
   return report;
+}
+
+}  // namespace engram
+
+namespace engram {
+
+absl::StatusOr<int> AddBlockChecksums(const std::string& dir, const std::function<void(const std::string&)>& progress) {
+  auto manifest = LoadPackManifest(dir);
+  if (!manifest.ok()) return manifest.status();
+  PackManifest m = std::move(*manifest);
+  int added = 0;
+  for (auto& layer : m.layers) {
+    if (!layer.block_checksums_file.empty()) continue;
+    const std::string path = absl::StrCat(dir, "/", layer.file);
+    if (progress) progress(absl::StrCat("layer ", layer.id, ": reading ", path));
+    std::string digest;
+    auto sums = ComputeBlockChecksums(path, &digest);
+    if (!sums.ok()) return sums.status();
+    const uint64_t expected = layer.layout.total_rows * static_cast<uint64_t>(m.row.bytes);
+    if (sums->size() != ChecksumBlocks(expected)) {
+      return absl::DataLossError(absl::StrCat(path, " is not ", expected, " bytes long as the manifest says"));
+    }
+    // Checksums vouch for bytes; never write them for a file that already fails its own xxh3_64.
+    if (layer.xxh3_64.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "layer ", layer.id, ": the manifest has no xxh3_64 to check ", path, " against before checksumming it"));
+    }
+    if (digest != layer.xxh3_64) {
+      return absl::DataLossError(absl::StrCat("layer ", layer.id, ": xxh3_64 of ", path, " is ", digest,
+                                              ", the manifest says ", layer.xxh3_64, "; not checksumming a corrupt file"));
+    }
+    layer.block_checksums_file = BlockChecksumFileName(layer.file);
+    auto hex = WriteBlockChecksums(absl::StrCat(dir, "/", layer.block_checksums_file), *sums);
+    if (!hex.ok()) return hex.status();
+    layer.block_checksums_xxh3_64 = *hex;
+    ++added;
+  }
+  if (added > 0) {
+    if (absl::Status s = WriteFileAtomically(absl::StrCat(dir, "/", kManifestFile), ManifestToJson(m)); !s.ok()) {
+      return s;
+    }
+  }
+  return added;
 }
 
 }  // namespace engram

@@ -43,11 +43,17 @@ struct PackVerifyReport {
   uint64_t bytes_checked = 0;
   uint64_t rows_sampled = 0;
   std::vector<std::string> problems;  // empty when the pack is sound
+  std::vector<std::string> notes;     // worth saying, not wrong (no block checksums)
 };
 
-// Checks every layer file's size and xxh3_64, and (for synthetic packs) `sample_rows` rows per
+// Checks every layer file's size, xxh3_64 and block checksums (naming each failing block), and (for synthetic packs) `sample_rows` rows per
 // layer against the formula. A non-OK status means the pack could not be read at all.
 absl::StatusOr<PackVerifyReport> VerifyPack(const std::string& dir, uint64_t sample_rows);
+
+// Writes block checksums (tiering/block_checksums.h) for every layer of the pack at `dir` that has
+// none, after checking each row file against its xxh3_64, then rewrites the manifest atomically.
+// Returns how many layers gained them. `progress` (optional) hears one line per layer.
+absl::StatusOr<int> AddBlockChecksums(const std::string& dir, const std::function<void(const std::string&)>& progress);
 
 // Hex xxh3_64 of a file, streamed.
 absl::StatusOr<std::string> FileXxh3Hex(const std::string& path);

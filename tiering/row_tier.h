@@ -3,6 +3,14 @@
 // tier only ever sees unique, in-range global row numbers of one layer. The DRAM-resident table is
 // one tier; the NVMe tier and caches implement the same interface.
 // Implementations must be safe for concurrent ReadRows calls.
+//
+// The integrity contract every tier keeps: a tier never reads back from a destination. A dest may
+// be memory its requester can write while the call runs (a shared-memory client's own arena), so
+// what a tier keeps (cache slots, HBM slots), hands to other waiting requests, or feeds the HBM
+// promoter comes only from memory engramd alone writes: its own read buffers and slots. Bytes read
+// from a device are checked against the pack's block checksums before any of them is used. (The
+// engine may still copy a batch's repeated rows from the same request's dests: that can only
+// spoil that request's own reply.)
 #ifndef ENGRAM_TIERING_ROW_TIER_H_
 #define ENGRAM_TIERING_ROW_TIER_H_
 
@@ -40,6 +48,7 @@ class RowTier {
 
   // Copies row rows[i] (row_bytes() bytes) to dests[i] for every i and counts where each came from.
   // REQUIRES: rows unique and < total_rows(); rows.size() == dests.size().
+  // The dests are written, never read (see the contract above).
   // On error no promise is made about the dests' contents; the caller must not return them.
   virtual absl::Status ReadRows(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests,
                                 TierCounts* counts) = 0;

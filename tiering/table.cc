@@ -1,6 +1,7 @@
 #include "tiering/table.h"
 
 #include "absl/strings/str_cat.h"
+#include "tiering/block_checksums.h"
 #include "tiering/cached_tier.h"
 #include "tiering/dram_tier.h"
 
@@ -21,7 +22,36 @@ absl::StatusOr<std::unique_ptr<Table>> Table::Open(const std::string& dir, const
   table->resident_ = m.total_bytes() <= options.dram_budget_bytes;
   uint64_t table_rows = 0;
   for (const auto& l : m.layers) table_rows += l.layout.total_rows;
-  for (const auto& pack_layer : m.layers) {
+  for (const auto& l : m.layers) {
+    const bool layer_verified = table->resident_ ? options.verify_checksums && !l.xxh3_64.empty()
+                                                 : !l.block_checksums_file.empty();
+    table->verified_ = table->verified_ && layer_verified;
+  }
+  if (options.require_verified && !table->verified_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "table '", m.name, "' at ", dir, " would be served unverified: ",
+        table->resident_ ? "a resident layer has no xxh3_64 or --verify-checksums is off"
+                         : "it is served from NVMe and its pack has no block checksums (add them with "
+                           "`engramctl pack checksum DIR`)",
+        "; --require-verified refuses it"));
+  }
+  // NVMe layers: the block checksums are held in DRAM and paid for out of the budget first.
+  std::vector<std::vector<uint64_t>> block_checksums(m.layers.size());
+  if (!table->resident_) {
+    for (size_t i = 0; i < m.layers.size(); ++i) {
+      const PackLayer& l = m.layers[i];
+      if (l.block_checksums_file.empty()) continue;
+      auto sums = LoadBlockChecksums(absl::StrCat(dir, "/", l.block_checksums_file),
+                                     l.layout.total_rows * static_cast<uint64_t>(m.row.bytes), l.block_checksums_xxh3_64);
+      if (!sums.ok()) return sums.status();
+      table->checksum_bytes_ += sums->size() * sizeof(uint64_t);
+      block_checksums[i] = std::move(*sums);
+    }
+  }
+  const uint64_t cache_budget =
+      options.dram_budget_bytes > table->checksum_bytes_ ? options.dram_budget_bytes - table->checksum_bytes_ : 0;
+  for (size_t li = 0; li < m.layers.size(); ++li) {
+    const PackLayer& pack_layer = m.layers[li];
     const std::string path = absl::StrCat(dir, "/", pack_layer.file);
     if (table->resident_) {
       auto tier = DramResidentTier::Load(path, pack_layer.layout.total_rows, m.row.bytes,
@@ -31,11 +61,12 @@ absl::StatusOr<std::unique_ptr<Table>> Table::Open(const std::string& dir, const
       continue;
     }
     auto reader = NvmeReader::Open(path, m.row.bytes, pack_layer.layout.total_rows, options.nvme,
-                                   absl::StrCat("table '", m.name, "' layer ", pack_layer.id));
+                                   absl::StrCat("table '", m.name, "' layer ", pack_layer.id),
+                                   std::move(block_checksums[li]));
     if (!reader.ok()) return reader.status();
-    // The budget is split over layers by their share of the table's rows.
+    // The budget (less the block checksums) is split over layers by their share of the table's rows.
     const uint64_t capacity_rows = static_cast<uint64_t>(
-        static_cast<long double>(options.dram_budget_bytes) * pack_layer.layout.total_rows / table_rows / m.row.bytes);
+        static_cast<long double>(cache_budget) * pack_layer.layout.total_rows / table_rows / m.row.bytes);
     std::unique_ptr<RowCache> cache;
     if (capacity_rows > 0) {
       auto created = RowCache::Create(capacity_rows, m.row.bytes, options.cache_policy, options.cache_shards);

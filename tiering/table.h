@@ -22,6 +22,9 @@ struct TableOptions {
   // otherwise its layers are read from NVMe with a DRAM cache of this size, split by rows.
   uint64_t dram_budget_bytes = UINT64_MAX;
   bool verify_checksums = true;  // resident tables: refuse a row file that fails its xxh3_64
+  // Refuse a table any of whose layers would be served unverified (NVMe layers without block
+  // checksums, resident layers with verify_checksums off or no xxh3_64).
+  bool require_verified = false;
   // Resident tables: hold rows in sealed memfds that shared-memory clients may map read-only.
   bool share_resident = false;
   PolicySpec cache_policy = *ParsePolicy(kDefaultPolicy);
@@ -55,6 +58,11 @@ class Table {
   absl::Status AttachHbm(int layer_id, std::unique_ptr<HbmTier> hbm);
   // True when every layer is held whole in DRAM.
   bool resident() const { return resident_; }
+  // True when every byte served is checked: resident layers against their file's xxh3_64 at
+  // load, NVMe layers block by block on every read.
+  bool verified() const { return verified_; }
+  // Bytes of DRAM the NVMe layers' block checksums take (out of the table's budget).
+  uint64_t checksum_bytes() const { return checksum_bytes_; }
 
  private:
   Table() = default;
@@ -64,6 +72,8 @@ class Table {
   std::unique_ptr<NgramHasher> hasher_;
   std::vector<Layer> layers_;
   bool resident_ = true;
+  bool verified_ = true;
+  uint64_t checksum_bytes_ = 0;
 };
 
 }  // namespace engram

@@ -1,13 +1,17 @@
 // The NVMe tier: O_DIRECT reads through io_uring and the pread fallback return exactly the
 // formula's bytes for every dtype (rows straddling blocks included); injected EIO and short reads
 // fail with DataLoss naming the row and never hand back wrong bytes; the DRAM cache in front
-// serves repeats from memory; a pack five times the budget is served correctly.
+// serves repeats from memory; a pack five times the budget is served correctly. Block checksums:
+// a rotten block fails with DataLoss (twice: never cached) while other rows serve, a block that
+// comes back right when read again is served, an io_uring wait that fails leaves no read in
+// flight for the next call, and no caller can change what the cache keeps by writing its dests.
 #include <cerrno>
 #include <random>
 #include <thread>
 
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
+#include "tiering/block_checksums.h"
 #include "tiering/cached_tier.h"
 #include "tiering/engine.h"
 #include "tiering/layout/synthetic.h"
@@ -41,6 +45,24 @@ class NvmeReaderTest : public ::testing::TestWithParam<Case> {
                                    "table 'small' layer 3");
     EXPECT_TRUE(reader.ok()) << reader.status();
     return std::move(*reader);
+  }
+  // The reader as the table opens it: with the pack's block checksums.
+  std::unique_ptr<NvmeReader> OpenVerified(NvmeOptions options = {}) {
+    options.engine = GetParam().engine;
+    auto sums = LoadBlockChecksums(dir_ / layer_->block_checksums_file, FileBytes(), layer_->block_checksums_xxh3_64);
+    EXPECT_TRUE(sums.ok()) << sums.status();
+    auto reader = NvmeReader::Open(dir_ / layer_->file, manifest_.row.bytes, layer_->layout.total_rows, options,
+                                   "table 'small' layer 3", std::move(*sums));
+    EXPECT_TRUE(reader.ok()) << reader.status();
+    return std::move(*reader);
+  }
+  uint64_t FileBytes() const { return layer_->layout.total_rows * static_cast<uint64_t>(manifest_.row.bytes); }
+  void FlipByte(uint64_t offset) {
+    std::fstream f(dir_ / layer_->file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(offset));
+    const char c = static_cast<char>(f.get() ^ 0x10);
+    f.seekp(static_cast<std::streamoff>(offset));
+    f.put(c);
   }
   std::vector<uint8_t> Expected(uint64_t row) {
     std::vector<float> scratch(manifest_.row.dim);
@@ -112,6 +134,74 @@ TEST_P(NvmeReaderTest, ShortReadsAreRetriedThenFail) {
   const absl::Status s = reader->Read(rows, dests);
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
   EXPECT_NE(s.message().find("short read"), absl::string_view::npos) << s;
+}
+
+TEST_P(NvmeReaderTest, ARottenBlockFailsWithDataLossEveryTimeAndOtherBlocksServe) {
+  ASSERT_FALSE(layer_->block_checksums_file.empty());  // packs are written with them
+  std::vector<std::string> reported;
+  NvmeOptions options;
+  options.on_corrupt_block = [&](const absl::Status& s) { reported.emplace_back(s.message()); };
+  auto reader = OpenVerified(options);
+  EXPECT_TRUE(reader->verified());
+  const int64_t rb = manifest_.row.bytes;
+  const uint64_t bad_row = layer_->layout.total_rows / 2;
+  const uint64_t bad_offset = bad_row * rb + rb / 2;
+  const uint64_t bad_block = bad_offset / 4096;
+  FlipByte(bad_offset);  // after open, before any read: rot the device picked up while serving
+  std::vector<uint8_t> out(rb);
+  uint8_t* dests[] = {out.data()};
+  const uint64_t rows[] = {bad_row};
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const absl::Status s = reader->Read(rows, dests);
+    ASSERT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    for (const std::string& needle :
+         {absl::StrCat("table 'small' layer 3 row ", bad_row), absl::StrCat("block ", bad_block, " of "),
+          std::string(dir_ / layer_->file), absl::StrCat("bytes ", bad_block * 4096, "..")}) {
+      EXPECT_NE(s.message().find(needle), absl::string_view::npos) << needle << " not in: " << s;
+    }
+  }
+  EXPECT_EQ(reader->stats().checksum_failures.load(), 2u);  // read, re-read, failed: each time
+  ASSERT_EQ(reported.size(), 1u);                           // reported once per block
+  // Rows in other blocks are served, and right.
+  std::vector<uint64_t> good;
+  for (uint64_t r = 0; r < layer_->layout.total_rows; r += 7) {
+    if ((r * rb) / 4096 > bad_block || ((r + 1) * rb - 1) / 4096 < bad_block) good.push_back(r);
+  }
+  std::vector<std::vector<uint8_t>> outs(good.size(), std::vector<uint8_t>(rb));
+  std::vector<uint8_t*> good_dests;
+  for (auto& o : outs) good_dests.push_back(o.data());
+  ASSERT_TRUE(reader->Read(good, good_dests).ok());
+  for (size_t i = 0; i < good.size(); ++i) ASSERT_EQ(outs[i], Expected(good[i])) << "row " << good[i];
+  EXPECT_GE(reader->stats().blocks_verified.load(), good.size() * rb / 4096);
+}
+
+TEST_P(NvmeReaderTest, ABlockThatReadsRightTheSecondTimeIsServed) {
+  std::atomic<int> corrupt_left{1};
+  NvmeOptions options;
+  options.bytes_hook = [&](uint64_t, uint8_t* data, uint32_t bytes) {
+    if (bytes > 0 && corrupt_left.fetch_sub(1) > 0) data[bytes / 2] ^= 0xff;  // a bad transfer, once
+  };
+  auto reader = OpenVerified(options);
+  const uint64_t rows[] = {3};
+  std::vector<uint8_t> out(manifest_.row.bytes);
+  uint8_t* dests[] = {out.data()};
+  ASSERT_TRUE(reader->Read(rows, dests).ok());
+  EXPECT_EQ(out, Expected(3));
+  EXPECT_EQ(reader->stats().checksum_retries.load(), 1u);
+  EXPECT_EQ(reader->stats().checksum_failures.load(), 0u);
+}
+
+TEST_P(NvmeReaderTest, ChecksumsThatDoNotFitTheFileAreRefused) {
+  std::vector<uint64_t> too_few(ChecksumBlocks(FileBytes()) - 1, 0);
+  NvmeOptions options;
+  options.engine = GetParam().engine;
+  auto reader = NvmeReader::Open(dir_ / layer_->file, manifest_.row.bytes, layer_->layout.total_rows, options,
+                                 "table 'small' layer 3", too_few);
+  EXPECT_EQ(reader.status().code(), absl::StatusCode::kDataLoss);
+  // A checksum file whose own hash is wrong is refused when loaded.
+  auto sums = LoadBlockChecksums(dir_ / layer_->block_checksums_file, FileBytes(), "0000000000000000");
+  EXPECT_EQ(sums.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(sums.status().message().find("are corrupt"), absl::string_view::npos) << sums.status();
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -234,6 +324,83 @@ TEST(CachedTableFaultTest, ADeviceErrorFailsTheLookupAndLeavesTheCacheClean) {
   std::vector<uint8_t> want(128);
   SyntheticRow(99, 3, m.layers[0].layout.head_offset[1] + 7, 64, RowDtype::kBf16, scratch.data(), want.data());
   EXPECT_EQ(0, std::memcmp(out.data() + 128, want.data(), 128));
+}
+
+TEST(NvmeUringTest, AFailedWaitLeavesNoReadInFlightForTheNextCall) {
+  TempDir dir;
+  const PackManifest m = testing::CreateSmallPack(dir.path(), RowDtype::kBf16, 64, /*vocab=*/900);
+  const PackLayer& layer = m.layers[0];
+  std::atomic<int> fail_left{1};
+  NvmeOptions options;
+  options.engine = IoEngine::kIoUring;
+  options.queue_depth = 4;
+  options.uring_wait_hook = [&](int rc) { return fail_left.fetch_sub(1) > 0 ? -EIO : rc; };
+  auto reader = NvmeReader::Open(dir / layer.file, m.row.bytes, layer.layout.total_rows, options, "table 'small' layer 3");
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  // Rows in many blocks: reads are in flight when the wait fails.
+  std::vector<uint64_t> rows;
+  for (uint64_t r = 0; r < layer.layout.total_rows; r += 40) rows.push_back(r);
+  std::vector<std::vector<uint8_t>> out(rows.size(), std::vector<uint8_t>(m.row.bytes));
+  std::vector<uint8_t*> dests;
+  for (auto& o : out) dests.push_back(o.data());
+  const absl::Status failed = (*reader)->Read(rows, dests);
+  EXPECT_EQ(failed.code(), absl::StatusCode::kInternal) << failed;
+  EXPECT_EQ((*reader)->stats().rings_abandoned.load(), 1u);
+  // The next calls on this thread get exactly their own rows (no late completion of the failed call).
+  std::vector<float> scratch(64);
+  std::vector<uint8_t> want(m.row.bytes);
+  for (int round = 0; round < 3; ++round) {
+    for (auto& o : out) std::fill(o.begin(), o.end(), 0);
+    ASSERT_TRUE((*reader)->Read(rows, dests).ok());
+    for (size_t i = 0; i < rows.size(); ++i) {
+      SyntheticRow(99, layer.id, rows[i], 64, RowDtype::kBf16, scratch.data(), want.data());
+      ASSERT_EQ(out[i], want) << "row " << rows[i] << " round " << round;
+    }
+  }
+}
+
+// A caller that rewrites its destinations while its read is in flight (as a shared-memory client
+// can) changes only what it gets back, never what the cache keeps for everyone else.
+TEST(CachedTableContractTest, WritingIntoDestsDuringAReadNeverReachesTheCache) {
+  TempDir dir;
+  const PackManifest m = testing::CreateSmallPack(dir.path(), RowDtype::kBf16, 64, /*vocab=*/900);
+  TableOptions options;
+  options.dram_budget_bytes = m.total_bytes() / 2;
+  std::vector<uint8_t*> scribble_over;
+  std::mutex mu;
+  // Every completed device read: scribble over the request's dests, as a hostile client's thread would.
+  options.nvme.bytes_hook = [&](uint64_t, uint8_t*, uint32_t) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (uint8_t* d : scribble_over) std::memset(d, 0x5a, 128);
+  };
+  auto table = Table::Open(dir.path(), options);
+  ASSERT_TRUE(table.ok()) << table.status();
+  RowTier* tier = (*table)->FindLayer(3)->tier.get();
+  std::vector<uint64_t> rows = {1, 50, 400, 999, 1500};
+  std::vector<std::vector<uint8_t>> out(rows.size(), std::vector<uint8_t>(128));
+  std::vector<uint8_t*> dests;
+  for (auto& o : out) dests.push_back(o.data());
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    scribble_over = dests;
+  }
+  TierCounts counts;
+  (void)tier->ReadRows(rows, dests, &counts);  // what this caller gets back is its own business
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    scribble_over.clear();
+  }
+  // Everyone after it reads the rows from the cache: the right bytes.
+  std::vector<float> scratch(64);
+  std::vector<uint8_t> want(128);
+  for (auto& o : out) std::fill(o.begin(), o.end(), 0);
+  TierCounts again;
+  ASSERT_TRUE(tier->ReadRows(rows, dests, &again).ok());
+  EXPECT_EQ(again.rows[static_cast<int>(TierKind::kDram)], rows.size());  // served by the cache
+  for (size_t i = 0; i < rows.size(); ++i) {
+    SyntheticRow(99, 3, rows[i], 64, RowDtype::kBf16, scratch.data(), want.data());
+    ASSERT_EQ(out[i], want) << "row " << rows[i];
+  }
 }
 
 }  // namespace

@@ -70,8 +70,10 @@ TEST(PackTest, CorruptRowFileIsRefused) {
   }
   auto report = VerifyPack(dir.path(), 0);
   ASSERT_TRUE(report.ok());
-  ASSERT_EQ(report->problems.size(), 1u);
+  ASSERT_EQ(report->problems.size(), 2u);  // the file's xxh3_64, and the block that holds byte 1000
   EXPECT_NE(report->problems[0].find("layer 7"), std::string::npos) << report->problems[0];
+  EXPECT_NE(report->problems[1].find("layer 7: block 0 of "), std::string::npos) << report->problems[1];
+  EXPECT_NE(report->problems[1].find("bytes 0..4095"), std::string::npos) << report->problems[1];
   auto table = Table::Open(dir.path(), TableOptions{});
   EXPECT_EQ(table.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_NE(table.status().message().find("layer-7.rows is corrupt"), absl::string_view::npos) << table.status();

@@ -210,6 +210,24 @@ absl::StatusOr<PackManifest> ParseManifestJson(absl::string_view json_text, absl
       if (layers[i].contains("xxh3_64")) {
         ENGRAM_RETURN_IF_ERROR(r.Get(layers[i], "xxh3_64", path, &layer.xxh3_64));
       }
+      if (layers[i].contains("block_checksums") && !layers[i]["block_checksums"].is_null()) {
+        const json& blocks = layers[i]["block_checksums"];
+        const std::string bpath = path + "block_checksums.";
+        uint64_t block_bytes = 0;
+        ENGRAM_RETURN_IF_ERROR(r.Get(blocks, "file", bpath, &layer.block_checksums_file));
+        ENGRAM_RETURN_IF_ERROR(r.Get(blocks, "block_bytes", bpath, &block_bytes));
+        ENGRAM_RETURN_IF_ERROR(r.Get(blocks, "xxh3_64", bpath, &layer.block_checksums_xxh3_64));
+        if (block_bytes != 4096) {
+          return r.Error(absl::StrCat(bpath, "block_bytes is ", block_bytes, "; this engramd checks 4096-byte blocks"));
+        }
+        const std::string& f = layer.block_checksums_file;
+        if (f.empty() || f.find('/') != std::string::npos || f[0] == '.' || f == layer.file) {
+          return r.Error(absl::StrCat(bpath, "file '", f, "' must be a plain file name other than the rows file"));
+        }
+        if (layer.block_checksums_xxh3_64.size() != 16) {
+          return r.Error(absl::StrCat(bpath, "xxh3_64 '", layer.block_checksums_xxh3_64, "' is not 16 hex digits"));
+        }
+      }
     } else {
       layer.file = absl::StrCat("layer-", layer.id, ".rows");
     }
@@ -277,11 +295,16 @@ std::string ManifestToJson(const PackManifest& m) {
   doc["hash"] = hash;
   doc["layers"] = json::array();
   for (const auto& l : m.layers) {
-    doc["layers"].push_back({{"id", l.id},
-                             {"file", l.file},
-                             {"head_rows", l.layout.head_rows},
-                             {"multipliers", l.layout.multipliers},
-                             {"xxh3_64", l.xxh3_64}});
+    json layer = {{"id", l.id},
+                  {"file", l.file},
+                  {"head_rows", l.layout.head_rows},
+                  {"multipliers", l.layout.multipliers},
+                  {"xxh3_64", l.xxh3_64}};
+    if (!l.block_checksums_file.empty()) {
+      layer["block_checksums"] = {
+          {"file", l.block_checksums_file}, {"block_bytes", 4096}, {"xxh3_64", l.block_checksums_xxh3_64}};
+    }
+    doc["layers"].push_back(std::move(layer));
   }
   if (m.synthetic_seed) doc["synthetic"] = {{"seed", *m.synthetic_seed}};
   return doc.dump(2) + "\n";

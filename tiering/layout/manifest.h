@@ -31,6 +31,10 @@ struct PackLayer {
   int id = 0;
   std::string file;          // relative to the pack directory
   std::string xxh3_64;       // hex; empty while the pack is being written
+  // The file of per-4096-byte-block xxh3_64 values beside `file` (tiering/block_checksums.h) and
+  // that file's own xxh3_64; both empty for a pack written before block checksums.
+  std::string block_checksums_file;
+  std::string block_checksums_xxh3_64;
   LayerHashLayout layout;    // head_rows, multipliers, offsets
 };
 

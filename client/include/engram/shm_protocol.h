@@ -10,7 +10,10 @@
 // completion ring (daemon produces, client consumes) and a data region where the client places
 // indices and the daemon gathers rows. Every descriptor is copied out of shared memory before it is
 // checked, the indices too, so a client that rewrites memory under the daemon's feet only hurts
-// itself. Ring positions are free-running uint32 counters; the daemon keeps its own copies and
+// itself. The daemon writes rows into a client's data region and never reads them back: what it
+// caches, promotes to HBM or hands to another request waiting on the same read comes from its own
+// buffers (tiering/row_tier.h states the contract), so a client scribbling on its region while its
+// lookups are in flight spoils only its own replies. Ring positions are free-running uint32 counters; the daemon keeps its own copies and
 // treats an impossible producer position as a protocol violation (disconnect).
 //
 // Mapped tables: a MapTable frame asks for a resident table's rows themselves. The reply carries one
