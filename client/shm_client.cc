@@ -18,6 +18,7 @@
 #include "engram/kernels/gather_host.h"
 #include "engram/shm_socket.h"
 #include "engram/v1/engram.pb.h"
+#include "tiering/layout/request_rows.h"
 
 namespace engram {
 
@@ -312,6 +313,7 @@ absl::StatusOr<std::unique_ptr<MappedTable>> ShmConnection::MapTable(const Remot
   shm::Frame frame = std::move(*got);
   FdsCloser closer{&frame.fds};  // the mappings keep the memory
   std::unique_ptr<MappedTable> mapped(new MappedTable());
+  if (info.max_batch_rows() > 0) mapped->max_batch_rows_ = info.max_batch_rows();
   if (reply.layers != static_cast<uint32_t>(info.layers_size()) || frame.fds.size() != reply.layers ||
       body.size() != reply.layers * sizeof(shm::MappedLayer)) {
     return absl::DataLossError(absl::StrCat("engramd's map reply for '", table.name, "' does not match its layout"));
@@ -344,13 +346,10 @@ absl::StatusOr<std::unique_ptr<MappedTable>> ShmConnection::MapTable(const Remot
     auto layer = std::make_unique<MappedTable::Layer>();
     layer->id = m.layer_id;
     layer->total_rows = m.total_rows;
-    uint64_t offset = 0;
-    for (uint64_t rows : layer_info.head_rows()) {
-      layer->head_rows.push_back(rows);
-      layer->head_offset.push_back(offset);
-      offset += rows;
-    }
-    if (offset != m.total_rows || layer->head_rows.size() != table.heads) {
+    layer->layout.layer_id = m.layer_id;
+    for (uint64_t rows : layer_info.head_rows()) layer->layout.head_rows.push_back(static_cast<int64_t>(rows));
+    layer->layout.ComputeOffsets();
+    if (layer->layout.total_rows != m.total_rows || layer->layout.head_rows.size() != table.heads) {
       return absl::DataLossError(absl::StrCat("'", table.name, "' layer ", m.layer_id, ": head sizes do not add up"));
     }
     void* p = mmap(nullptr, m.file_bytes, PROT_READ, MAP_SHARED, fd, 0);
@@ -506,6 +505,7 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   if (link_->arena == nullptr) return absl::FailedPreconditionError("the connection to engramd is closed");
   uint64_t g = 0;
   const int k = AcquirePin(layer, &g);
+  if (k == kDetached) return absl::FailedPreconditionError("engramd has detached its HBM tier (it is shutting down)");
   if (k < 0) return absl::FailedPreconditionError("every HBM pin of this layer is in use");
   const kernels::HbmIndexHeader* h = layer->hbm_index;
   const auto* base = reinterpret_cast<const uint8_t*>(h);
@@ -583,10 +583,14 @@ int MappedTable::AcquirePin(Layer* layer, uint64_t* generation) {
   for (;;) {
     const uint64_t g = h->generation.load(std::memory_order_acquire);
     pin.store(g + 1, std::memory_order_seq_cst);
-    if (h->generation.load(std::memory_order_seq_cst) == g) {
-      *generation = g;
-      return static_cast<int>(k);
+    if (h->generation.load(std::memory_order_seq_cst) != g) continue;
+    if (h->detached.load(std::memory_order_seq_cst) != 0) {  // the daemon no longer protects the slots
+      pin.store(0, std::memory_order_seq_cst);
+      layer->pins_busy.fetch_and(~(1u << k), std::memory_order_release);
+      return kDetached;
     }
+    *generation = g;
+    return static_cast<int>(k);
   }
 }
 
@@ -638,29 +642,12 @@ absl::StatusOr<MappedTable::Layer*> MappedTable::ResolveRows(int layer_id, uint3
     if (l->id == layer_id) layer = l.get();
   }
   if (layer == nullptr) return absl::NotFoundError(absl::StrCat("table '", table_.name, "' has no layer ", layer_id));
-  if (num_tokens == 0) return absl::InvalidArgumentError("num_tokens must be at least 1");
-  const size_t heads = layer->head_rows.size();
-  const uint64_t total = static_cast<uint64_t>(num_tokens) * heads;
-  if (indices.size() != total) {
-    return absl::InvalidArgumentError(absl::StrCat("indices hold ", indices.size() * 4, " bytes; ", num_tokens,
-                                                   " tokens x ", heads, " heads x 4 bytes = ", total * 4, " expected"));
-  }
+  // The daemon's own checks, limit included; every index is checked before any row is copied.
+  if (absl::Status s = ResolveHeadIndices(layer->layout, num_tokens, indices, max_batch_rows_, rows); !s.ok()) return s;
+  const uint64_t total = rows->size();
   if (out_bytes != total * row_bytes_) {
     return absl::InvalidArgumentError(absl::StrCat("output buffer holds ", out_bytes, " bytes; ", total, " rows x ",
                                                    row_bytes_, " bytes = ", total * row_bytes_, " expected"));
-  }
-  // Every index is checked (and turned into a row of the layer) before any row is copied.
-  rows->resize(total);
-  for (uint32_t t = 0; t < num_tokens; ++t) {
-    for (size_t h = 0; h < heads; ++h) {
-      const size_t i = static_cast<size_t>(t) * heads + h;
-      if (indices[i] >= layer->head_rows[h]) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "index ", indices[i], " for token ", t, ", head ", h, " is out of range: head ", h, " of layer ",
-            layer_id, " has ", layer->head_rows[h], " rows (valid 0..", layer->head_rows[h] - 1, ")"));
-      }
-      (*rows)[i] = layer->head_offset[h] + indices[i];
-    }
   }
   return layer;
 }

@@ -283,8 +283,20 @@ int Run(int argc, char** argv) {
   server->Shutdown(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(f.drain_seconds * 1000)));
   server->Wait();
-  if (shm_server) shm_server->Stop();
+  // The promoter stops first: from then on no HBM slot is rewritten, so whatever a shared-memory
+  // client still reads stays whole. Then the indexes are marked detached (clients that pin from
+  // now on read from the table instead) and clients already pinned are given a moment to let go,
+  // and only then do the sessions, whose arenas hold the pins, go away.
   promoter.Stop();
+  for (Table* table : engine.mutable_tables()) {
+    for (const auto& layer : table->layers()) {
+      if (layer.hbm != nullptr && !layer.hbm->Detach(1000)) {
+        LogWarn("hbm_detach_timeout", {{"table", table->name()}, {"layer", absl::StrCat(layer.pack_layer->id)},
+                                       {"note", "a client stayed pinned for 1 s after the tier was detached"}});
+      }
+    }
+  }
+  if (shm_server) shm_server->Stop();
   {
     std::lock_guard<std::mutex> lock(snapshot_mu);
     stopping = true;

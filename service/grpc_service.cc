@@ -48,7 +48,7 @@ absl::Status Draining() {
 
 }  // namespace
 
-void FillTableInfo(const Table& table, v1::TableInfo* info) {
+void FillTableInfo(const Table& table, uint64_t max_batch_rows, v1::TableInfo* info) {
   const PackManifest& m = table.manifest();
   info->set_name(m.name);
   info->set_dtype(std::string(RowDtypeName(m.row.dtype)));
@@ -58,6 +58,7 @@ void FillTableInfo(const Table& table, v1::TableInfo* info) {
   info->set_total_bytes(m.total_bytes());
   info->set_synthetic(m.synthetic_seed.has_value());
   info->set_synthetic_seed(m.synthetic_seed.value_or(0));
+  info->set_max_batch_rows(max_batch_rows);
   v1::HashConfig* hash = info->mutable_hash();
   hash->set_kind(m.hash_kind);
   hash->set_max_ngram(m.hash.max_ngram);
@@ -204,7 +205,7 @@ grpc::Status EngramGrpcService::ListTables(grpc::ServerContext*, const v1::ListT
                                            v1::ListTablesResponse* response) {
   RequestTimer timer(metrics_, "ListTables");
   for (const Table* table : engine_->tables()) {
-    FillTableInfo(*table, response->add_tables());
+    FillTableInfo(*table, engine_->options().max_batch_rows, response->add_tables());
     response->mutable_tables()->rbegin()->mutable_hash()->clear_compress_lut();  // GetTable has it
   }
   return timer.Finish(absl::OkStatus());
@@ -217,7 +218,7 @@ grpc::Status EngramGrpcService::GetTable(grpc::ServerContext*, const v1::GetTabl
   if (table == nullptr) {
     return timer.Finish(absl::NotFoundError(absl::StrCat("no table named '", request->table(), "'")));
   }
-  FillTableInfo(*table, response);
+  FillTableInfo(*table, engine_->options().max_batch_rows, response);
   return timer.Finish(absl::OkStatus());
 }
 

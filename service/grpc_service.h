@@ -13,7 +13,7 @@
 namespace engram {
 
 // Fills `info` with everything a client needs to configure itself for `table`.
-void FillTableInfo(const Table& table, v1::TableInfo* info);
+void FillTableInfo(const Table& table, uint64_t max_batch_rows, v1::TableInfo* info);
 
 class EngramGrpcService final : public v1::Engram::Service {
  public:

@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -20,6 +21,7 @@
 #include "engram/v1/engram.pb.h"
 #include "service/grpc_service.h"
 #include "service/log.h"
+#include "tiering/layout/request_rows.h"
 
 namespace engram {
 
@@ -27,12 +29,17 @@ using shm::ArenaHeader;
 using shm::Completion;
 using shm::RequestDescriptor;
 
+// A session owns its socket: it is closed only when the Session is destroyed, after its thread has
+// been joined, so Stop's shutdown() never reaches a descriptor that was closed and reused.
 struct ShmServer::Session {
   int sock = -1;
   pid_t pid = 0;
   uid_t uid = 0;
   std::thread thread;
   std::atomic<bool> done{false};
+  ~Session() {
+    if (sock >= 0) close(sock);
+  }
 };
 
 // What one client has mapped, and the HBM pins of its arena the HBM tiers watch (removed from
@@ -127,6 +134,47 @@ class Arena {
   int memfd_ = -1, request_efd_ = -1, completion_efd_ = -1;
 };
 
+// Who is on the other end of a Unix socket: SO_PEERCRED, and SO_PEERGROUPS for the supplementary
+// groups (empty where the kernel has no SO_PEERGROUPS).
+struct Peer {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+  std::vector<gid_t> groups;
+};
+
+absl::StatusOr<Peer> ReadPeer(int fd) {
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || len != sizeof(cred)) {
+    return absl::PermissionDeniedError(absl::StrCat("cannot read the peer's credentials (SO_PEERCRED): ",
+                                                    std::strerror(errno)));
+  }
+  Peer peer{cred.pid, cred.uid, cred.gid, {}};
+  std::vector<gid_t> groups(64);
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    socklen_t bytes = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &bytes) == 0) {
+      groups.resize(bytes / sizeof(gid_t));
+      peer.groups = std::move(groups);
+      return peer;
+    }
+    if (errno != ERANGE) break;  // ENOPROTOOPT on kernels without it: the primary group only
+    groups.resize(bytes / sizeof(gid_t) + 16);
+  }
+  return peer;
+}
+
+bool Admitted(const Peer& peer, const std::vector<uid_t>& uids, const std::vector<gid_t>& gids) {
+  for (uid_t u : uids) {
+    if (u == peer.uid) return true;
+  }
+  for (gid_t g : gids) {
+    if (g == peer.gid || std::find(peer.groups.begin(), peer.groups.end(), g) != peer.groups.end()) return true;
+  }
+  return false;
+}
+
 void SetMessage(Completion* c, const absl::Status& s) {
   c->status = static_cast<int32_t>(s.code());
   const std::string m(s.message());
@@ -162,22 +210,33 @@ absl::Status ShmServer::Start() {
   std::memcpy(addr.sun_path, path_.data(), path_.size());
   // A socket file left by an earlier daemon is replaced; one a live daemon answers on is not.
   const int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (probe < 0) return absl::InternalError(absl::StrCat("socket(AF_UNIX): ", std::strerror(errno)));
   const bool live = connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
   close(probe);
   if (live) {
     return absl::AlreadyExistsError(absl::StrCat("another engramd is serving ", path_,
                                                  " (stop it, or give this one its own --socket)"));
   }
-  unlink(path_.c_str());
+  if (unlink(path_.c_str()) != 0 && errno != ENOENT) {
+    return absl::UnavailableError(absl::StrCat("cannot remove the stale socket ", path_, ": ", std::strerror(errno)));
+  }
   listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0) return absl::InternalError(absl::StrCat("socket(AF_UNIX): ", std::strerror(errno)));
   if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(listen_fd_, 64) != 0) {
     const int err = errno;
     close(listen_fd_);
     listen_fd_ = -1;
     return absl::UnavailableError(absl::StrCat("cannot listen on ", path_, ": ", std::strerror(err)));
   }
-  chmod(path_.c_str(), 0660);
-  bound_ = true;
+  bound_ = true;  // from here on the socket file is this server's to remove
+  if (chmod(path_.c_str(), 0660) != 0) {
+    const int err = errno;
+    close(listen_fd_);
+    listen_fd_ = -1;
+    unlink(path_.c_str());
+    bound_ = false;
+    return absl::UnavailableError(absl::StrCat("cannot set mode 0660 on ", path_, ": ", std::strerror(err)));
+  }
   acceptor_ = std::thread([this] { AcceptLoop(); });
   return absl::OkStatus();
 }
@@ -216,15 +275,15 @@ void ShmServer::AcceptLoop() {
     }
     auto session = std::make_unique<Session>();
     session->sock = fd;
-    ucred cred{};
-    socklen_t len = sizeof(cred);
-    getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len);
-    session->pid = cred.pid;
-    session->uid = cred.uid;
-    bool allowed = false;
-    for (uid_t u : options_.allow_uids) allowed |= u == cred.uid;
-    for (gid_t g : options_.allow_gids) allowed |= g == cred.gid;
-    if (!allowed) {
+    auto peer = ReadPeer(fd);
+    if (!peer.ok()) {  // credentials we cannot read are credentials we cannot check: refuse
+      LogWarn("shm_refused", {{"reason", std::string(peer.status().message())}});
+      continue;  // the Session closes fd
+    }
+    session->pid = peer->pid;
+    session->uid = peer->uid;
+    if (!Admitted(*peer, options_.allow_uids, options_.allow_gids)) {
+      const ucred cred{peer->pid, peer->uid, peer->gid};
       const std::string msg = absl::StrCat("uid ", cred.uid, " gid ", cred.gid,
                                            " may not use this engramd (see --allow-uid / --allow-gid)");
       shm::HelloReply reply{};
@@ -233,9 +292,8 @@ void ShmServer::AcceptLoop() {
       payload += msg;
       (void)shm::SendFrame(fd, shm::FrameType::kHelloReply, payload, {});
       LogWarn("shm_refused", {{"pid", absl::StrCat(cred.pid)}, {"uid", absl::StrCat(cred.uid)},
-                              {"gid", absl::StrCat(cred.gid)}});
-      close(fd);
-      continue;
+                              {"gid", absl::StrCat(cred.gid)}, {"groups", absl::StrCat(peer->groups.size())}});
+      continue;  // the Session closes fd
     }
     std::lock_guard<std::mutex> lock(mu_);
     // Reap finished sessions so a long-lived daemon does not keep their threads.
@@ -273,7 +331,7 @@ absl::Status ShmServer::HandleControlFrame(const shm::Frame& frame, int sock, co
       } else {
         open.table_id = id_of(table);
         v1::TableInfo info;
-        FillTableInfo(*table, &info);
+        FillTableInfo(*table, engine_->options().max_batch_rows, &info);
         body = info.SerializeAsString();
       }
       return shm::SendFrame(sock, shm::FrameType::kOpenTableReply,
@@ -307,7 +365,12 @@ absl::Status ShmServer::HandleControlFrame(const shm::Frame& frame, int sock, co
           m.total_rows = layer.tier->total_rows();
           m.row_bytes = static_cast<uint64_t>(layer.tier->row_bytes());
           struct stat st {};
-          fstat(layer.tier->shared_fd(), &st);
+          if (fstat(layer.tier->shared_fd(), &st) != 0) {
+            reply.status = static_cast<int32_t>(absl::StatusCode::kInternal);
+            message = absl::StrCat("table '", table->name(), "' layer ", layer.pack_layer->id,
+                                   ": cannot stat its shared memory: ", std::strerror(errno));
+            break;
+          }
           m.file_bytes = static_cast<uint64_t>(st.st_size);
           body.append(reinterpret_cast<const char*>(&m), sizeof(m));
           fds.push_back(layer.tier->shared_fd());
@@ -503,12 +566,34 @@ absl::Status ShmServer::HandleAccessReport(const shm::Frame& frame, const std::v
   return absl::OkStatus();
 }
 
+void ShmServer::WaitForHangUp(int sock) {
+  char discard[4096];
+  while (!stopping_.load()) {
+    pollfd p{sock, POLLIN | POLLRDHUP, 0};
+    const int rc = poll(&p, 1, 200);
+    if (rc < 0 && errno != EINTR) return;
+    if (rc <= 0) continue;
+    if (p.revents & (POLLHUP | POLLERR | POLLRDHUP | POLLNVAL)) return;
+    // Whatever the client still sends is dropped (descriptors with it are closed by the kernel).
+    const ssize_t n = recv(sock, discard, sizeof(discard), MSG_DONTWAIT);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) return;
+  }
+}
+
 void ShmServer::Serve(Session* session) {
   const int sock = session->sock;
   const std::string who = absl::StrCat(session->pid);
+  ClientState* watched = nullptr;  // set once the client exists: its HBM pins
   auto finish = [&](const std::string& reason) {
     LogInfo("shm_client_gone", {{"pid", who}, {"reason", reason}});
-    close(sock);
+    if (watched != nullptr && !watched->readers.empty() && !stopping_.load()) {
+      // The daemon ends this session, but the client may still be reading HBM slots under a pin.
+      // Its pins stay watched until its socket hangs up (peer pids are no help across PID
+      // namespaces); at shutdown the promoter has stopped first, so nothing moves any more.
+      shutdown(sock, SHUT_WR);  // the client sees end-of-stream and gives up its session
+      WaitForHangUp(sock);
+    }
+    shutdown(sock, SHUT_RDWR);  // the client sees the hang-up now; the Session closes the fd when reaped
     session->done.store(true);
   };
   // Handshake.
@@ -561,6 +646,7 @@ void ShmServer::Serve(Session* session) {
   ArenaHeader* h = arena.header();
   const auto tables = engine_->tables();
   ClientState client;  // declared after the arena: its pins leave the HBM tiers before the arena goes
+  watched = &client;
   client.header = h;
   client.mapped.assign(tables.size(), false);
   client.hbm_mapped.assign(tables.size(), false);
@@ -591,9 +677,13 @@ void ShmServer::Serve(Session* session) {
       const int rc = poll(fds, 2, 1000);
       h->daemon_sleeping.store(0, std::memory_order_relaxed);
       if (stopping_.load()) return finish("daemon stopping");
+      if (rc < 0 && errno != EINTR) return finish(absl::StrCat("poll: ", std::strerror(errno)));
       if (rc > 0 && (fds[1].revents & POLLIN)) {
         uint64_t counter;
-        (void)!read(arena.request_efd(), &counter, sizeof(counter));
+        // Non-blocking: EAGAIN means another wake-up drained it first; anything else is a bug.
+        if (read(arena.request_efd(), &counter, sizeof(counter)) < 0 && errno != EAGAIN && errno != EINTR) {
+          return finish(absl::StrCat("reading the request eventfd: ", std::strerror(errno)));
+        }
       }
       if (rc > 0 && (fds[0].revents & (POLLIN | POLLHUP | POLLERR))) {
         auto frame = shm::ReceiveFrame(sock, 1000);
@@ -633,6 +723,10 @@ void ShmServer::Serve(Session* session) {
     } else if (index_bytes == nullptr || d.indices_bytes % 4 != 0) {
       s = absl::InvalidArgumentError(absl::StrCat("indices [", d.indices_offset, ", +", d.indices_bytes,
                                                   ") are not whole uint32 values inside the data region"));
+    } else if (absl::Status shape = CheckRequestShape(d.num_tokens, static_cast<uint64_t>(table->heads()), d.indices_bytes / 4,
+                                                       engine_->options().max_batch_rows);
+               !shape.ok()) {
+      s = shape;  // nothing is copied out of a request before its size is known to be sane
     } else {
       indices.resize(d.indices_bytes / 4);
       std::memcpy(indices.data(), index_bytes, d.indices_bytes);  // copied: the client cannot change them now
@@ -676,7 +770,10 @@ void ShmServer::Serve(Session* session) {
     h->completion_tail.store(completion_tail, std::memory_order_seq_cst);
     if (h->client_sleeping.load(std::memory_order_seq_cst)) {
       const uint64_t one = 1;
-      (void)!write(arena.completion_efd(), &one, sizeof(one));
+      // EAGAIN: the counter is saturated, so the client has a wake-up pending anyway.
+      if (write(arena.completion_efd(), &one, sizeof(one)) < 0 && errno != EAGAIN && errno != EINTR) {
+        return finish(absl::StrCat("waking the client: ", std::strerror(errno)));
+      }
     }
   }
 }

@@ -51,6 +51,8 @@ class ShmServer {
   struct ClientState;
   void AcceptLoop();
   void Serve(Session* session);
+  // Returns once the peer has closed its end of `sock` (or the server stops).
+  void WaitForHangUp(int sock);
   // A frame on a session's socket (OpenTable, MapTable, CounterReport, MapHbm, AccessReport). An
   // error ends the session.
   absl::Status HandleControlFrame(const shm::Frame& frame, int sock, const std::vector<const Table*>& tables,

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "tiering/batch_dedup.h"
+#include "tiering/layout/request_rows.h"
 
 namespace engram {
 
@@ -67,33 +68,9 @@ absl::StatusOr<const Table::Layer*> Engine::ResolveRows(const Table& table, int 
   if (layer == nullptr) {
     return absl::NotFoundError(absl::StrCat("table '", table.name(), "' has no layer ", layer_id));
   }
-  const int heads = table.heads();
-  const uint64_t total = static_cast<uint64_t>(num_tokens) * heads;
-  if (num_tokens == 0) return absl::InvalidArgumentError("num_tokens must be at least 1");
-  if (total > options_.max_batch_rows) {
-    return absl::ResourceExhaustedError(absl::StrCat(num_tokens, " tokens x ", heads, " heads = ", total,
-                                                     " rows exceeds the limit of ",
-                                                     options_.max_batch_rows, " rows per request"));
-  }
-  if (indices.size() != total) {
-    return absl::InvalidArgumentError(absl::StrCat("indices hold ", indices.size() * 4, " bytes; ",
-                                                   num_tokens, " tokens x ", heads,
-                                                   " heads x 4 bytes = ", total * 4, " expected"));
-  }
-  // Head-local -> global rows, stopping at the first offender.
-  const LayerHashLayout& layout = layer->pack_layer->layout;
-  rows->resize(total);
-  for (uint32_t t = 0; t < num_tokens; ++t) {
-    for (int h = 0; h < heads; ++h) {
-      const size_t i = static_cast<size_t>(t) * heads + h;
-      const uint32_t idx = indices[i];
-      if (idx >= static_cast<uint64_t>(layout.head_rows[h])) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "index ", idx, " for token ", t, ", head ", h, " is out of range: head ", h, " of layer ",
-            layer_id, " has ", layout.head_rows[h], " rows (valid 0..", layout.head_rows[h] - 1, ")"));
-      }
-      (*rows)[i] = layout.head_offset[h] + idx;
-    }
+  if (absl::Status s = ResolveHeadIndices(layer->pack_layer->layout, num_tokens, indices, options_.max_batch_rows, rows);
+      !s.ok()) {
+    return s;
   }
   return layer;
 }

@@ -273,7 +273,15 @@ absl::Status NvmeReader::Read(absl::Span<const uint64_t> rows, absl::Span<uint8_
     scratch += e.length;
   }
   const uint32_t depth = max_in_flight > 0 ? std::min(max_in_flight, options_.queue_depth) : options_.queue_depth;
-  absl::Status s = engine_ == IoEngine::kIoUring ? ReadUring(extents, while_in_flight, depth) : ReadPread(extents);
+  absl::Status s;
+  if (engine_ == IoEngine::kIoUring) {
+    s = ReadUring(extents, while_in_flight, depth);
+  } else {
+    // pread blocks, so the caller's other work (copying its cache hits) runs first. It must run
+    // on every path: a caller counts on it to fill the dests the reads do not.
+    if (while_in_flight) while_in_flight();
+    s = ReadPread(extents);
+  }
   if (!s.ok()) stats_.errors.fetch_add(1, std::memory_order_relaxed);
   return s;
 }

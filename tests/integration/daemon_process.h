@@ -62,6 +62,15 @@ inline std::pair<int, std::string> HttpGet(int port, const std::string& path) {
   return {std::stoi(resp.substr(sp + 1, 3)), resp.substr(body + 4)};
 }
 
+// The value of one exposition line ("name{labels}"), or -1 when the daemon does not export it.
+inline double MetricValue(int port, const std::string& series) {
+  const auto [code, body] = HttpGet(port, "/metrics");
+  if (code != 200) return -1;
+  const size_t at = body.find("\n" + series + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(body.substr(at + series.size() + 2));
+}
+
 // engramd as a child process; ports are read from --ports-file.
 class Daemon {
  public:
@@ -118,6 +127,7 @@ class Daemon {
     return -1;
   }
   bool running() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
   int exit_code() const { return exit_code_; }
   int grpc_port() const { return grpc_port_; }
   int metrics_port() const { return metrics_port_; }

@@ -4,7 +4,10 @@
 // never take the daemon down; a uid that is not allowed is refused; a client killed mid-request
 // leaves the daemon serving others; a restarted daemon surfaces as UNAVAILABLE, then a new
 // connection works.
+#include <grp.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -231,14 +234,7 @@ TEST_F(ShmTest, HostileDescriptorsGetErrorsAndTheDaemonKeepsServing) {
   EXPECT_TRUE(daemon_->running());
 }
 
-// The value of one exposition line ("name{labels}"), or -1 when the daemon does not export it.
-double MetricValue(int port, const std::string& series) {
-  const auto [code, body] = testing::HttpGet(port, "/metrics");
-  if (code != 200) return -1;
-  const size_t at = body.find("\n" + series + " ");
-  if (at == std::string::npos) return -1;
-  return std::stod(body.substr(at + series.size() + 2));
-}
+using testing::MetricValue;
 
 TEST_F(ShmTest, AResidentTableIsMappedReadOnlyAndItsLookupsAreCounted) {
   StartDaemon();
@@ -251,7 +247,7 @@ TEST_F(ShmTest, AResidentTableIsMappedReadOnlyAndItsLookupsAreCounted) {
   EXPECT_TRUE(daemon_->WaitForLog("event=shm_table_mapped")) << daemon_->log();
   uint64_t lookups = 0, rows = 0;
   for (int layer : {1, 15}) {
-    for (uint32_t tokens : {1u, 7u, 3000u}) {
+    for (uint32_t tokens : {1u, 7u, 1024u}) {  // 1024 x 16 heads = the daemon's --max-batch-rows
       const auto idx = RandomIndices(layer, tokens, tokens + layer);
       std::vector<uint8_t> out(idx.size() * manifest_->row.bytes);
       ASSERT_TRUE((*mapped)->Lookup(layer, tokens, idx, absl::MakeSpan(out)).ok());
@@ -260,7 +256,14 @@ TEST_F(ShmTest, AResidentTableIsMappedReadOnlyAndItsLookupsAreCounted) {
       rows += idx.size();
     }
   }
-  // The same checks as the daemon's, before any byte is written.
+  // The same checks as the daemon's, before any byte is written: its row limit too.
+  {
+    const auto big = RandomIndices(1, 1025, 3);
+    std::vector<uint8_t> out(big.size() * manifest_->row.bytes);
+    const absl::Status over = (*mapped)->Lookup(1, 1025, big, absl::MakeSpan(out));
+    EXPECT_EQ(over.code(), absl::StatusCode::kResourceExhausted) << over;
+    EXPECT_NE(over.message().find("exceeds the limit of 16384 rows per request"), std::string::npos) << over;
+  }
   auto idx = RandomIndices(1, 4, 9);
   idx[manifest_->hash.heads_per_layer() + 5] = 0xffffffffu;  // token 1, head 5
   std::vector<uint8_t> out(idx.size() * manifest_->row.bytes, 0xab);
@@ -424,6 +427,33 @@ TEST_F(ShmTest, UsersAndGroupsCanBeNamed) {
   EXPECT_TRUE(c.ok()) << c.status();
 }
 
+// --allow-gid admits a peer whose primary or supplementary groups include it (SO_PEERGROUPS),
+// and only those. Needs root, to give the peers other credentials.
+TEST_F(ShmTest, AllowGidMatchesSupplementaryGroups) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to start peers with other uids and groups";
+  StartDaemon({"--allow-gid", "4242"});
+  ASSERT_EQ(chmod(daemon_->socket().c_str(), 0666), 0);       // anyone may connect; the daemon decides
+  ASSERT_EQ(chmod(dir_->path().c_str(), 0755), 0);
+  // A peer as uid/gid 65534 with the given supplementary groups: 0 admitted, 1 refused, 2 other.
+  auto peer = [&](std::vector<gid_t> groups) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      if (setgroups(groups.size(), groups.data()) != 0 || setgid(65534) != 0 || setuid(65534) != 0) _exit(3);
+      auto c = ShmConnection::Connect(daemon_->socket());
+      if (c.ok()) _exit(0);
+      _exit(c.status().code() == absl::StatusCode::kPermissionDenied ? 1 : 2);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  };
+  EXPECT_EQ(peer({4242}), 0) << daemon_->log();        // a supplementary group
+  EXPECT_EQ(peer({17, 4242, 99}), 0) << daemon_->log();
+  EXPECT_EQ(peer({}), 1) << daemon_->log();            // neither primary nor supplementary
+  EXPECT_EQ(peer({4243}), 1) << daemon_->log();
+  EXPECT_NE(daemon_->log().find("event=shm_refused"), std::string::npos);
+}
+
 TEST_F(ShmTest, AClientKilledMidRequestLeavesTheDaemonServing) {
   StartDaemon();
   const pid_t child = fork();
@@ -555,6 +585,94 @@ TEST_F(ShmTest, HbmTierOnHostServesHitsThatAreExactWhileItChurns) {
   std::ofstream(file) << body;
   const auto [lint_code, lint_out] = RunCommand("promtool check metrics < " + file);
   EXPECT_EQ(lint_code, 0) << lint_out;
+}
+
+// A reader that keeps gathering from the HBM slots (host store) while the promoter churns its hot
+// set, the daemon shuts down under it, and a new daemon takes the socket: every row it gets is
+// the formula's (a slot is never rewritten while a pin may cover it; a detached index is not read).
+TEST_F(ShmTest, HbmReadersSeeNoTornRowThroughChurnShutdownAndRestart) {
+  StartHbmDaemon();
+  std::unique_ptr<ShmConnection> c;
+  std::unique_ptr<MappedTable> mapped;
+  ConnectAndMap(&c, &mapped);
+  if (HasFatalFailure()) return;
+  ASSERT_EQ(mapped->hbm_access(), MappedTable::HbmAccess::kHost) << daemon_->log();
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> wrong{0}, lookups{0}, failed{0};
+  std::vector<std::thread> readers;
+  for (int r = 0; r < 2; ++r) {
+    readers.emplace_back([&, r] {
+      const auto& m = *manifest_;
+      const auto& layout = m.FindLayer(1)->layout;
+      const int heads = m.hash.heads_per_layer();
+      std::vector<float> scratch(m.row.dim);
+      std::vector<uint8_t> want(m.row.bytes);
+      for (int i = 0; i < 200000 && !stop.load(); ++i) {  // bounded
+        // The hot set moves every 300 lookups, so the promoter keeps demoting and promoting.
+        const auto idx = HotIndices(m, 1, 32, 100 + (i / 300 % 5) * 200, static_cast<uint32_t>(r * 104729 + i));
+        std::vector<uint8_t> out(idx.size() * m.row.bytes);
+        const absl::Status s = mapped->Lookup(1, 32, idx, absl::MakeSpan(out));
+        // UNAVAILABLE once the daemon is gone: a report failed, the rows are still there to check.
+        if (!s.ok() && s.code() != absl::StatusCode::kUnavailable) {
+          ++failed;
+          continue;
+        }
+        ++lookups;
+        for (size_t k = 0; k < idx.size(); ++k) {
+          SyntheticRow(*m.synthetic_seed, 1, layout.head_offset[k % heads] + idx[k], m.row.dim, m.row.dtype,
+                       scratch.data(), want.data());
+          if (std::memcmp(out.data() + k * m.row.bytes, want.data(), m.row.bytes) != 0) ++wrong;
+        }
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));  // churn
+  const uint64_t hbm_rows_before_stop = mapped->hbm_rows_served(1);
+  EXPECT_EQ(daemon_->Stop(), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // no daemon at all
+  StartHbmDaemon();                                             // a new one on the same socket
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  stop = true;
+  for (auto& t : readers) t.join();
+  EXPECT_EQ(wrong.load(), 0u) << "of " << lookups.load() << " lookups";
+  EXPECT_EQ(failed.load(), 0u);
+  EXPECT_GT(hbm_rows_before_stop, 0u) << "the readers never hit the HBM tier: nothing was tested";
+  EXPECT_GT(lookups.load(), 100u);
+}
+
+// The daemon ends a session (here: the client broke the ring protocol) while that client may still
+// be gathering from HBM slots under its pins: the pins stay watched until the client hangs up.
+TEST_F(ShmTest, ADroppedClientsHbmPinsStayWatchedUntilItHangsUp) {
+  StartHbmDaemon();
+  std::unique_ptr<ShmConnection> c;
+  std::unique_ptr<MappedTable> mapped;
+  ConnectAndMap(&c, &mapped);
+  if (HasFatalFailure()) return;
+  ASSERT_EQ(mapped->hbm_access(), MappedTable::HbmAccess::kHost) << daemon_->log();
+  const int port = daemon_->metrics_port();
+  const std::string readers = "engram_hbm_readers{table=\"demo\",layer=\"1\"}";
+  EXPECT_EQ(MetricValue(port, readers), shm::kPinsPerHbmLayer);
+  c->header()->request_tail.store(123456789);  // a protocol violation: the daemon ends the session
+  ASSERT_TRUE(daemon_->WaitForLog("protocol violation")) << daemon_->log();
+  // Still reading, and still protected: rows exact, pins still watched.
+  for (int i = 0; i < 400; ++i) {
+    const auto idx = HotIndices(*manifest_, 1, 32, 100 + (i / 100 % 4) * 200, static_cast<uint32_t>(i));
+    std::vector<uint8_t> out(idx.size() * manifest_->row.bytes);
+    const absl::Status s = mapped->Lookup(1, 32, idx, absl::MakeSpan(out));
+    ASSERT_TRUE(s.ok() || s.code() == absl::StatusCode::kUnavailable) << s;
+    CheckRows(1, idx, out);
+  }
+  EXPECT_EQ(MetricValue(port, readers), shm::kPinsPerHbmLayer) << daemon_->log();
+  mapped.reset();
+  c.reset();  // the client hangs up: now its pins are let go
+  double left = -1;
+  for (int i = 0; i < 100; ++i) {
+    left = MetricValue(port, readers);
+    if (left == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(left, 0);
+  EXPECT_TRUE(daemon_->running());
 }
 
 // The device path's host half (MappedTable::SplitForDevice, which the CUDA gather uses): with the

@@ -67,6 +67,7 @@ absl::Status HbmTier::Init() {
   header_->total_bytes = index_bytes_;
   // memfd pages start zeroed: keys are empty; slots say "none" (as a store's copy starts).
   for (int b = 0; b < 2; ++b) std::fill(values(b), values(b) + buckets, kNoSlot);
+  header_->detached.store(0, std::memory_order_relaxed);
   header_->generation.store(0, std::memory_order_seq_cst);
   return absl::OkStatus();
 }
@@ -108,6 +109,21 @@ void HbmTier::AddReader(const std::atomic<uint64_t>* pin) {
 void HbmTier::RemoveReader(const std::atomic<uint64_t>* pin) {
   std::lock_guard<std::mutex> lock(readers_mu_);
   std::erase(readers_, pin);
+}
+
+bool HbmTier::Detach(int wait_ms) {
+  header_->detached.store(1, std::memory_order_seq_cst);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+  for (;;) {
+    bool pinned = false;
+    {
+      std::lock_guard<std::mutex> lock(readers_mu_);
+      for (const std::atomic<uint64_t>* pin : readers_) pinned |= pin->load(std::memory_order_seq_cst) != 0;
+    }
+    if (!pinned) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
 }
 
 bool HbmTier::Quiescent() {

@@ -95,6 +95,11 @@ class HbmTier {
   void AddReader(const std::atomic<uint64_t>* pin);
   void RemoveReader(const std::atomic<uint64_t>* pin);
 
+  // Shutdown, after the promoter has stopped: marks the published index detached (readers that
+  // pin from now on read elsewhere) and waits, at most `wait_ms`, for readers already pinned to
+  // let go, so the slots may be freed after it. False when some reader still held a pin.
+  bool Detach(int wait_ms);
+
   // The shared index: a memfd of index_bytes() bytes (writable; hand clients a read-only one).
   int index_fd() const { return index_fd_; }
   uint64_t index_bytes() const { return index_bytes_; }

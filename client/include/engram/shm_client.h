@@ -22,6 +22,7 @@
 #include "engram/shm_protocol.h"
 #include "engram/shm_socket.h"
 #include "tiering/hbm/hbm_sampler.h"
+#include "tiering/layout/ngram_hasher.h"
 
 namespace engram {
 namespace v1 {
@@ -108,7 +109,7 @@ class MappedTable {
     const uint8_t* base = nullptr;
     uint64_t map_bytes = 0;
     uint64_t total_rows = 0;
-    std::vector<uint64_t> head_rows, head_offset;
+    LayerHashLayout layout;  // head sizes and offsets, as the daemon described them
     std::atomic<uint64_t> lookups{0}, rows{0};  // served, not yet reported
     // HBM (see engram/kernels/hbm_probe.h for the index and the pin protocol).
     const kernels::HbmIndexHeader* hbm_index = nullptr;
@@ -130,8 +131,10 @@ class MappedTable {
   // Checks a request like the daemon and turns indices into the layer's rows.
   absl::StatusOr<Layer*> ResolveRows(int layer_id, uint32_t num_tokens, absl::Span<const uint32_t> indices,
                                      uint64_t out_bytes, std::vector<uint64_t>* rows);
-  // A free pin of the layer set to the current generation (returned in *generation), or -1. Call
+  // A free pin of the layer set to the current generation (returned in *generation); -1 when every
+  // pin is in use, kDetached when the daemon detached the index (then nothing is pinned). Call
   // with link_->arena_mu held shared and link_->arena set.
+  static constexpr int kDetached = -2;
   int AcquirePin(Layer* layer, uint64_t* generation);
   void UnpinLocked(Layer* layer, int k);
   void Sample(Layer* layer, absl::Span<const uint64_t> rows);
@@ -148,6 +151,7 @@ class MappedTable {
   std::shared_ptr<Link> link_;
   RemoteTable table_;
   uint64_t row_bytes_ = 0;
+  uint64_t max_batch_rows_ = UINT64_MAX;  // the daemon's limit (TableInfo.max_batch_rows, when it says)
   std::vector<std::unique_ptr<Layer>> layers_;
   HbmAccess hbm_access_ = HbmAccess::kNone;
   uint32_t version_ = 0;  // the connection's protocol

@@ -72,7 +72,8 @@ inline void HbmProbeMany(const uint64_t* keys, const uint32_t* slots, uint64_t b
 //
 // Readers announce the generation they use in a pin (one per client and HBM layer, in the client's
 // own arena): load g, store pin = g + 1, load the generation again and retry if it moved; then
-// probe buffer g % 2 and read the slots it names; store pin = 0 when the rows have been copied
+// check that the index is not detached (else unpin and read elsewhere); probe buffer g % 2 and
+// read the slots it names; store pin = 0 when the rows have been copied
 // (for a GPU gather: when the copy has completed on its stream). engramd publishes a new
 // generation, or rewrites a slot an earlier generation named, only once no pin is below the
 // current generation, so a reader never sees a buffer or a slot change under it.
@@ -90,6 +91,10 @@ struct alignas(64) HbmIndexHeader {
   uint64_t values_offset[2];  // uint32 slot numbers
   uint64_t total_bytes;
   alignas(64) std::atomic<uint64_t> generation;
+  // 1 once engramd has stopped serving this index (it is shutting down: its promoter has stopped
+  // and the slots are about to go away). A reader checks it after pinning and, when set, unpins
+  // and reads the rows from the table instead: nothing protects the slots any more.
+  alignas(64) std::atomic<uint32_t> detached;
 };
 static_assert(std::atomic<uint64_t>::is_always_lock_free);
 #endif
