@@ -13,70 +13,116 @@ std::string CodeName(absl::StatusCode code) {
 
 }  // namespace
 
+LazyCounter::LazyCounter(MetricsRegistry* registry, std::string name, std::string help,
+                         std::vector<std::string> label_names, std::vector<std::string> label_values)
+    : registry_(registry),
+      name_(std::move(name)),
+      help_(std::move(help)),
+      label_names_(std::move(label_names)),
+      label_values_(std::move(label_values)) {}
+
+Counter* LazyCounter::Get() {
+  Counter* c = counter_.load(std::memory_order_acquire);
+  if (c != nullptr) return c;
+  c = registry_->GetCounter(name_, help_, label_names_, label_values_);  // the same series for every racer
+  counter_.store(c, std::memory_order_release);
+  return c;
+}
+
+RequestMetrics::RequestMetrics(MetricsRegistry* registry, const std::string& transport, const std::string& method)
+    : duration_(registry->GetHistogram("engram_request_duration_seconds",
+                                       "Time from a request's arrival to its reply, by transport and method",
+                                       {"transport", "method"}, {transport, method},
+                                       MetricsRegistry::LatencyBucketsSeconds())) {
+  for (int code = 0; code <= kCodes; ++code) {
+    by_code_.push_back(std::make_unique<LazyCounter>(
+        registry, "engram_requests_total", "Requests finished, by transport, method and status code",
+        std::vector<std::string>{"transport", "method", "code"},
+        std::vector<std::string>{transport, method, code < kCodes ? CodeName(static_cast<absl::StatusCode>(code))
+                                                                  : "UNKNOWN"}));
+  }
+  by_code_[0]->Get();  // OK appears from the start
+}
+
+void RequestMetrics::Record(absl::StatusCode code, double seconds) {
+  const int c = static_cast<int>(code);
+  by_code_[c >= 0 && c < kCodes ? c : kCodes]->Get()->Add();
+  duration_->Observe(seconds);
+}
+
+DaemonMetrics::TableSeries::TableSeries(MetricsRegistry* registry, const std::string& table)
+    : rows_requested(registry->GetCounter("engram_lookup_rows_total", "Rows asked for by lookups (repeats included)",
+                                          {"table"}, {table})),
+      rows_read(registry->GetCounter("engram_lookup_rows_read_total",
+                                     "Rows read from tiers for lookups, after in-batch deduplication where it applies",
+                                     {"table"}, {table})),
+      mapped_lookups(registry->GetCounter(
+          "engram_mapped_lookups_total",
+          "Lookups clients served themselves from a mapped table (as they reported them)", {"table"}, {table})),
+      mapped_rows(registry->GetCounter(
+          "engram_mapped_rows_total",
+          "Rows clients gathered themselves from a mapped table (included in engram_lookup_rows_total)", {"table"},
+          {table})) {
+  for (int t = 0; t < kNumTierKinds; ++t) {
+    const std::string tier(kTierNames[t]);
+    tier_rows.push_back(std::make_unique<LazyCounter>(registry, "engram_rows_served_total", "Rows read from each tier",
+                                                      std::vector<std::string>{"table", "tier"},
+                                                      std::vector<std::string>{table, tier}));
+    tier_bytes.push_back(std::make_unique<LazyCounter>(registry, "engram_bytes_served_total",
+                                                       "Row bytes read from each tier",
+                                                       std::vector<std::string>{"table", "tier"},
+                                                       std::vector<std::string>{table, tier}));
+  }
+}
+
 DaemonMetrics::DaemonMetrics(MetricsRegistry* registry) : registry_(registry) {
   registry_->GetGauge("engram_build_info", "engramd version (value is always 1)", {"version"},
                       {ENGRAM_VERSION})
       ->Set(1);
 }
 
-void DaemonMetrics::RecordRequest(const std::string& transport, const std::string& method,
-                                  absl::StatusCode code, double seconds) {
-  registry_
-      ->GetCounter("engram_requests_total", "Requests finished, by transport, method and status code",
-                   {"transport", "method", "code"}, {transport, method, CodeName(code)})
-      ->Add();
-  registry_
-      ->GetHistogram("engram_request_duration_seconds",
-                     "Time from a request's arrival to its reply, by transport and method",
-                     {"transport", "method"}, {transport, method},
-                     MetricsRegistry::LatencyBucketsSeconds())
-      ->Observe(seconds);
+RequestMetrics* DaemonMetrics::Requests(const std::string& transport, const std::string& method) {
+  std::lock_guard<std::mutex> lock(late_mu_);
+  auto& slot = requests_[{transport, method}];
+  if (slot == nullptr) slot = std::make_unique<RequestMetrics>(registry_, transport, method);
+  return slot.get();
+}
+
+DaemonMetrics::TableSeries* DaemonMetrics::SeriesFor(const Table& table) {
+  if (auto it = tables_.find(&table); it != tables_.end()) return it->second.get();
+  std::lock_guard<std::mutex> lock(late_mu_);
+  auto& slot = late_tables_[&table];
+  if (slot == nullptr) slot = std::make_unique<TableSeries>(registry_, table.name());
+  return slot.get();
 }
 
 void DaemonMetrics::RecordLookup(const Table& table, const LookupStats& stats) {
-  registry_
-      ->GetCounter("engram_lookup_rows_total", "Rows asked for by lookups (repeats included)",
-                   {"table"}, {table.name()})
-      ->Add(static_cast<double>(stats.rows_requested));
-  registry_
-      ->GetCounter("engram_lookup_rows_read_total",
-                   "Rows read from tiers for lookups, after in-batch deduplication where it applies",
-                   {"table"}, {table.name()})
-      ->Add(static_cast<double>(stats.rows_read));
+  TableSeries* series = SeriesFor(table);
+  series->rows_requested->Add(static_cast<double>(stats.rows_requested));
+  series->rows_read->Add(static_cast<double>(stats.rows_read));
   for (int t = 0; t < kNumTierKinds; ++t) {
     const uint64_t rows = stats.tiers.rows[t];
     if (rows == 0) continue;
-    const std::string tier(kTierNames[t]);
-    registry_
-        ->GetCounter("engram_rows_served_total", "Rows read from each tier", {"table", "tier"},
-                     {table.name(), tier})
-        ->Add(static_cast<double>(rows));
-    registry_
-        ->GetCounter("engram_bytes_served_total", "Row bytes read from each tier", {"table", "tier"},
-                     {table.name(), tier})
-        ->Add(static_cast<double>(rows * table.row_bytes()));
+    series->tier_rows[t]->Get()->Add(static_cast<double>(rows));
+    series->tier_bytes[t]->Get()->Add(static_cast<double>(rows * table.row_bytes()));
   }
 }
 
 void DaemonMetrics::RecordMappedLookups(const Table& table, uint64_t lookups, uint64_t rows, TierKind tier) {
-  registry_
-      ->GetCounter("engram_mapped_lookups_total",
-                   "Lookups clients served themselves from a mapped table (as they reported them)", {"table"},
-                   {table.name()})
-      ->Add(static_cast<double>(lookups));
+  TableSeries* series = SeriesFor(table);
+  series->mapped_lookups->Add(static_cast<double>(lookups));
   LookupStats stats;
   stats.rows_requested = stats.rows_read = rows;
   stats.tiers.rows[static_cast<int>(tier)] = rows;
   RecordLookup(table, stats);
-  registry_
-      ->GetCounter("engram_mapped_rows_total",
-                   "Rows clients gathered themselves from a mapped table (included in engram_lookup_rows_total)",
-                   {"table"}, {table.name()})
-      ->Add(static_cast<double>(rows));
+  series->mapped_rows->Add(static_cast<double>(rows));
 }
 
 void DaemonMetrics::RecordTables(const Engine& engine, bool hbm_enabled) {
   const auto tables = engine.tables();
+  for (const Table* table : tables) {
+    if (!tables_.contains(table)) tables_[table] = std::make_unique<TableSeries>(registry_, table->name());
+  }
   registry_->GetGauge("engram_tables_loaded", "Tables being served", {}, {})->Set(tables.size());
   for (const Table* table : tables) {
     registry_

@@ -27,18 +27,16 @@ absl::Status DecodeU32(const std::string& bytes, const char* field, std::vector<
 
 class RequestTimer {
  public:
-  RequestTimer(DaemonMetrics* metrics, const char* method)
-      : metrics_(metrics), method_(method), start_(std::chrono::steady_clock::now()) {}
+  explicit RequestTimer(RequestMetrics* metrics) : metrics_(metrics), start_(std::chrono::steady_clock::now()) {}
   grpc::Status Finish(const absl::Status& s) {
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    metrics_->RecordRequest("grpc", method_, s.code(), seconds);
+    metrics_->Record(s.code(), seconds);
     return ToGrpc(s);
   }
 
  private:
-  DaemonMetrics* metrics_;
-  const char* method_;
+  RequestMetrics* metrics_;
   std::chrono::steady_clock::time_point start_;
 };
 
@@ -114,7 +112,7 @@ absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request, v1::L
 
 grpc::Status EngramGrpcService::Lookup(grpc::ServerContext*, const v1::LookupRequest* request,
                                        v1::LookupResponse* response) {
-  RequestTimer timer(metrics_, "Lookup");
+  RequestTimer timer(lookup_metrics_);
   return timer.Finish(DoLookup(*request, response));
 }
 
@@ -122,7 +120,7 @@ grpc::Status EngramGrpcService::LookupStream(
     grpc::ServerContext*, grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) {
   v1::LookupRequest request;
   while (stream->Read(&request)) {
-    RequestTimer timer(metrics_, "LookupStream");
+    RequestTimer timer(stream_metrics_);
     v1::LookupResponse response;
     const absl::Status s = DoLookup(request, &response);
     timer.Finish(s);
@@ -179,13 +177,13 @@ absl::Status EngramGrpcService::DoLookupTokens(const v1::LookupTokensRequest& re
 
 grpc::Status EngramGrpcService::LookupTokens(grpc::ServerContext*, const v1::LookupTokensRequest* request,
                                              v1::LookupTokensResponse* response) {
-  RequestTimer timer(metrics_, "LookupTokens");
+  RequestTimer timer(tokens_metrics_);
   return timer.Finish(DoLookupTokens(*request, response));
 }
 
 grpc::Status EngramGrpcService::Prefetch(grpc::ServerContext*, const v1::PrefetchRequest* request,
                                          v1::PrefetchResponse* response) {
-  RequestTimer timer(metrics_, "Prefetch");
+  RequestTimer timer(prefetch_metrics_);
   if (draining_.load()) return timer.Finish(Draining());
   const Table* table = engine_->FindTable(request->table());
   if (table == nullptr) {
@@ -203,7 +201,7 @@ grpc::Status EngramGrpcService::Prefetch(grpc::ServerContext*, const v1::Prefetc
 
 grpc::Status EngramGrpcService::ListTables(grpc::ServerContext*, const v1::ListTablesRequest*,
                                            v1::ListTablesResponse* response) {
-  RequestTimer timer(metrics_, "ListTables");
+  RequestTimer timer(list_metrics_);
   for (const Table* table : engine_->tables()) {
     FillTableInfo(*table, engine_->options().max_batch_rows, response->add_tables());
     response->mutable_tables()->rbegin()->mutable_hash()->clear_compress_lut();  // GetTable has it
@@ -213,7 +211,7 @@ grpc::Status EngramGrpcService::ListTables(grpc::ServerContext*, const v1::ListT
 
 grpc::Status EngramGrpcService::GetTable(grpc::ServerContext*, const v1::GetTableRequest* request,
                                          v1::TableInfo* response) {
-  RequestTimer timer(metrics_, "GetTable");
+  RequestTimer timer(get_metrics_);
   const Table* table = engine_->FindTable(request->table());
   if (table == nullptr) {
     return timer.Finish(absl::NotFoundError(absl::StrCat("no table named '", request->table(), "'")));

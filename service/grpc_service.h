@@ -17,7 +17,15 @@ void FillTableInfo(const Table& table, uint64_t max_batch_rows, v1::TableInfo* i
 
 class EngramGrpcService final : public v1::Engram::Service {
  public:
-  EngramGrpcService(Engine* engine, DaemonMetrics* metrics) : engine_(engine), metrics_(metrics) {}
+  EngramGrpcService(Engine* engine, DaemonMetrics* metrics)
+      : engine_(engine),
+        metrics_(metrics),
+        lookup_metrics_(metrics->Requests("grpc", "Lookup")),
+        stream_metrics_(metrics->Requests("grpc", "LookupStream")),
+        tokens_metrics_(metrics->Requests("grpc", "LookupTokens")),
+        prefetch_metrics_(metrics->Requests("grpc", "Prefetch")),
+        list_metrics_(metrics->Requests("grpc", "ListTables")),
+        get_metrics_(metrics->Requests("grpc", "GetTable")) {}
 
   // While draining, new requests get UNAVAILABLE.
   void set_draining(bool draining) { draining_.store(draining); }
@@ -42,6 +50,13 @@ class EngramGrpcService final : public v1::Engram::Service {
 
   Engine* engine_;
   DaemonMetrics* metrics_;
+  // Each method's request series, resolved once.
+  RequestMetrics* lookup_metrics_;
+  RequestMetrics* stream_metrics_;
+  RequestMetrics* tokens_metrics_;
+  RequestMetrics* prefetch_metrics_;
+  RequestMetrics* list_metrics_;
+  RequestMetrics* get_metrics_;
   std::atomic<bool> draining_{false};
 };
 

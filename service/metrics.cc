@@ -163,12 +163,27 @@ Histogram* MetricsRegistry::GetHistogram(const std::string& name, const std::str
 }
 
 std::string MetricsRegistry::Render() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  // The lock is held only to list the series (families and series are never removed and their
+  // names never change, so the pointers stay good); values are read and formatted without it,
+  // so a scrape never keeps a request that creates a series waiting for the whole rendering.
+  std::vector<std::pair<const Family*, std::vector<const Series*>>> snapshot;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    snapshot.reserve(families_.size());
+    for (const auto& f : families_) {
+      std::vector<const Series*> series;
+      series.reserve(f->series.size());
+      for (const auto& [values, s] : f->series) series.push_back(&s);
+      snapshot.emplace_back(f.get(), std::move(series));
+    }
+  }
   std::string out;
-  for (const auto& f : families_) {
+  for (const auto& [f, series] : snapshot) {
     const char* type = f->type == Type::kCounter ? "counter" : f->type == Type::kGauge ? "gauge" : "histogram";
     absl::StrAppend(&out, "# HELP ", f->name, " ", EscapeHelp(f->help), "\n# TYPE ", f->name, " ", type, "\n");
-    for (const auto& [values, s] : f->series) {
+    for (const Series* sp : series) {
+      const Series& s = *sp;
+      const std::vector<std::string>& values = s.label_values;
       if (s.counter) {
         absl::StrAppend(&out, f->name, Labels(f->label_names, values), " ", FormatValue(s.counter->value()), "\n");
       } else if (s.gauge) {

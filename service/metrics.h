@@ -1,7 +1,8 @@
 // A small Prometheus registry and text exposition (format 0.0.4). Families are counters, gauges
 // or histograms with fixed label names; each labelled series is created on first use and lives
 // as long as the registry, so hot paths may keep the returned pointer. Thread-safe: series
-// updates are atomic; creating a series and rendering take a mutex.
+// updates are atomic; creating a series takes a mutex, which rendering holds only to list the
+// series (not while it formats them). Hot paths resolve their series once and never lock.
 #ifndef ENGRAM_SERVICE_METRICS_H_
 #define ENGRAM_SERVICE_METRICS_H_
 

@@ -651,6 +651,8 @@ void ShmServer::Serve(Session* session) {
   client.mapped.assign(tables.size(), false);
   client.hbm_mapped.assign(tables.size(), false);
   uint32_t head = 0, completion_tail = 0;  // the daemon's own copies; shared ones are only published
+  RequestMetrics* const lookup_metrics = metrics_->Requests("shm", "Lookup");  // resolved once per session
+  RequestMetrics* const prefetch_metrics = metrics_->Requests("shm", "Prefetch");
   std::vector<uint32_t> indices;
   for (;;) {
     const uint32_t tail = h->request_tail.load(std::memory_order_acquire);
@@ -712,7 +714,6 @@ void ShmServer::Serve(Session* session) {
     c.request_id = d.request_id;
     absl::Status s;
     const Table* table = d.table_id < tables.size() ? tables[d.table_id] : nullptr;
-    const char* method = d.op == static_cast<uint32_t>(shm::Op::kPrefetch) ? "Prefetch" : "Lookup";
     const uint8_t* index_bytes = arena.DataRange(d.indices_offset, d.indices_bytes);
     if (draining_.load()) {
       s = absl::UnavailableError("engramd is shutting down; reconnect to the restarted daemon");
@@ -751,8 +752,8 @@ void ShmServer::Serve(Session* session) {
       }
     }
     SetMessage(&c, s);
-    metrics_->RecordRequest("shm", method, s.code(),
-                            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    (d.op == static_cast<uint32_t>(shm::Op::kPrefetch) ? prefetch_metrics : lookup_metrics)
+        ->Record(s.code(), std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     // Post the completion; a client that stops consuming only stalls its own session.
     for (;;) {
       const uint32_t consumed = h->completion_head.load(std::memory_order_acquire);
