@@ -634,7 +634,7 @@ int Main(int argc, char** argv) {
     uint64_t n = 0;
     if (table == nullptr) return 0;
     for (const auto& layer : table->layers()) {
-      if (const auto* t = dynamic_cast<const CachedNvmeTier*>(layer.tier.get())) n += t->reader().stats().reads.load();
+      if (const NvmeReader* nvme = layer.tier->nvme()) n += nvme->stats().reads.load();
     }
     return n;
   };
@@ -687,12 +687,12 @@ int Main(int argc, char** argv) {
   RunResult ceiling_run, same_rows_run;
   const bool measure_ceiling = ceiling && target == "inproc" && table != nullptr && table->resident();
   if (measure_ceiling) {
-    std::vector<const DramResidentTier*> tiers;
+    std::vector<const RowTier*> tiers;
     std::vector<std::vector<uint64_t>> uniform_rows, workload_rows;
     std::mt19937_64 rng(static_cast<uint64_t>(seed) + 99);
     for (const auto& b : *batches) {
       const Table::Layer* layer = table->FindLayer(b.layer_id);
-      tiers.push_back(dynamic_cast<const DramResidentTier*>(layer->tier.get()));
+      tiers.push_back(layer->tier.get());
       std::uniform_int_distribution<uint64_t> any_row(0, layer->tier->total_rows() - 1);
       std::vector<uint64_t> u(rows_per_request), w(rows_per_request);
       const auto& layout = layer->pack_layer->layout;
@@ -710,7 +710,7 @@ int Main(int argc, char** argv) {
     auto gather = [&](const std::vector<std::vector<uint64_t>>& rows_of, int t, uint64_t i) {
       const size_t k = i % rows_of.size();
       const std::vector<uint64_t>& rows = rows_of[k];
-      const uint8_t* base = tiers[k]->row(0);
+      const uint8_t* base = tiers[k]->resident_rows();
       uint8_t* out = outs[t].data();
       const size_t piece = engine->options().rows_per_piece;
       const int pieces = static_cast<int>((rows.size() + piece - 1) / piece);

@@ -1,7 +1,9 @@
 #include "service/daemon_metrics.h"
 
 #include "absl/strings/str_cat.h"
-#include "tiering/cached_tier.h"
+#include "tiering/cache/row_cache.h"
+#include "tiering/cache/zipf_estimator.h"
+#include "tiering/nvme_reader.h"
 
 namespace engram {
 namespace {
@@ -211,11 +213,13 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
           ->Set(static_cast<double>(hbm_bytes));
     }
     for (const auto& layer : table->layers()) {
-      const auto* tier = dynamic_cast<const CachedNvmeTier*>(layer.tier.get());
-      if (tier == nullptr) continue;
+      const RowTier* tier = layer.tier.get();
+      const NvmeReader* nvme = tier->nvme();
+      if (nvme == nullptr) continue;
+      const TierActivity activity = tier->activity();
       const std::vector<std::string> labels = {table->name(), absl::StrCat(layer.pack_layer->id)};
       const std::vector<std::string> names = {"table", "layer"};
-      const NvmeStats& io = tier->reader().stats();
+      const NvmeStats& io = nvme->stats();
       // Counters mirror the tier's own monotonic counts: set by adding the difference.
       auto mirror = [&](const std::string& name, const std::string& help, uint64_t value) {
         Counter* c = registry_->GetCounter(name, help, names, labels);
@@ -236,9 +240,9 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
       mirror("engram_nvme_rings_abandoned_total", "io_uring rings given up after a failed wait with reads in flight",
              io.rings_abandoned.load());
       mirror("engram_nvme_shared_reads_total", "Rows a request took from another request's read in flight",
-             tier->shared_reads());
+             activity.shared_reads);
       registry_->GetGauge("engram_nvme_io_engine", "NVMe read engine in use (1 for the engine in use)",
-                          {"table", "layer", "engine"}, {labels[0], labels[1], std::string(tier->reader().engine_name())})
+                          {"table", "layer", "engine"}, {labels[0], labels[1], std::string(nvme->engine_name())})
           ->Set(1);
       const RowCache* cache = tier->cache();
       if (cache == nullptr) continue;
@@ -248,15 +252,15 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
           "Prefetched rows by outcome: useful (demand hit them), late (demand waited on their read), "
           "wasted (evicted or refused unused)";
       const std::pair<const char*, uint64_t> outcomes[] = {
-          {"useful", s.prefetch_useful}, {"late", tier->prefetch_late()}, {"wasted", s.prefetch_wasted}};
+          {"useful", s.prefetch_useful}, {"late", activity.prefetch_late}, {"wasted", s.prefetch_wasted}};
       for (const auto& [outcome, value] : outcomes) {
         Counter* c = registry_->GetCounter("engram_prefetch_rows_total", prefetch_help, outcome_names,
                                            {labels[0], labels[1], outcome});
         if (static_cast<double>(value) > c->value()) c->Add(static_cast<double>(value) - c->value());
       }
-      mirror("engram_prefetch_requested_rows_total", "Distinct rows asked for by Prefetch", tier->prefetch_requested());
+      mirror("engram_prefetch_requested_rows_total", "Distinct rows asked for by Prefetch", activity.prefetch_requested);
       mirror("engram_prefetch_dropped_rows_total", "Prefetch rows dropped because the queue was full",
-             tier->prefetch_dropped());
+             activity.prefetch_dropped);
       mirror("engram_cache_hits_total", "DRAM cache lookups that found the row", s.hits);
       mirror("engram_cache_misses_total", "DRAM cache lookups that did not", s.misses);
       mirror("engram_cache_evictions_total", "Rows evicted from the DRAM cache", s.evictions);
@@ -267,7 +271,7 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
       const double lookups = static_cast<double>(s.hits + s.misses);
       registry_->GetGauge("engram_cache_hit_ratio", "Share of DRAM cache lookups that hit, since start", names, labels)
           ->Set(lookups > 0 ? static_cast<double>(s.hits) / lookups : 0);
-      if (const auto alpha = tier->frequency().Alpha()) {
+      if (const auto alpha = tier->frequency() ? tier->frequency()->Alpha() : std::nullopt) {
         registry_->GetGauge("engram_cache_zipf_alpha", "Zipf exponent fitted to the layer's row accesses", names, labels)
             ->Set(*alpha);
         registry_

@@ -119,13 +119,14 @@ absl::Status LoadTables(const std::vector<std::string>& pack_dirs, const Placeme
                                       {"row_bytes", absl::StrCat((*table)->row_bytes())},
                                       {"tier", std::string(layer.tier->description())},
                                       {"dram_bytes", absl::StrCat(layer.tier->resident_bytes())}};
-      if (const auto* cached = dynamic_cast<const CachedNvmeTier*>(layer.tier.get())) {
-        fields.push_back({"cache_rows", absl::StrCat(cached->cache() ? cached->cache()->capacity_rows() : 0)});
-        fields.push_back({"cache_policy", cached->cache() ? cached->cache()->policy().name : "none"});
-        fields.push_back({"nvme_io", std::string(cached->reader().engine_name())});
-        fields.push_back({"o_direct", cached->reader().direct() ? "true" : "false"});
-        fields.push_back({"block_checksums", cached->reader().verified() ? "verified-on-read" : "none"});
-        fields.push_back({"checksum_bytes", absl::StrCat(cached->reader().checksum_bytes())});
+      if (const NvmeReader* nvme = layer.tier->nvme()) {
+        const RowCache* cache = layer.tier->cache();
+        fields.push_back({"cache_rows", absl::StrCat(cache ? cache->capacity_rows() : 0)});
+        fields.push_back({"cache_policy", cache ? cache->policy().name : "none"});
+        fields.push_back({"nvme_io", std::string(nvme->engine_name())});
+        fields.push_back({"o_direct", nvme->direct() ? "true" : "false"});
+        fields.push_back({"block_checksums", nvme->verified() ? "verified-on-read" : "none"});
+        fields.push_back({"checksum_bytes", absl::StrCat(nvme->checksum_bytes())});
       } else {
         fields.push_back({"checksum", table_options.verify_checksums ? "verified" : "skipped"});
       }

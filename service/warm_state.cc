@@ -46,9 +46,9 @@ absl::Status WarmTables(const Engine& engine, StateStore* store, const std::vect
       continue;
     }
     for (const auto& layer : table->layers()) {
-      auto* tier = dynamic_cast<CachedNvmeTier*>(layer.tier.get());
+      RowTier* tier = layer.tier.get();
       const LayerHotSet* rows = hot->FindLayer(layer.pack_layer->id);
-      if (tier == nullptr || tier->cache() == nullptr || rows == nullptr) continue;
+      if (tier->cache() == nullptr || rows == nullptr) continue;
       const auto start = std::chrono::steady_clock::now();
       auto placed = tier->Warm(rows->rows);
       if (!placed.ok()) return placed.status();
@@ -70,8 +70,8 @@ absl::Status SnapshotHotSets(const Engine& engine, StateStore* store) {
     hot.fingerprint = PackFingerprint(table->manifest());
     uint64_t rows = 0;
     for (const auto& layer : table->layers()) {
-      const auto* tier = dynamic_cast<const CachedNvmeTier*>(layer.tier.get());
-      if (tier == nullptr || tier->cache() == nullptr) continue;
+      const RowTier* tier = layer.tier.get();
+      if (tier->cache() == nullptr) continue;
       hot.layers.push_back({layer.pack_layer->id, tier->cache()->HotSet(tier->cache()->capacity_rows())});
       rows += hot.layers.back().rows.size();
     }

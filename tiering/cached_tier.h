@@ -35,11 +35,16 @@ class CachedNvmeTier final : public RowTier {
   bool dedup_saves_reads() const override { return true; }
   absl::string_view description() const override { return cache_ ? "dram-cache+nvme" : "nvme"; }
 
-  RowCache* cache() const { return cache_.get(); }
+  const RowCache* cache() const override { return cache_.get(); }
+  RowCache* mutable_cache() const { return cache_.get(); }
   const NvmeReader& reader() const { return *reader_; }
+  const NvmeReader* nvme() const override { return reader_.get(); }
   uint64_t shared_reads() const { return shared_reads_.load(std::memory_order_relaxed); }
   // The frequency model of this layer's row stream (rows read by lookups, after dedup).
-  const ZipfEstimator& frequency() const { return frequency_; }
+  const ZipfEstimator* frequency() const override { return &frequency_; }
+  TierActivity activity() const override {
+    return {shared_reads(), prefetch_requested(), prefetch_dropped(), prefetch_late()};
+  }
 
   PrefetchCounts Prefetch(absl::Span<const uint64_t> rows) override;
   ~CachedNvmeTier() override;
@@ -50,7 +55,7 @@ class CachedNvmeTier final : public RowTier {
 
   // Reads `rows` from NVMe and places them in the cache, hottest first, while it has free slots
   // (a warm start). Returns how many rows were placed.
-  absl::StatusOr<uint64_t> Warm(absl::Span<const std::pair<uint64_t, uint32_t>> hot_rows);
+  absl::StatusOr<uint64_t> Warm(absl::Span<const std::pair<uint64_t, uint32_t>> hot_rows) override;
 
  private:
   struct Pending {

@@ -68,6 +68,7 @@ class DramResidentTier final : public RowTier {
     return region_.fd() >= 0 ? "dram-resident-shared" : "dram-resident";
   }
   int shared_fd() const override { return region_.fd(); }
+  const uint8_t* resident_rows() const override { return region_.data(); }
 
   const uint8_t* row(uint64_t r) const { return region_.data() + r * static_cast<uint64_t>(row_bytes_); }
 

@@ -16,9 +16,11 @@
 
 #include <array>
 #include <cstdint>
+#include <utility>
 #include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 
 namespace engram {
@@ -40,6 +42,18 @@ struct TierCounts {
   void Add(const TierCounts& other) {
     for (int i = 0; i < kNumTierKinds; ++i) rows[i] += other.rows[i];
   }
+};
+
+class RowCache;
+class NvmeReader;
+class ZipfEstimator;
+
+// Counts a tier keeps about requests that met in it and about prefetch (zero where none apply).
+struct TierActivity {
+  uint64_t shared_reads = 0;        // rows a request took from another request's read in flight
+  uint64_t prefetch_requested = 0;  // distinct rows asked for by Prefetch
+  uint64_t prefetch_dropped = 0;    // ... dropped because the queue was full
+  uint64_t prefetch_late = 0;       // demand found a row its prefetch was still reading
 };
 
 class RowTier {
@@ -74,6 +88,24 @@ class RowTier {
   // A sealed, read-only memfd holding all total_rows() rows back to back, which clients on this
   // host may map and gather from themselves; -1 when the tier has none. Owned by the tier.
   virtual int shared_fd() const { return -1; }
+
+  // Optional capabilities; a tier without one answers null / nothing.
+  // The rows themselves, back to back, when the tier holds them all in memory (benchmarks).
+  virtual const uint8_t* resident_rows() const { return nullptr; }
+  // The DRAM row cache in front of a slower tier (its stats, its hot set for snapshots).
+  virtual const RowCache* cache() const { return nullptr; }
+  // The device the tier reads from (engine, O_DIRECT, block checksums, I/O stats).
+  virtual const NvmeReader* nvme() const { return nullptr; }
+  // The frequency model of the rows this tier was asked for.
+  virtual const ZipfEstimator* frequency() const { return nullptr; }
+  // What the tier did for concurrent requests and prefetch, since start.
+  virtual TierActivity activity() const { return {}; }
+  // Places `hot_rows` (row, count; hottest first) in the cache while it has room: a warm start.
+  // Returns how many were placed; 0 for tiers without a cache.
+  virtual absl::StatusOr<uint64_t> Warm(absl::Span<const std::pair<uint64_t, uint32_t>> hot_rows) {
+    (void)hot_rows;
+    return 0;
+  }
 };
 
 }  // namespace engram
