@@ -1,7 +1,8 @@
-// ShmServer: engramd's shared-memory transport (protocol in client/include/engram/shm_protocol.h).
-// One listening Unix socket; per connected client, a session thread that owns the client's arena
-// and serves its request ring until the client goes away (socket closed) or breaks the protocol.
-// Start/Stop from one thread; sessions run on their own threads.
+// ShmServer: engramd's shared-memory transport (the wire protocol is engram_shm's:
+// engram/shm_protocol.h). The listener and admission: one Unix socket (mode 0660), each accepted
+// peer's credentials checked (shm_admission.h), and per admitted client a ShmSession
+// (shm_session.h) on its own thread until the client goes away or breaks the protocol.
+// Start/Stop from one thread.
 #ifndef ENGRAM_SERVICE_SHM_SERVER_H_
 #define ENGRAM_SERVICE_SHM_SERVER_H_
 
@@ -16,8 +17,9 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "engram/shm_socket.h"
+#include "absl/base/thread_annotations.h"
 #include "service/daemon_metrics.h"
+#include "service/shm_session.h"
 #include "tiering/engine.h"
 
 namespace engram {
@@ -40,39 +42,26 @@ class ShmServer {
   ~ShmServer();
 
   absl::Status Start();
-  // Closes the listener and every session; joins their threads.
+  // Closes the listener and every session; joins their threads. At shutdown, stop the HBM
+  // promoter (and detach the HBM tiers) first: sessions hold the clients' pins.
   void Stop();
   void set_draining(bool draining) { draining_.store(draining); }
   const std::string& socket_path() const { return path_; }
   size_t sessions() const;
 
  private:
-  struct Session;
-  struct ClientState;
   void AcceptLoop();
-  void Serve(Session* session);
-  // Returns once the peer has closed its end of `sock` (or the server stops).
-  void WaitForHangUp(int sock);
-  // A frame on a session's socket (OpenTable, MapTable, CounterReport, MapHbm, AccessReport). An
-  // error ends the session.
-  absl::Status HandleControlFrame(const shm::Frame& frame, int sock, const std::vector<const Table*>& tables,
-                                  ClientState* client, const std::string& who);
-  absl::Status HandleMapHbm(const shm::Frame& frame, int sock, const std::vector<const Table*>& tables,
-                            ClientState* client, const std::string& who);
-  absl::Status HandleAccessReport(const shm::Frame& frame, const std::vector<const Table*>& tables,
-                                  ClientState* client, const std::string& who);
 
-  Engine* engine_;
-  DaemonMetrics* metrics_;
   ShmServerOptions options_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> draining_{false};
+  const ShmSessionContext context_;  // what every session shares; points into this object
   std::string path_;
   int listen_fd_ = -1;
   bool bound_ = false;
-  std::atomic<bool> stopping_{false};
-  std::atomic<bool> draining_{false};
   std::thread acceptor_;
   mutable std::mutex mu_;
-  std::list<std::unique_ptr<Session>> sessions_;
+  std::list<std::unique_ptr<ShmSession>> sessions_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace engram

@@ -23,6 +23,7 @@
 #include <thread>
 
 #include "engram/client.h"
+#include "client/shm_testing.h"
 #include "engram/shm_client.h"
 #include "gtest/gtest.h"
 #include "tests/integration/daemon_process.h"
@@ -115,7 +116,7 @@ uint64_t Scribble(const PackManifest& m, const std::string& socket, int passes) 
   const int heads = m.hash.heads_per_layer();
   constexpr uint32_t kTokens = 64;
   const uint64_t out_offset = 1 << 20, out_bytes = uint64_t{kTokens} * heads * m.row.bytes;
-  uint8_t* data = (*conn)->data();
+  uint8_t* data = ShmConnectionTestPeer::data(**conn);
   std::atomic<bool> stop{false};
   std::thread scribbler([&] {
     while (!stop.load(std::memory_order_relaxed)) std::memset(data + out_offset, 0x5a, out_bytes);
@@ -138,8 +139,8 @@ uint64_t Scribble(const PackManifest& m, const std::string& socket, int passes) 
         d.indices_bytes = uint64_t{n} * heads * 4;
         d.out_offset = out_offset;
         d.out_bytes = uint64_t{n} * heads * m.row.bytes;
-        EXPECT_TRUE((*conn)->Post(d).ok());
-        auto c = (*conn)->WaitCompletion();
+        EXPECT_TRUE(ShmConnectionTestPeer::Post(**conn, d).ok());
+        auto c = ShmConnectionTestPeer::WaitCompletion(**conn);
         EXPECT_TRUE(c.ok()) << c.status();
         if (c.ok() && c->request_id == d.request_id) ++completed;
       }
@@ -156,6 +157,8 @@ struct ScribbleCase {
   std::vector<std::string> flags;  // besides --pack; "BUDGET" becomes a fifth of the pack
   bool resident;
 };
+
+void PrintTo(const ScribbleCase& c, std::ostream* os) { *os << c.name; }
 
 class ScribblerTest : public ::testing::TestWithParam<ScribbleCase> {
  protected:
