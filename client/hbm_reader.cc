@@ -17,8 +17,8 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "engram/kernels/gather_host.h"
 #include "client/shm_internal.h"
+#include "engram/kernels/gather_host.h"
 #include "engram/shm_socket.h"
 #include "engram/v1/engram.pb.h"
 #include "tiering/layout/request_rows.h"
@@ -38,7 +38,8 @@ absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& inf
   if (!got.ok()) return got.status();
   shm::Frame frame = std::move(*got);
   FdsCloser closer{&frame.fds};
-  if (reply.layers != static_cast<uint32_t>(info.layers_size()) || body.size() != reply.layers * sizeof(shm::HbmLayer)) {
+  if (reply.layers != static_cast<uint32_t>(info.layers_size()) ||
+      body.size() != reply.layers * sizeof(shm::HbmLayer)) {
     return absl::DataLossError("engramd's HBM map reply does not match the table's layout");
   }
   std::vector<shm::HbmLayer> layers(reply.layers);
@@ -64,7 +65,8 @@ absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& inf
   auto map_ro = [](int fd, uint64_t bytes) -> const uint8_t* {
     struct stat st {};
     const int seals = fcntl(fd, F_GET_SEALS);
-    if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes || seals < 0 || (seals & F_SEAL_SHRINK) == 0) {
+    if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes || seals < 0 ||
+        (seals & F_SEAL_SHRINK) == 0) {
       return nullptr;
     }
     void* p = mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);
@@ -73,8 +75,8 @@ absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& inf
   for (uint32_t i = 0; i < reply.layers; ++i) {
     const shm::HbmLayer& m = layers[i];
     const MappedTable::Layer* layer = i < mapped->layers_.size() ? mapped->layers_[i].get() : nullptr;
-    const bool kind_ok = m.kind == (host ? static_cast<uint32_t>(shm::HbmKind::kHost)
-                                         : static_cast<uint32_t>(shm::HbmKind::kCuda));
+    const bool kind_ok =
+        m.kind == (host ? static_cast<uint32_t>(shm::HbmKind::kHost) : static_cast<uint32_t>(shm::HbmKind::kCuda));
     const bool pins_ok = m.first_pin <= shm::kMaxHbmPins - shm::kPinsPerHbmLayer;
     const uint8_t* index = (layer != nullptr && kind_ok && pins_ok && m.row_bytes == mapped->row_bytes_ &&
                             m.layer_id == layer->id && m.index_bytes >= sizeof(kernels::HbmIndexHeader))
@@ -89,9 +91,9 @@ absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& inf
     staged[i].index_bytes = m.index_bytes;
     const kernels::HbmIndexHeader* h = staged[i].index;
     const uint64_t buckets = h->bucket_mask + 1;
-    bool ok = h->magic == kernels::kHbmIndexMagic && h->version == kernels::kHbmIndexVersion &&
-              h->slots == m.slots && h->row_bytes == m.row_bytes && (buckets & h->bucket_mask) == 0 &&
-              buckets <= (m.index_bytes >> 3) && h->total_bytes == m.index_bytes;
+    bool ok = h->magic == kernels::kHbmIndexMagic && h->version == kernels::kHbmIndexVersion && h->slots == m.slots &&
+              h->row_bytes == m.row_bytes && (buckets & h->bucket_mask) == 0 && buckets <= (m.index_bytes >> 3) &&
+              h->total_bytes == m.index_bytes;
     for (int b = 0; ok && b < 2; ++b) {
       ok = h->keys_offset[b] % 8 == 0 && h->values_offset[b] % 4 == 0 && h->keys_offset[b] <= m.index_bytes &&
            buckets * 8 <= m.index_bytes - h->keys_offset[b] && h->values_offset[b] <= m.index_bytes &&
@@ -123,9 +125,9 @@ absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& inf
     layer->first_pin = layers[i].first_pin;
     layer->hbm_info = layers[i];
     // Each process and layer draws its own sample positions.
-    layer->sampler = HbmSampler(shm::kAccessSampleEvery,
-                                0x9e3779b97f4a7c15ULL ^ (static_cast<uint64_t>(getpid()) << 20) ^
-                                    static_cast<uint64_t>(static_cast<uint32_t>(layer->id)));
+    layer->sampler =
+        HbmSampler(shm::kAccessSampleEvery, 0x9e3779b97f4a7c15ULL ^ (static_cast<uint64_t>(getpid()) << 20) ^
+                                                static_cast<uint64_t>(static_cast<uint32_t>(layer->id)));
   }
   // A GPU store's slots are reached through its IPC handles on the device path; the host path
   // (Lookup) gathers from host stores only.
@@ -134,8 +136,8 @@ absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& inf
 }
 
 absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id, uint32_t num_tokens,
-                                                                  absl::Span<const uint32_t> indices,
-                                                                  uint32_t* sources, uint8_t* staged) {
+                                                                   absl::Span<const uint32_t> indices,
+                                                                   uint32_t* sources, uint8_t* staged) {
   // Counts and samples go out as from Lookup (before the pin: a daemon that is gone is an error).
   if (NowNs() - last_report_ns_.load(std::memory_order_relaxed) >= report_interval_ns_) {
     if (absl::Status s = ReportCounters(); !s.ok()) return s;
@@ -146,10 +148,11 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   if (!resolved.ok()) return resolved.status();
   Layer* layer = *resolved;
   if (layer->hbm_index == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat("table '", table_.name, "' layer ", layer_id, " has no HBM tier"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("table '", table_.name, "' layer ", layer_id, " has no HBM tier"));
   }
   thread_local std::vector<uint64_t> missed;  // positions the staging takes, in order
-  missed.reserve(rows.size());  // before the pin: nothing may throw while it is held
+  missed.reserve(rows.size());                // before the pin: nothing may throw while it is held
   std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
   if (link_->arena == nullptr) return absl::FailedPreconditionError("the connection to engramd is closed");
   uint64_t g = 0;

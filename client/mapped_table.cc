@@ -16,8 +16,8 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "engram/kernels/gather_host.h"
 #include "client/shm_internal.h"
+#include "engram/kernels/gather_host.h"
 #include "engram/shm_socket.h"
 #include "engram/v1/engram.pb.h"
 #include "tiering/layout/request_rows.h"
@@ -65,8 +65,8 @@ absl::StatusOr<std::unique_ptr<MappedTable>> ShmConnection::MapTable(const Remot
     if (m.layer_id != static_cast<int32_t>(layer_info.id()) || m.total_rows != layer_info.total_rows() ||
         m.row_bytes != table.row_bytes || fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != m.file_bytes ||
         m.file_bytes < m.total_rows * m.row_bytes) {
-      return absl::DataLossError(
-          absl::StrCat("engramd's mapping of '", table.name, "' layer ", layer_info.id(), " does not match its layout"));
+      return absl::DataLossError(absl::StrCat("engramd's mapping of '", table.name, "' layer ", layer_info.id(),
+                                              " does not match its layout"));
     }
     // The daemon sealed the file against shrinking: a mapped row can never turn into SIGBUS.
     if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) {
@@ -119,8 +119,8 @@ uint64_t MappedTable::mapped_bytes() const {
 }
 
 absl::StatusOr<MappedTable::Layer*> MappedTable::ResolveRows(int layer_id, uint32_t num_tokens,
-                                                           absl::Span<const uint32_t> indices, uint64_t out_bytes,
-                                                           std::vector<uint64_t>* rows) {
+                                                             absl::Span<const uint32_t> indices, uint64_t out_bytes,
+                                                             std::vector<uint64_t>* rows) {
   Layer* layer = nullptr;
   for (const auto& l : layers_) {
     if (l->id == layer_id) layer = l.get();
@@ -203,8 +203,8 @@ absl::Status MappedTable::ReportCounters() {
         }
       }
     }
-    return absl::UnavailableError(absl::StrCat("engramd went away (reporting mapped lookups failed: ", s.message(),
-                                               "); reconnect"));
+    return absl::UnavailableError(
+        absl::StrCat("engramd went away (reporting mapped lookups failed: ", s.message(), "); reconnect"));
   }
   return absl::OkStatus();
 }

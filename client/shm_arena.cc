@@ -8,8 +8,8 @@ namespace engram::shm {
 
 absl::StatusOr<ArenaLayout> ComputeArenaLayout(uint32_t ring_entries, uint64_t data_bytes) {
   if (ring_entries < 2 || ring_entries > kMaxRingEntries || (ring_entries & (ring_entries - 1)) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("ring_entries ", ring_entries, " is not a power of two in [2, ",
-                                                   kMaxRingEntries, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ring_entries ", ring_entries, " is not a power of two in [2, ", kMaxRingEntries, "]"));
   }
   if (data_bytes == 0 || data_bytes >= (uint64_t{1} << 48)) {
     return absl::InvalidArgumentError(absl::StrCat("a data region of ", data_bytes, " bytes is not possible"));
@@ -36,7 +36,8 @@ absl::StatusOr<ArenaLayout> LayoutFromReply(const HelloReply& reply) {
 }
 
 HelloReply ReplyFor(const ArenaLayout& l) {
-  return {0, l.ring_entries, l.arena_bytes, l.request_ring_offset, l.completion_ring_offset, l.data_offset, l.data_bytes};
+  return {0,           l.ring_entries, l.arena_bytes, l.request_ring_offset, l.completion_ring_offset, l.data_offset,
+          l.data_bytes};
 }
 
 RequestDescriptor ArenaView::ReadRequest(uint32_t position) const {

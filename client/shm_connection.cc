@@ -16,10 +16,10 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "engram/kernels/gather_host.h"
 #include "client/shm_internal.h"
-#include "engram/shm_arena.h"
+#include "engram/kernels/gather_host.h"
 #include "engram/mapped_table.h"
+#include "engram/shm_arena.h"
 #include "engram/shm_socket.h"
 #include "engram/v1/engram.pb.h"
 #include "tiering/layout/request_rows.h"
@@ -75,8 +75,9 @@ absl::StatusOr<std::unique_ptr<ShmConnection>> ShmConnection::ConnectVersion(con
   std::memcpy(&c->reply_, frame->payload.data(), sizeof(c->reply_));
   if (c->reply_.status != 0) {
     for (int fd : frame->fds) close(fd);
-    return absl::Status(static_cast<absl::StatusCode>(c->reply_.status),
-                        absl::StrCat("engramd refused the connection: ", frame->payload.substr(sizeof(shm::HelloReply))));
+    return absl::Status(
+        static_cast<absl::StatusCode>(c->reply_.status),
+        absl::StrCat("engramd refused the connection: ", frame->payload.substr(sizeof(shm::HelloReply))));
   }
   if (frame->fds.size() != 3) {
     for (int fd : frame->fds) close(fd);
@@ -189,7 +190,8 @@ absl::StatusOr<Completion> ShmConnection::WaitCompletion() {
       return absl::UnavailableError("engramd went away (connection closed); reconnect");
     }
     if (std::chrono::steady_clock::now() > deadline) {
-      return absl::DeadlineExceededError(absl::StrCat("no completion from engramd within ", options_.timeout_ms, " ms"));
+      return absl::DeadlineExceededError(
+          absl::StrCat("no completion from engramd within ", options_.timeout_ms, " ms"));
     }
   }
   const Completion c = arena_.ReadCompletion(completion_head_);
@@ -228,8 +230,11 @@ absl::StatusOr<absl::Span<const uint8_t>> ShmConnection::LookupLocked(const Remo
                                                      " (connect with a larger ShmConnectOptions::data_bytes)"));
   }
   std::memcpy(data(), indices.data(), index_bytes);
-  RequestDescriptor d{next_id_++, static_cast<uint32_t>(shm::Op::kLookup), table.id, static_cast<uint32_t>(layer),
-                      num_tokens, 0, index_bytes, out_offset, out_bytes};
+  RequestDescriptor d{next_id_++,  static_cast<uint32_t>(shm::Op::kLookup),
+                      table.id,    static_cast<uint32_t>(layer),
+                      num_tokens,  0,
+                      index_bytes, out_offset,
+                      out_bytes};
   Completion c;
   if (absl::Status s = Call(d, &c); !s.ok()) return s;
   if (stats != nullptr) *stats = {c.rows_read, c.dram_rows, c.nvme_rows};
@@ -252,8 +257,15 @@ absl::Status ShmConnection::Prefetch(const RemoteTable& table, int layer, uint32
   const uint64_t index_bytes = indices.size() * 4;
   if (index_bytes > reply_.data_bytes) return absl::ResourceExhaustedError("indices do not fit the data region");
   std::memcpy(data(), indices.data(), index_bytes);
-  RequestDescriptor d{next_id_++, static_cast<uint32_t>(shm::Op::kPrefetch), table.id, static_cast<uint32_t>(layer),
-                      num_tokens, 0, index_bytes, 0, 0};
+  RequestDescriptor d{next_id_++,
+                      static_cast<uint32_t>(shm::Op::kPrefetch),
+                      table.id,
+                      static_cast<uint32_t>(layer),
+                      num_tokens,
+                      0,
+                      index_bytes,
+                      0,
+                      0};
   Completion c;
   return Call(d, &c);
 }
@@ -273,7 +285,7 @@ absl::Status ShmConnection::SendCounters(const std::vector<shm::CounterReport>& 
 }
 
 absl::StatusOr<shm::Frame> ShmConnection::MapCall(shm::FrameType request_type, shm::FrameType reply_type,
-                                                   uint32_t table_id, shm::MapTableReply* reply, std::string* body) {
+                                                  uint32_t table_id, shm::MapTableReply* reply, std::string* body) {
   shm::Frame frame;
   {
     std::lock_guard<std::mutex> lock(mu_);

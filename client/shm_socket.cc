@@ -67,7 +67,8 @@ absl::Status ReadExactly(int sock, char* data, size_t n, int timeout_ms, std::ve
 
 absl::Status SendFrame(int sock, FrameType type, const std::string& payload, const std::vector<int>& fds) {
   if (fds.size() > kMaxFds) {
-    return absl::ResourceExhaustedError(absl::StrCat(fds.size(), " descriptors do not fit one frame (at most ", kMaxFds, ")"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(fds.size(), " descriptors do not fit one frame (at most ", kMaxFds, ")"));
   }
   FrameHeader header{static_cast<uint32_t>(type), static_cast<uint32_t>(payload.size())};
   std::string bytes(reinterpret_cast<const char*>(&header), sizeof(header));
@@ -103,7 +104,8 @@ absl::Status SendFrame(int sock, FrameType type, const std::string& payload, con
 absl::StatusOr<Frame> ReceiveFrame(int sock, int timeout_ms) {
   Frame frame;
   FrameHeader header;
-  if (absl::Status s = ReadExactly(sock, reinterpret_cast<char*>(&header), sizeof(header), timeout_ms, &frame.fds); !s.ok()) {
+  if (absl::Status s = ReadExactly(sock, reinterpret_cast<char*>(&header), sizeof(header), timeout_ms, &frame.fds);
+      !s.ok()) {
     for (int fd : frame.fds) close(fd);
     return s;
   }

@@ -15,6 +15,7 @@ PACKAGES=(
 )
 if [ "${1:-}" = "--tests" ]; then
   PACKAGES+=(python3-torch)  # the PyTorch re-statement of the Engram module (tests, engram-bench)
+  PACKAGES+=(clang-format)   # tests/check_format.sh keeps the files it lists formatted
 fi
 
 missing=()

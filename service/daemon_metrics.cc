@@ -32,16 +32,15 @@ Counter* LazyCounter::Get() {
 }
 
 RequestMetrics::RequestMetrics(MetricsRegistry* registry, const std::string& transport, const std::string& method)
-    : duration_(registry->GetHistogram("engram_request_duration_seconds",
-                                       "Time from a request's arrival to its reply, by transport and method",
-                                       {"transport", "method"}, {transport, method},
-                                       MetricsRegistry::LatencyBucketsSeconds())) {
+    : duration_(registry->GetHistogram(
+          "engram_request_duration_seconds", "Time from a request's arrival to its reply, by transport and method",
+          {"transport", "method"}, {transport, method}, MetricsRegistry::LatencyBucketsSeconds())) {
   for (int code = 0; code <= kCodes; ++code) {
     by_code_.push_back(std::make_unique<LazyCounter>(
         registry, "engram_requests_total", "Requests finished, by transport, method and status code",
         std::vector<std::string>{"transport", "method", "code"},
-        std::vector<std::string>{transport, method, code < kCodes ? CodeName(static_cast<absl::StatusCode>(code))
-                                                                  : "UNKNOWN"}));
+        std::vector<std::string>{transport, method,
+                                 code < kCodes ? CodeName(static_cast<absl::StatusCode>(code)) : "UNKNOWN"}));
   }
   by_code_[0]->Get();  // OK appears from the start
 }
@@ -70,16 +69,14 @@ DaemonMetrics::TableSeries::TableSeries(MetricsRegistry* registry, const std::st
     tier_rows.push_back(std::make_unique<LazyCounter>(registry, "engram_rows_served_total", "Rows read from each tier",
                                                       std::vector<std::string>{"table", "tier"},
                                                       std::vector<std::string>{table, tier}));
-    tier_bytes.push_back(std::make_unique<LazyCounter>(registry, "engram_bytes_served_total",
-                                                       "Row bytes read from each tier",
-                                                       std::vector<std::string>{"table", "tier"},
-                                                       std::vector<std::string>{table, tier}));
+    tier_bytes.push_back(std::make_unique<LazyCounter>(
+        registry, "engram_bytes_served_total", "Row bytes read from each tier",
+        std::vector<std::string>{"table", "tier"}, std::vector<std::string>{table, tier}));
   }
 }
 
 DaemonMetrics::DaemonMetrics(MetricsRegistry* registry) : registry_(registry) {
-  registry_->GetGauge("engram_build_info", "engramd version (value is always 1)", {"version"},
-                      {ENGRAM_VERSION})
+  registry_->GetGauge("engram_build_info", "engramd version (value is always 1)", {"version"}, {ENGRAM_VERSION})
       ->Set(1);
 }
 
@@ -127,12 +124,11 @@ void DaemonMetrics::RecordTables(const Engine& engine, bool hbm_enabled) {
   }
   registry_->GetGauge("engram_tables_loaded", "Tables being served", {}, {})->Set(tables.size());
   for (const Table* table : tables) {
-    registry_
-        ->GetGauge("engram_table_bytes", "Size of each table's rows on disk", {"table"}, {table->name()})
+    registry_->GetGauge("engram_table_bytes", "Size of each table's rows on disk", {"table"}, {table->name()})
         ->Set(static_cast<double>(table->manifest().total_bytes()));
     registry_
-        ->GetGauge("engram_table_resident_bytes", "Bytes of each table held in each memory tier",
-                   {"table", "tier"}, {table->name(), "dram"})
+        ->GetGauge("engram_table_resident_bytes", "Bytes of each table held in each memory tier", {"table", "tier"},
+                   {table->name(), "dram"})
         ->Set(static_cast<double>(table->resident_bytes() + table->checksum_bytes()));
     registry_
         ->GetGauge("engram_table_verified",
@@ -187,8 +183,9 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
       mirror("engram_hbm_stalls_total", "Promoter steps held back by a reader still on an older index", hs.stalls);
       mirror("engram_hbm_samples_total", "Row accesses the HBM promoter counted (sampled)", hs.samples);
       mirror("engram_hbm_samples_dropped_total", "Sampled row accesses dropped (promoter behind)", hs.samples_dropped);
-      registry_->GetGauge("engram_hbm_sample_every", "The HBM promoter counts one in this many of the rows engramd serves",
-                          names, labels)
+      registry_
+          ->GetGauge("engram_hbm_sample_every", "The HBM promoter counts one in this many of the rows engramd serves",
+                     names, labels)
           ->Set(static_cast<double>(hs.sample_every));
       const uint64_t served = hs.served_hbm + hs.served_below;
       registry_
@@ -197,8 +194,9 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
                      names, labels)
           ->Set(served > 0 ? static_cast<double>(hs.served_hbm) / static_cast<double>(served) : 0);
       if (const auto alpha = layer.hbm->zipf_alpha()) {
-        registry_->GetGauge("engram_hbm_zipf_alpha", "Zipf exponent fitted to the rows the HBM promoter counted", names,
-                            labels)
+        registry_
+            ->GetGauge("engram_hbm_zipf_alpha", "Zipf exponent fitted to the rows the HBM promoter counted", names,
+                       labels)
             ->Set(*alpha);
         registry_
             ->GetGauge("engram_hbm_predicted_hit_ratio",
@@ -208,8 +206,8 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
     }
     if (has_hbm) {
       registry_
-          ->GetGauge("engram_table_resident_bytes", "Bytes of each table held in each memory tier",
-                     {"table", "tier"}, {table->name(), "hbm"})
+          ->GetGauge("engram_table_resident_bytes", "Bytes of each table held in each memory tier", {"table", "tier"},
+                     {table->name(), "hbm"})
           ->Set(static_cast<double>(hbm_bytes));
     }
     for (const auto& layer : table->layers()) {
@@ -226,11 +224,13 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
         const double delta = static_cast<double>(value) - c->value();
         if (delta > 0) c->Add(delta);
       };
-      mirror("engram_nvme_reads_total", "Device reads issued (rows in shared or adjoining blocks read once)", io.reads.load());
+      mirror("engram_nvme_reads_total", "Device reads issued (rows in shared or adjoining blocks read once)",
+             io.reads.load());
       mirror("engram_nvme_read_bytes_total", "Bytes read from NVMe", io.bytes.load());
       mirror("engram_nvme_read_retries_total", "Short reads re-issued", io.retries.load());
       mirror("engram_nvme_read_errors_total", "Lookups failed with DATA_LOSS by a read error", io.errors.load());
-      mirror("engram_nvme_blocks_verified_total", "4096-byte blocks read from NVMe and checked against the pack's block checksums",
+      mirror("engram_nvme_blocks_verified_total",
+             "4096-byte blocks read from NVMe and checked against the pack's block checksums",
              io.blocks_verified.load());
       mirror("engram_nvme_checksum_retries_total", "Blocks that failed their checksum and passed when read again",
              io.checksum_retries.load());
@@ -241,8 +241,9 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
              io.rings_abandoned.load());
       mirror("engram_nvme_shared_reads_total", "Rows a request took from another request's read in flight",
              activity.shared_reads);
-      registry_->GetGauge("engram_nvme_io_engine", "NVMe read engine in use (1 for the engine in use)",
-                          {"table", "layer", "engine"}, {labels[0], labels[1], std::string(nvme->engine_name())})
+      registry_
+          ->GetGauge("engram_nvme_io_engine", "NVMe read engine in use (1 for the engine in use)",
+                     {"table", "layer", "engine"}, {labels[0], labels[1], std::string(nvme->engine_name())})
           ->Set(1);
       const RowCache* cache = tier->cache();
       if (cache == nullptr) continue;
@@ -258,21 +259,24 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
                                            {labels[0], labels[1], outcome});
         if (static_cast<double>(value) > c->value()) c->Add(static_cast<double>(value) - c->value());
       }
-      mirror("engram_prefetch_requested_rows_total", "Distinct rows asked for by Prefetch", activity.prefetch_requested);
+      mirror("engram_prefetch_requested_rows_total", "Distinct rows asked for by Prefetch",
+             activity.prefetch_requested);
       mirror("engram_prefetch_dropped_rows_total", "Prefetch rows dropped because the queue was full",
              activity.prefetch_dropped);
       mirror("engram_cache_hits_total", "DRAM cache lookups that found the row", s.hits);
       mirror("engram_cache_misses_total", "DRAM cache lookups that did not", s.misses);
       mirror("engram_cache_evictions_total", "Rows evicted from the DRAM cache", s.evictions);
       mirror("engram_cache_admission_rejections_total", "Rows read after a miss but not admitted", s.rejected);
-      registry_->GetGauge("engram_cache_rows", "Rows held in the DRAM cache", names, labels)->Set(static_cast<double>(cache->size()));
+      registry_->GetGauge("engram_cache_rows", "Rows held in the DRAM cache", names, labels)
+          ->Set(static_cast<double>(cache->size()));
       registry_->GetGauge("engram_cache_capacity_rows", "Row slots of the DRAM cache", names, labels)
           ->Set(static_cast<double>(cache->capacity_rows()));
       const double lookups = static_cast<double>(s.hits + s.misses);
       registry_->GetGauge("engram_cache_hit_ratio", "Share of DRAM cache lookups that hit, since start", names, labels)
           ->Set(lookups > 0 ? static_cast<double>(s.hits) / lookups : 0);
       if (const auto alpha = tier->frequency() ? tier->frequency()->Alpha() : std::nullopt) {
-        registry_->GetGauge("engram_cache_zipf_alpha", "Zipf exponent fitted to the layer's row accesses", names, labels)
+        registry_
+            ->GetGauge("engram_cache_zipf_alpha", "Zipf exponent fitted to the layer's row accesses", names, labels)
             ->Set(*alpha);
         registry_
             ->GetGauge("engram_cache_predicted_hit_ratio",
@@ -284,8 +288,7 @@ void DaemonMetrics::RefreshTierGauges(const Engine& engine) {
 }
 
 void DaemonMetrics::SetReady(bool ready) {
-  registry_->GetGauge("engram_ready", "1 when the daemon serves requests, 0 while starting or draining",
-                      {}, {})
+  registry_->GetGauge("engram_ready", "1 when the daemon serves requests, 0 while starting or draining", {}, {})
       ->Set(ready ? 1 : 0);
 }
 

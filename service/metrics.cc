@@ -102,14 +102,13 @@ std::vector<uint64_t> Histogram::CumulativeCounts() const {
 double Histogram::sum() const { return sum_.value(); }
 
 const std::vector<double>& MetricsRegistry::LatencyBucketsSeconds() {
-  static const std::vector<double> kBounds = {5e-6,   1e-5,   2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3,
-                                              2.5e-3, 5e-3,   1e-2,   2.5e-2, 5e-2, 0.1,  0.25, 0.5,
-                                              1,      2.5,    5,      10};
+  static const std::vector<double> kBounds = {5e-6, 1e-5,   2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+                                              1e-2, 2.5e-2, 5e-2,   0.1,  0.25, 0.5,    1,    2.5,  5,      10};
   return kBounds;
 }
 
-MetricsRegistry::Series* MetricsRegistry::GetSeries(const std::string& name, const std::string& help,
-                                                    Type type, const std::vector<std::string>& label_names,
+MetricsRegistry::Series* MetricsRegistry::GetSeries(const std::string& name, const std::string& help, Type type,
+                                                    const std::vector<std::string>& label_names,
                                                     const std::vector<std::string>& label_values,
                                                     const std::vector<double>* bounds) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -135,9 +134,15 @@ MetricsRegistry::Series* MetricsRegistry::GetSeries(const std::string& name, con
   if (inserted) {
     series.label_values = label_values;
     switch (type) {
-      case Type::kCounter: series.counter = std::make_unique<Counter>(); break;
-      case Type::kGauge: series.gauge = std::make_unique<Gauge>(); break;
-      case Type::kHistogram: series.histogram = std::make_unique<Histogram>(&family->bounds); break;
+      case Type::kCounter:
+        series.counter = std::make_unique<Counter>();
+        break;
+      case Type::kGauge:
+        series.gauge = std::make_unique<Gauge>();
+        break;
+      case Type::kHistogram:
+        series.histogram = std::make_unique<Histogram>(&family->bounds);
+        break;
     }
   }
   return &series;
@@ -194,10 +199,10 @@ std::string MetricsRegistry::Render() const {
           absl::StrAppend(&out, f->name, "_bucket", Labels(f->label_names, values, "le", FormatValue(f->bounds[i])),
                           " ", counts[i], "\n");
         }
-        absl::StrAppend(&out, f->name, "_bucket", Labels(f->label_names, values, "le", "+Inf"), " ",
-                        counts.back(), "\n");
-        absl::StrAppend(&out, f->name, "_sum", Labels(f->label_names, values), " ",
-                        FormatValue(s.histogram->sum()), "\n");
+        absl::StrAppend(&out, f->name, "_bucket", Labels(f->label_names, values, "le", "+Inf"), " ", counts.back(),
+                        "\n");
+        absl::StrAppend(&out, f->name, "_sum", Labels(f->label_names, values), " ", FormatValue(s.histogram->sum()),
+                        "\n");
         absl::StrAppend(&out, f->name, "_count", Labels(f->label_names, values), " ", counts.back(), "\n");
       }
     }

@@ -56,16 +56,12 @@ class MetricsRegistry {
   enum class Type { kCounter, kGauge, kHistogram };
 
   // Label values must be given in the order of the family's label names.
-  Counter* GetCounter(const std::string& name, const std::string& help,
-                      const std::vector<std::string>& label_names,
+  Counter* GetCounter(const std::string& name, const std::string& help, const std::vector<std::string>& label_names,
                       const std::vector<std::string>& label_values);
-  Gauge* GetGauge(const std::string& name, const std::string& help,
-                  const std::vector<std::string>& label_names,
+  Gauge* GetGauge(const std::string& name, const std::string& help, const std::vector<std::string>& label_names,
                   const std::vector<std::string>& label_values);
-  Histogram* GetHistogram(const std::string& name, const std::string& help,
-                          const std::vector<std::string>& label_names,
-                          const std::vector<std::string>& label_values,
-                          const std::vector<double>& bounds);
+  Histogram* GetHistogram(const std::string& name, const std::string& help, const std::vector<std::string>& label_names,
+                          const std::vector<std::string>& label_values, const std::vector<double>& bounds);
 
   // The whole exposition, families in registration order.
   std::string Render() const;
@@ -88,8 +84,8 @@ class MetricsRegistry {
     std::map<std::vector<std::string>, Series> series;
   };
   Series* GetSeries(const std::string& name, const std::string& help, Type type,
-                    const std::vector<std::string>& label_names,
-                    const std::vector<std::string>& label_values, const std::vector<double>* bounds);
+                    const std::vector<std::string>& label_names, const std::vector<std::string>& label_values,
+                    const std::vector<double>* bounds);
 
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<Family>> families_ ABSL_GUARDED_BY(mu_);

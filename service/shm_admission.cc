@@ -14,8 +14,8 @@ absl::StatusOr<ShmPeer> ReadShmPeer(int fd) {
   ucred cred{};
   socklen_t len = sizeof(cred);
   if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || len != sizeof(cred)) {
-    return absl::PermissionDeniedError(absl::StrCat("cannot read the peer's credentials (SO_PEERCRED): ",
-                                                    std::strerror(errno)));
+    return absl::PermissionDeniedError(
+        absl::StrCat("cannot read the peer's credentials (SO_PEERCRED): ", std::strerror(errno)));
   }
   ShmPeer peer{cred.pid, cred.uid, cred.gid, {}};
   std::vector<gid_t> groups(64);

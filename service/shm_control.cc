@@ -130,8 +130,8 @@ absl::Status HandleControlFrame(const shm::Frame& frame, const ShmControlContext
     case shm::FrameType::kAccessReport:
       return HandleAccessReport(frame, ctx);
     default:
-      return absl::InvalidArgumentError(absl::StrCat("protocol violation: unexpected frame type ",
-                                                     static_cast<uint32_t>(frame.type)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("protocol violation: unexpected frame type ", static_cast<uint32_t>(frame.type)));
   }
 }
 

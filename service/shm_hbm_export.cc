@@ -14,9 +14,7 @@ namespace engram {
 namespace {
 
 // A read-only descriptor of the same file (a client can then map it PROT_READ only).
-int ReopenReadOnly(int fd) {
-  return open(absl::StrCat("/proc/self/fd/", fd).c_str(), O_RDONLY | O_CLOEXEC);
-}
+int ReopenReadOnly(int fd) { return open(absl::StrCat("/proc/self/fd/", fd).c_str(), O_RDONLY | O_CLOEXEC); }
 
 }  // namespace
 
@@ -33,8 +31,8 @@ absl::Status HandleMapHbm(const shm::Frame& frame, const ShmControlContext& ctx)
   const Table* table = request.table_id < tables.size() ? tables[request.table_id] : nullptr;
   absl::Status refusal;
   if (table == nullptr || !client->mapped[request.table_id]) {
-    refusal = absl::FailedPreconditionError(absl::StrCat("table id ", request.table_id,
-                                                         " is not mapped by this client (MapTable first)"));
+    refusal = absl::FailedPreconditionError(
+        absl::StrCat("table id ", request.table_id, " is not mapped by this client (MapTable first)"));
   } else if (client->hbm_mapped[request.table_id]) {
     refusal = absl::AlreadyExistsError(absl::StrCat("table '", table->name(), "' HBM tier is mapped already"));
   } else {
@@ -84,8 +82,7 @@ absl::Status HandleMapHbm(const shm::Frame& frame, const ShmControlContext& ctx)
         std::memcpy(m.ipc_slots, ipc->slots.data(), std::min(ipc->slots.size(), sizeof(m.ipc_slots)));
         for (int b = 0; b < 2; ++b) {
           std::memcpy(m.ipc_keys[b], ipc->keys[b].data(), std::min(ipc->keys[b].size(), sizeof(m.ipc_keys[b])));
-          std::memcpy(m.ipc_values[b], ipc->values[b].data(),
-                      std::min(ipc->values[b].size(), sizeof(m.ipc_values[b])));
+          std::memcpy(m.ipc_values[b], ipc->values[b].data(), std::min(ipc->values[b].size(), sizeof(m.ipc_values[b])));
         }
       }
       if (std::find(fds.begin(), fds.end(), -1) != fds.end()) {
@@ -113,7 +110,9 @@ absl::Status HandleMapHbm(const shm::Frame& frame, const ShmControlContext& ctx)
   client->next_pin = pin;
   client->hbm_mapped[request.table_id] = true;
   reply.layers = static_cast<uint32_t>(table->layers().size());
-  LogInfo("shm_hbm_mapped", {{"pid", who}, {"table", table->name()}, {"layers", absl::StrCat(reply.layers)},
+  LogInfo("shm_hbm_mapped", {{"pid", who},
+                             {"table", table->name()},
+                             {"layers", absl::StrCat(reply.layers)},
                              {"store", table->layers()[0].hbm->store()->description()}});
   return shm::SendFrame(sock, shm::FrameType::kMapHbmReply,
                         std::string(reinterpret_cast<const char*>(&reply), sizeof(reply)) + body, fds);

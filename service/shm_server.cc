@@ -57,8 +57,8 @@ absl::Status ShmServer::Start() {
   const bool live = connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
   close(probe);
   if (live) {
-    return absl::AlreadyExistsError(absl::StrCat("another engramd is serving ", path_,
-                                                 " (stop it, or give this one its own --socket)"));
+    return absl::AlreadyExistsError(
+        absl::StrCat("another engramd is serving ", path_, " (stop it, or give this one its own --socket)"));
   }
   if (unlink(path_.c_str()) != 0 && errno != ENOENT) {
     return absl::UnavailableError(absl::StrCat("cannot remove the stale socket ", path_, ": ", std::strerror(errno)));
@@ -96,7 +96,7 @@ void ShmServer::Stop() {
     for (auto& s : sessions_) s->ShutDownSocket();  // every socket is still open: sessions own them
     sessions.swap(sessions_);
   }
-  sessions.clear();  // each joins its thread, then closes its socket
+  sessions.clear();                   // each joins its thread, then closes its socket
   if (bound_) unlink(path_.c_str());  // only a socket this server created; never another daemon's
 }
 
@@ -128,8 +128,10 @@ void ShmServer::AcceptLoop() {
       std::string payload(reinterpret_cast<const char*>(&reply), sizeof(reply));
       payload += msg;
       (void)shm::SendFrame(fd, shm::FrameType::kHelloReply, payload, {});
-      LogWarn("shm_refused", {{"pid", absl::StrCat(peer->pid)}, {"uid", absl::StrCat(peer->uid)},
-                              {"gid", absl::StrCat(peer->gid)}, {"groups", absl::StrCat(peer->groups.size())}});
+      LogWarn("shm_refused", {{"pid", absl::StrCat(peer->pid)},
+                              {"uid", absl::StrCat(peer->uid)},
+                              {"gid", absl::StrCat(peer->gid)},
+                              {"groups", absl::StrCat(peer->groups.size())}});
       close(fd);
       continue;
     }

@@ -16,8 +16,8 @@
 #include <thread>
 #include <vector>
 
-#include "absl/status/status.h"
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "service/daemon_metrics.h"
 #include "service/shm_session.h"
 #include "tiering/engine.h"
@@ -25,11 +25,11 @@
 namespace engram {
 
 struct ShmServerOptions {
-  std::string socket_path;              // empty: the default (see DefaultSocketPath)
-  std::vector<uid_t> allow_uids;        // empty: only the daemon's own uid
+  std::string socket_path;        // empty: the default (see DefaultSocketPath)
+  std::vector<uid_t> allow_uids;  // empty: only the daemon's own uid
   std::vector<gid_t> allow_gids;
   uint64_t max_client_arena_bytes = 1ull << 30;
-  int spin_us = 50;                     // busy-poll this long before sleeping on the eventfd
+  int spin_us = 50;  // busy-poll this long before sleeping on the eventfd
 };
 
 // /run/engram/engramd.sock when /run/engram can be used, else $XDG_RUNTIME_DIR/engram/engramd.sock,

@@ -168,8 +168,10 @@ void ShmSession::Serve() {
            .ok()) {
     return finish("hello reply not delivered");
   }
-  LogInfo("shm_client", {{"pid", who}, {"uid", absl::StrCat(uid_)},
-                         {"arena_bytes", absl::StrCat(reply.arena_bytes)}, {"ring_entries", absl::StrCat(entries)}});
+  LogInfo("shm_client", {{"pid", who},
+                         {"uid", absl::StrCat(uid_)},
+                         {"arena_bytes", absl::StrCat(reply.arena_bytes)},
+                         {"ring_entries", absl::StrCat(entries)}});
 
   ArenaHeader* h = arena.view().header();
   const auto tables = ctx_.engine->tables();
@@ -253,8 +255,8 @@ void ShmSession::Serve() {
     } else if (index_bytes == nullptr || d.indices_bytes % 4 != 0) {
       s = absl::InvalidArgumentError(absl::StrCat("indices [", d.indices_offset, ", +", d.indices_bytes,
                                                   ") are not whole uint32 values inside the data region"));
-    } else if (absl::Status shape = CheckRequestShape(d.num_tokens, static_cast<uint64_t>(table->heads()), d.indices_bytes / 4,
-                                                       ctx_.engine->options().max_batch_rows);
+    } else if (absl::Status shape = CheckRequestShape(d.num_tokens, static_cast<uint64_t>(table->heads()),
+                                                      d.indices_bytes / 4, ctx_.engine->options().max_batch_rows);
                !shape.ok()) {
       s = shape;  // nothing is copied out of a request before its size is known to be sane
     } else {
@@ -265,12 +267,12 @@ void ShmSession::Serve() {
       } else {
         uint8_t* out = arena.view().DataRange(d.out_offset, d.out_bytes);
         if (out == nullptr) {
-          s = absl::InvalidArgumentError(absl::StrCat("output [", d.out_offset, ", +", d.out_bytes,
-                                                      ") does not lie inside the data region"));
+          s = absl::InvalidArgumentError(
+              absl::StrCat("output [", d.out_offset, ", +", d.out_bytes, ") does not lie inside the data region"));
         } else {
           LookupStats stats;
           s = ctx_.engine->Lookup(*table, static_cast<int>(d.layer), d.num_tokens, indices,
-                              absl::MakeSpan(out, d.out_bytes), &stats);
+                                  absl::MakeSpan(out, d.out_bytes), &stats);
           if (s.ok()) {
             ctx_.metrics->RecordLookup(*table, stats);
             c.rows_read = stats.rows_read;

@@ -38,7 +38,9 @@ class ShmSession {
   ShmSession(const ShmSession&) = delete;
   ShmSession& operator=(const ShmSession&) = delete;
 
-  void Start() { thread_ = std::thread([this] { Serve(); }); }
+  void Start() {
+    thread_ = std::thread([this] { Serve(); });
+  }
   // Wakes a session blocked on its socket (ShmServer::Stop); the descriptor stays open.
   void ShutDownSocket() const;
   bool done() const { return done_.load(); }

@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 deploy/install-deps.sh --tests
 JOBS=${JOBS:-$(nproc)}
 
+echo "== formatting (the files tests/format_files.txt lists)"
+tests/check_format.sh
+
 echo "== stage 1: RelWithDebInfo build and tests"
 BUILD_DIR=${BUILD_DIR:-build}
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DENGRAM_TESTS=ON -DENGRAM_BENCH=ON

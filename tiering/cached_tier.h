@@ -8,10 +8,10 @@
 
 #include <condition_variable>
 #include <deque>
-#include <thread>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -27,8 +27,7 @@ class CachedNvmeTier final : public RowTier {
   // `cache` may be null (every row comes from NVMe).
   CachedNvmeTier(std::unique_ptr<NvmeReader> reader, std::unique_ptr<RowCache> cache);
 
-  absl::Status ReadRows(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests,
-                        TierCounts* counts) override;
+  absl::Status ReadRows(absl::Span<const uint64_t> rows, absl::Span<uint8_t* const> dests, TierCounts* counts) override;
   uint64_t total_rows() const override { return total_rows_; }
   int64_t row_bytes() const override { return row_bytes_; }
   uint64_t resident_bytes() const override { return cache_ ? cache_->memory_bytes() : 0; }

@@ -248,7 +248,8 @@ absl::Status NvmeReader::Read(absl::Span<const uint64_t> rows, absl::Span<uint8_
     if (!extents.empty()) {
       Extent& cur = extents.back();
       const uint64_t cur_end = cur.offset + cur.length;
-      if (aligned_begin < cur_end || (aligned_begin == cur_end && aligned_end - cur.offset <= options_.max_extent_bytes)) {
+      if (aligned_begin < cur_end ||
+          (aligned_begin == cur_end && aligned_end - cur.offset <= options_.max_extent_bytes)) {
         cur.length = static_cast<uint32_t>(std::max(cur_end, aligned_end) - cur.offset);
         cur.required = static_cast<uint32_t>(std::max<uint64_t>(cur.required, end - cur.offset));
         cur.members.push_back(i);
@@ -267,7 +268,8 @@ absl::Status NvmeReader::Read(absl::Span<const uint64_t> rows, absl::Span<uint8_
   size_t total = 0;
   for (const auto& e : extents) total += e.length;
   uint8_t* scratch = tls_scratch.Get(total);
-  if (scratch == nullptr) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", total, " bytes of I/O buffers"));
+  if (scratch == nullptr)
+    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", total, " bytes of I/O buffers"));
   for (auto& e : extents) {
     e.buf = scratch;
     scratch += e.length;

@@ -31,7 +31,7 @@ enum class IoEngine { kAuto, kIoUring, kPread };
 absl::StatusOr<IoEngine> ParseIoEngine(absl::string_view text);
 
 struct NvmeOptions {
-  uint32_t queue_depth = 64;       // reads in flight per calling thread
+  uint32_t queue_depth = 64;  // reads in flight per calling thread
   IoEngine engine = IoEngine::kAuto;
   uint32_t max_extent_bytes = 64 << 10;  // adjacent blocks are merged up to this size
   // Test hook: sees each completed read (file offset, length asked, result) and may change the
@@ -47,11 +47,11 @@ struct NvmeOptions {
 };
 
 struct NvmeStats {
-  std::atomic<uint64_t> reads{0};       // extents read
-  std::atomic<uint64_t> bytes{0};       // bytes read from the device
-  std::atomic<uint64_t> rows{0};        // rows delivered
-  std::atomic<uint64_t> retries{0};     // short reads re-issued
-  std::atomic<uint64_t> errors{0};      // calls failed with DataLoss
+  std::atomic<uint64_t> reads{0};              // extents read
+  std::atomic<uint64_t> bytes{0};              // bytes read from the device
+  std::atomic<uint64_t> rows{0};               // rows delivered
+  std::atomic<uint64_t> retries{0};            // short reads re-issued
+  std::atomic<uint64_t> errors{0};             // calls failed with DataLoss
   std::atomic<uint64_t> blocks_verified{0};    // blocks checked against their checksums
   std::atomic<uint64_t> checksum_retries{0};   // blocks that failed, then passed when read again
   std::atomic<uint64_t> checksum_failures{0};  // blocks that failed twice (their requests: DataLoss)

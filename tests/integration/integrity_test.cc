@@ -22,8 +22,8 @@
 #include <random>
 #include <thread>
 
-#include "engram/client.h"
 #include "client/shm_testing.h"
+#include "engram/client.h"
 #include "engram/shm_client.h"
 #include "gtest/gtest.h"
 #include "tests/integration/daemon_process.h"
@@ -202,7 +202,8 @@ TEST_P(ScribblerTest, HonestClientsBesideAScribblerReadOnlyRightRows) {
   std::atomic<uint64_t> wrong{0}, checked{0};
   std::atomic<bool> done{false};
   std::vector<std::thread> honest;
-  const std::string uris[] = {"grpc://127.0.0.1:" + std::to_string(daemon_->grpc_port()), "unix://" + daemon_->socket()};
+  const std::string uris[] = {"grpc://127.0.0.1:" + std::to_string(daemon_->grpc_port()),
+                              "unix://" + daemon_->socket()};
   for (const std::string& uri : uris) {
     honest.emplace_back([&, uri] {
       for (int round = 0; round < 50 && !done.load(); ++round) {  // bounded
@@ -243,8 +244,8 @@ class CorruptPackTest : public ::testing::Test {
     manifest_ = *LoadPackManifest(pack_);
   }
   void Start(std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"--pack", pack_, "--max-batch-rows", kMaxBatchRows, "--dram-budget",
-                                     std::to_string(manifest_.total_bytes() / 5)};
+    std::vector<std::string> args = {"--pack",      pack_,           "--max-batch-rows",
+                                     kMaxBatchRows, "--dram-budget", std::to_string(manifest_.total_bytes() / 5)};
     args.insert(args.end(), extra.begin(), extra.end());
     daemon_ = std::make_unique<Daemon>(args, dir_.path());
   }
@@ -300,10 +301,12 @@ TEST_F(CorruptPackTest, FlippedBytesFailWithDataLossEveryTimeAndTheRestServes) {
     }
   }
   // Counted (each failing read of a block), logged once per block.
-  EXPECT_GE(MetricValue(daemon_->metrics_port(), "engram_nvme_checksum_failures_total{table=\"demo\",layer=\"1\"}"), 40);
+  EXPECT_GE(MetricValue(daemon_->metrics_port(), "engram_nvme_checksum_failures_total{table=\"demo\",layer=\"1\"}"),
+            40);
   const std::string log = daemon_->log();
   size_t logged = 0;
-  for (size_t at = log.find("nvme_block_corrupt"); at != std::string::npos; at = log.find("nvme_block_corrupt", at + 1)) {
+  for (size_t at = log.find("nvme_block_corrupt"); at != std::string::npos;
+       at = log.find("nvme_block_corrupt", at + 1)) {
     ++logged;
   }
   EXPECT_EQ(logged, 10u) << log;

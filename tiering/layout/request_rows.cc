@@ -30,8 +30,8 @@ absl::Status ResolveHeadIndices(const LayerHashLayout& layout, uint32_t num_toke
       const uint32_t idx = indices[i];
       if (idx >= static_cast<uint64_t>(layout.head_rows[h])) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "index ", idx, " for token ", t, ", head ", h, " is out of range: head ", h, " of layer ",
-            layout.layer_id, " has ", layout.head_rows[h], " rows (valid 0..", layout.head_rows[h] - 1, ")"));
+            "index ", idx, " for token ", t, ", head ", h, " is out of range: head ", h, " of layer ", layout.layer_id,
+            " has ", layout.head_rows[h], " rows (valid 0..", layout.head_rows[h] - 1, ")"));
       }
       (*rows)[i] = layout.head_offset[h] + idx;
     }

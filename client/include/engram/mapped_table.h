@@ -77,7 +77,7 @@ class MappedTable {
     const uint8_t* base = nullptr;
     uint64_t map_bytes = 0;
     uint64_t total_rows = 0;
-    LayerHashLayout layout;  // head sizes and offsets, as the daemon described them
+    LayerHashLayout layout;                     // head sizes and offsets, as the daemon described them
     std::atomic<uint64_t> lookups{0}, rows{0};  // served, not yet reported
     // HBM (see engram/kernels/hbm_probe.h for the index and the pin protocol).
     const kernels::HbmIndexHeader* hbm_index = nullptr;
@@ -87,7 +87,7 @@ class MappedTable {
     uint32_t hbm_slot_count = 0;
     uint32_t first_pin = 0;
     shm::HbmLayer hbm_info{};
-    std::atomic<uint32_t> pins_busy{0};  // bit k: pin first_pin + k is in use by a reader here
+    std::atomic<uint32_t> pins_busy{0};                    // bit k: pin first_pin + k is in use by a reader here
     std::atomic<uint64_t> hbm_rows{0}, hbm_rows_total{0};  // unreported / all time
     std::mutex sample_mu;
     std::vector<uint64_t> samples;  // rows served, about one in kAccessSampleEvery, for the daemon's promoter

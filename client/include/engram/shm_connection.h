@@ -32,7 +32,7 @@ class TableInfo;
 struct ShmConnectOptions {
   uint64_t data_bytes = 64ull << 20;  // the largest request's indices + rows must fit
   uint32_t ring_entries = 64;
-  int timeout_ms = 30000;             // for one request's completion
+  int timeout_ms = 30000;  // for one request's completion
   int spin_us = 50;
   // Mapped tables report their counts this often; a report is also how a mapped table notices
   // that the daemon went away (UNAVAILABLE), so this bounds how long it serves without one.
@@ -66,7 +66,6 @@ struct ShmLink {
   std::shared_mutex arena_mu;
   shm::ArenaHeader* arena ABSL_GUARDED_BY(arena_mu) = nullptr;
 };
-
 
 class ShmConnection {
  public:
@@ -127,9 +126,9 @@ class ShmConnection {
   shm::ArenaView arena_;  // the rings and data region, as laid out by the reply (checked)
   uint32_t request_tail_ = 0, completion_head_ = 0;
   uint64_t next_id_ = 1;
-  uint32_t version_ = shm::kVersion;  // the protocol this connection speaks
+  uint32_t version_ = shm::kVersion;                             // the protocol this connection speaks
   std::shared_ptr<ShmLink> link_ = std::make_shared<ShmLink>();  // shared with MappedTables
-  bool broken_ = false;               // a control reply went missing: every later call is UNAVAILABLE
+  bool broken_ = false;  // a control reply went missing: every later call is UNAVAILABLE
 };
 
 }  // namespace engram

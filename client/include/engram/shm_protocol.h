@@ -13,8 +13,8 @@
 // itself. The daemon writes rows into a client's data region and never reads them back: what it
 // caches, promotes to HBM or hands to another request waiting on the same read comes from its own
 // buffers (tiering/row_tier.h states the contract), so a client scribbling on its region while its
-// lookups are in flight spoils only its own replies. Ring positions are free-running uint32 counters; the daemon keeps its own copies and
-// treats an impossible producer position as a protocol violation (disconnect).
+// lookups are in flight spoils only its own replies. Ring positions are free-running uint32 counters; the daemon keeps
+// its own copies and treats an impossible producer position as a protocol violation (disconnect).
 //
 // Mapped tables: a MapTable frame asks for a resident table's rows themselves. The reply carries one
 // sealed memfd per layer (read-only for good: no writable mapping, no resize), and the client
@@ -64,7 +64,7 @@ struct Hello {
   uint32_t version;
   uint32_t ring_entries;  // power of two, 2..kMaxRingEntries
   uint32_t reserved;
-  uint64_t data_bytes;    // size of the data region the client wants
+  uint64_t data_bytes;  // size of the data region the client wants
 };
 
 // Status codes are absl::StatusCode values. A non-OK reply carries a message after the struct.
@@ -122,8 +122,8 @@ enum class HbmKind : uint32_t { kHost = 1, kCuda = 2 };
 
 struct HbmLayer {
   int32_t layer_id;
-  uint32_t kind;        // HbmKind
-  uint32_t first_pin;   // pins [first_pin, first_pin + kPinsPerHbmLayer) of ArenaHeader::hbm_pins
+  uint32_t kind;       // HbmKind
+  uint32_t first_pin;  // pins [first_pin, first_pin + kPinsPerHbmLayer) of ArenaHeader::hbm_pins
   uint32_t slots;
   uint64_t row_bytes;
   uint64_t index_bytes;  // the index memfd's size
@@ -131,7 +131,7 @@ struct HbmLayer {
   int32_t device;        // CUDA stores: the GPU
   uint32_t reserved;
   char ipc_slots[64];    // CUDA stores: cudaIpcMemHandle_t of the slots [slots][row_bytes]
-  char ipc_keys[2][64];    // ... of the index buffers on the device
+  char ipc_keys[2][64];  // ... of the index buffers on the device
   char ipc_values[2][64];
 };
 
@@ -149,13 +149,13 @@ enum class Op : uint32_t { kLookup = 1, kPrefetch = 2 };
 
 struct RequestDescriptor {
   uint64_t request_id;
-  uint32_t op;          // Op
+  uint32_t op;  // Op
   uint32_t table_id;
   uint32_t layer;
   uint32_t num_tokens;
   uint64_t indices_offset;  // into the data region: little-endian uint32 [num_tokens][heads]
   uint64_t indices_bytes;
-  uint64_t out_offset;      // into the data region: [num_tokens][heads][row_bytes] (Lookup)
+  uint64_t out_offset;  // into the data region: [num_tokens][heads][row_bytes] (Lookup)
   uint64_t out_bytes;
 };
 
