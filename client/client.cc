@@ -29,6 +29,7 @@ absl::StatusOr<std::shared_ptr<TableHandle>> TableHandle::FromTableInfo(const st
   for (uint64_t v : info.hash().vocab_per_ngram()) config.vocab_per_ngram.push_back(static_cast<int64_t>(v));
   config.pad_id = info.hash().pad_id();
   config.compressed_vocab = static_cast<int64_t>(info.hash().compressed_vocab());
+  if (info.hash().has_dead_token_id()) config.dead_token_id = info.hash().dead_token_id();
   config.compress_lut.resize(info.hash().compress_lut().size() / 4);
   std::memcpy(config.compress_lut.data(), info.hash().compress_lut().data(), config.compress_lut.size() * 4);
   std::vector<LayerHashLayout> layers;

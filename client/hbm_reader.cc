@@ -182,14 +182,19 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   layer->rows.fetch_add(pin.staged_rows, std::memory_order_relaxed);
   layer->lookups.fetch_add(1, std::memory_order_relaxed);
   Sample(layer, rows);
+  link_->device_pins.fetch_add(1, std::memory_order_acq_rel);
   return pin;
 }
 
 void MappedTable::ReleaseDevicePin(const DevicePin& pin) {
   for (const auto& layer : layers_) {
     if (layer->id != pin.layer_id || pin.pin >= shm::kPinsPerHbmLayer) continue;
-    std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
-    UnpinLocked(layer.get(), static_cast<int>(pin.pin));
+    {
+      std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
+      UnpinLocked(layer.get(), static_cast<int>(pin.pin));
+    }
+    link_->device_pins.fetch_sub(1, std::memory_order_acq_rel);
+    return;
   }
 }
 

@@ -104,6 +104,12 @@ ShmConnection::~ShmConnection() {
     std::lock_guard<std::mutex> lock(link_->mu);  // mapped tables stop reporting through us
     link_->connection = nullptr;
   }
+  // A device copy may still be reading HBM slots under a pin (released by its stream callback):
+  // the daemon protects them only while this connection is up, so let the copies finish first.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeout_ms);
+  while (link_->device_pins.load(std::memory_order_acquire) > 0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
   {
     std::unique_lock<std::shared_mutex> lock(link_->arena_mu);  // ... and stop using HBM pins here
     link_->arena = nullptr;
@@ -270,15 +276,27 @@ absl::Status ShmConnection::Prefetch(const RemoteTable& table, int layer, uint32
   return Call(d, &c);
 }
 
+absl::Status ShmConnection::CheckSessionLocked() {
+  if (broken_) return absl::UnavailableError("this connection to engramd is broken; reconnect");
+  // A daemon that ended this session half-closes the socket and keeps watching its pins until we
+  // hang up: sends would still go through, so look for its end-of-stream first.
+  pollfd p{sock_, POLLRDHUP, 0};
+  if (poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0) {
+    broken_ = true;
+    return absl::UnavailableError("engramd ended this session (it went away, or refused something we sent); reconnect");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ShmConnection::SendFrame(shm::FrameType type, const std::string& payload) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (broken_) return absl::UnavailableError("this connection to engramd is broken; reconnect");
+  if (absl::Status s = CheckSessionLocked(); !s.ok()) return s;
   return shm::SendFrame(sock_, type, payload, {});
 }
 
 absl::Status ShmConnection::SendCounters(const std::vector<shm::CounterReport>& reports) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (broken_) return absl::UnavailableError("this connection to engramd is broken; reconnect");
+  if (absl::Status s = CheckSessionLocked(); !s.ok()) return s;
   return shm::SendFrame(
       sock_, shm::FrameType::kCounterReport,
       std::string(reinterpret_cast<const char*>(reports.data()), reports.size() * sizeof(shm::CounterReport)), {});

@@ -290,9 +290,15 @@ int Run(int argc, char** argv) {
   promoter.Stop();
   for (Table* table : engine.mutable_tables()) {
     for (const auto& layer : table->layers()) {
-      if (layer.hbm != nullptr && !layer.hbm->Detach(1000)) {
+      if (layer.hbm != nullptr) layer.hbm->MarkDetached();
+    }
+  }
+  const auto unpin_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  for (Table* table : engine.mutable_tables()) {
+    for (const auto& layer : table->layers()) {
+      if (layer.hbm != nullptr && !layer.hbm->WaitUnpinned(unpin_deadline)) {
         LogWarn("hbm_detach_timeout", {{"table", table->name()}, {"layer", absl::StrCat(layer.pack_layer->id)},
-                                       {"note", "a client stayed pinned for 1 s after the tier was detached"}});
+                                       {"note", "a client stayed pinned for 1 s after the tiers were detached"}});
       }
     }
   }

@@ -65,6 +65,10 @@ void FillTableInfo(const Table& table, uint64_t max_batch_rows, v1::TableInfo* i
   for (int64_t v : m.hash.vocab_per_ngram) hash->add_vocab_per_ngram(static_cast<uint64_t>(v));
   hash->set_pad_id(m.hash.pad_id);
   hash->set_compressed_vocab(static_cast<uint64_t>(m.hash.compressed_vocab));
+  if (m.hash.dead_token_id) {
+    hash->set_has_dead_token_id(true);
+    hash->set_dead_token_id(*m.hash.dead_token_id);
+  }
   hash->set_compress_lut(std::string(reinterpret_cast<const char*>(m.hash.compress_lut.data()),
                                      m.hash.compress_lut.size() * sizeof(int32_t)));
   for (const auto& layer : table.layers()) {

@@ -6,8 +6,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "engram/shm_protocol.h"
@@ -112,7 +114,15 @@ void ShmServer::AcceptLoop() {
     const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (fd < 0) {
       if (errno == EINTR || errno == ECONNABORTED) continue;
-      return;  // the listener was shut down
+      if (stopping_.load()) return;  // the listener was shut down
+      if (errno == EMFILE || errno == ENFILE || errno == ENOMEM || errno == ENOBUFS) {
+        // Out of descriptors or memory for now: keep the listener, try again shortly.
+        LogWarn("shm_accept_failed", {{"error", std::strerror(errno)}, {"retry_ms", "100"}});
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        continue;
+      }
+      LogError("shm_accept_failed", {{"error", std::strerror(errno)}, {"note", "no new shared-memory clients"}});
+      return;
     }
     auto peer = ReadShmPeer(fd);
     if (!peer.ok()) {  // credentials we cannot read are credentials we cannot check: refuse

@@ -1,5 +1,7 @@
 #include "tiering/dram_tier.h"
 
+#include "tiering/memfd_seals.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/mman.h>
@@ -7,9 +9,6 @@
 
 #include <cerrno>
 
-#ifndef F_SEAL_FUTURE_WRITE
-#define F_SEAL_FUTURE_WRITE 0x0010  // Linux 5.1; older libc headers lack the name
-#endif
 #include <algorithm>
 #include <cstring>
 

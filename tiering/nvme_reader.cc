@@ -36,12 +36,26 @@ constexpr uint32_t kMaxRingEntries = 256;
 constexpr int kMaxAttempts = 3;
 
 // Block-aligned scratch reused by each thread across calls.
+// Memory the kernel may still write into (buffers of reads left in flight by a failed io_uring
+// wait): kept, never freed or reused, for the life of the process. Each thread parks at most
+// kMaxAbandonedRings, so this stays small.
+void ParkForever(void* p) {
+  static std::mutex mu;
+  static std::vector<void*>* parked = new std::vector<void*>();  // reachable: not a leak
+  std::lock_guard<std::mutex> lock(mu);
+  parked->push_back(p);
+}
+
+constexpr int kMaxAbandonedRings = 3;  // per thread; then it reads with pread
+
 struct AlignedScratch {
   uint8_t* data = nullptr;
   size_t capacity = 0;
   ~AlignedScratch() { std::free(data); }
-  // Forgets the buffer without freeing it: the kernel may still write into it.
+  // Gives the buffer up without freeing it (the kernel may still write into it): it is parked for
+  // the life of the process, and this thread gets a new one on its next call.
   void Abandon() {
+    ParkForever(data);
     data = nullptr;
     capacity = 0;
   }
@@ -66,10 +80,13 @@ struct ThreadRing {
     if (ready) io_uring_queue_exit(&ring);
   }
   // Leaves the ring to the kernel (never closed, never reused: its late completions go nowhere);
-  // the next Get sets up a new one.
+  // the next Get sets up a new one, until this thread has given up kMaxAbandonedRings rings: from
+  // then on it reads with pread (a ring that keeps failing is not worth a descriptor each time).
+  int abandoned = 0;
   void Abandon() {
     ring = io_uring{};
     ready = false;
+    if (++abandoned >= kMaxAbandonedRings) failed = true;
   }
   io_uring* Get() {
     if (!ready && !failed) {
@@ -156,66 +173,79 @@ absl::Status NvmeReader::ExtentError(const Extent& extent, const std::string& wh
                                           extent.offset, " (", extent.length, " bytes): ", what));
 }
 
-absl::Status NvmeReader::VerifyExtent(Extent& extent, int64_t result) {
-  const uint64_t first_block = extent.offset / kChecksumBlockBytes;
-  const uint64_t end_block = (extent.offset + extent.required + kChecksumBlockBytes - 1) / kChecksumBlockBytes;
-  for (uint64_t b = first_block; b < end_block; ++b) {
-    const uint64_t begin = b * kChecksumBlockBytes;
-    const uint32_t bytes = static_cast<uint32_t>(std::min(kChecksumBlockBytes, file_bytes_ - begin));
-    uint8_t* data = extent.buf + (begin - extent.offset);
-    stats_.blocks_verified.fetch_add(1, std::memory_order_relaxed);
-    if (BlockChecksum(data, bytes) == block_checksums_[b]) continue;
-    // Once more from the device, in case the bad bytes came from the transfer, not the medium.
-    thread_local AlignedScratch reread;
-    uint8_t* again = reread.Get(kChecksumBlockBytes);
-    int64_t got = -1;
-    if (again != nullptr) {
-      do {
-        got = pread(fd_, again, kChecksumBlockBytes, static_cast<off_t>(begin));
-      } while (got < 0 && errno == EINTR);
-    }
-    if (got >= static_cast<int64_t>(bytes)) {
-      if (options_.bytes_hook) options_.bytes_hook(begin, again, static_cast<uint32_t>(got));
-      if (BlockChecksum(again, bytes) == block_checksums_[b]) {
-        std::memcpy(data, again, bytes);
-        stats_.checksum_retries.fetch_add(1, std::memory_order_relaxed);
-        continue;
-      }
-    }
-    stats_.checksum_failures.fetch_add(1, std::memory_order_relaxed);
-    // Name the first requested row that lies in this block.
-    uint64_t row = extent.rows[extent.members.front()];
-    for (uint32_t i : extent.members) {
-      const uint64_t row_begin = extent.rows[i] * static_cast<uint64_t>(row_bytes_);
-      if (row_begin < begin + bytes && row_begin + static_cast<uint64_t>(row_bytes_) > begin) {
-        row = extent.rows[i];
-        break;
-      }
-    }
-    const absl::Status error = absl::DataLossError(absl::StrCat(
-        label_, " row ", row, ": block ", b, " of ", path_, " (bytes ", begin, "..", begin + bytes - 1,
-        ") fails its checksum, read twice; the pack file is corrupt (engramctl pack verify names every bad block)"));
-    bool first_report = false;
-    {
-      std::lock_guard<std::mutex> lock(reported_mu_);
-      first_report = reported_blocks_.insert(b).second;
-    }
-    if (first_report && options_.on_corrupt_block) options_.on_corrupt_block(error);
-    return error;
+absl::Status NvmeReader::VerifyBlock(Extent& extent, uint64_t b, uint64_t row) {
+  const uint64_t begin = b * kChecksumBlockBytes;
+  const uint32_t bytes = static_cast<uint32_t>(std::min(kChecksumBlockBytes, file_bytes_ - begin));
+  uint8_t* data = extent.buf + (begin - extent.offset);
+  stats_.blocks_verified.fetch_add(1, std::memory_order_relaxed);
+  if (BlockChecksum(data, bytes) == block_checksums_[b]) return absl::OkStatus();
+  // Once more from the device, in case the bad bytes came from the transfer, not the medium: the
+  // whole aligned unit the block sits in (O_DIRECT reads must be aligned to the device's blocks).
+  const uint64_t unit_begin = begin / block_bytes_ * block_bytes_;
+  thread_local AlignedScratch reread;
+  uint8_t* again = reread.Get(block_bytes_);
+  if (again == nullptr) return absl::ResourceExhaustedError("cannot allocate a block to read again");
+  int64_t got;
+  do {
+    got = pread(fd_, again, block_bytes_, static_cast<off_t>(unit_begin));
+  } while (got < 0 && errno == EINTR);
+  if (got < 0) return ExtentError(extent, absl::StrCat("reading block ", b, " again: ", std::strerror(errno)));
+  const uint64_t in_unit = begin - unit_begin;
+  if (static_cast<uint64_t>(got) < in_unit + bytes) {
+    return ExtentError(extent, absl::StrCat("reading block ", b, " again: short read of ", got, " bytes"));
   }
-  (void)result;
+  if (options_.bytes_hook) options_.bytes_hook(unit_begin, again, static_cast<uint32_t>(got));
+  if (BlockChecksum(again + in_unit, bytes) == block_checksums_[b]) {
+    std::memcpy(data, again + in_unit, bytes);
+    stats_.checksum_retries.fetch_add(1, std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
+  stats_.checksum_failures.fetch_add(1, std::memory_order_relaxed);
+  const absl::Status error = absl::DataLossError(absl::StrCat(
+      label_, " row ", row, ": block ", b, " of ", path_, " (bytes ", begin, "..", begin + bytes - 1,
+      ") fails its checksum, read twice; the pack file is corrupt (engramctl pack verify names every bad block)"));
+  bool first_report = false;
+  {
+    std::lock_guard<std::mutex> lock(reported_mu_);
+    first_report = reported_blocks_.insert(b).second;
+  }
+  if (first_report && options_.on_corrupt_block) options_.on_corrupt_block(error);
+  return error;
+}
+
+absl::Status NvmeReader::VerifyExtent(Extent& extent) {
+  // Only the blocks requested rows lie in: an extent may span blocks no row of this call uses
+  // (units larger than 4096 bytes), and a bad one of those must not fail rows elsewhere. Members
+  // are in file order, so each block comes up once, in order.
+  uint64_t next_unverified = 0;
+  for (uint32_t i : extent.members) {
+    const uint64_t row_begin = extent.rows[i] * static_cast<uint64_t>(row_bytes_);
+    const uint64_t first = std::max(row_begin / kChecksumBlockBytes, next_unverified);
+    const uint64_t last = (row_begin + static_cast<uint64_t>(row_bytes_) - 1) / kChecksumBlockBytes;
+    for (uint64_t b = first; b <= last; ++b) {
+      if (absl::Status s = VerifyBlock(extent, b, extent.rows[i]); !s.ok()) return s;
+    }
+    next_unverified = std::max(next_unverified, last + 1);
+  }
   return absl::OkStatus();
 }
 
 absl::Status NvmeReader::FinishExtent(Extent& extent, int64_t result) {
   if (options_.fault_hook) result = options_.fault_hook(extent.offset, extent.length, result);
   if (result < 0) return ExtentError(extent, std::strerror(static_cast<int>(-result)));
-  if (result < static_cast<int64_t>(extent.required)) {
-    return absl::OutOfRangeError(absl::StrCat("short read: ", result, " of ", extent.required, " bytes"));
+  // With checksums, the last requested row's whole block must have arrived to be checked.
+  const uint64_t needed = block_checksums_.empty()
+                              ? extent.required
+                              : std::min<uint64_t>((extent.offset + extent.required + kChecksumBlockBytes - 1) /
+                                                       kChecksumBlockBytes * kChecksumBlockBytes,
+                                                   file_bytes_) -
+                                    extent.offset;
+  if (result < static_cast<int64_t>(needed)) {
+    return absl::OutOfRangeError(absl::StrCat("short read: ", result, " of ", needed, " bytes"));
   }
   if (options_.bytes_hook) options_.bytes_hook(extent.offset, extent.buf, static_cast<uint32_t>(result));
   if (!block_checksums_.empty()) {
-    if (absl::Status s = VerifyExtent(extent, result); !s.ok()) return s;
+    if (absl::Status s = VerifyExtent(extent); !s.ok()) return s;
   }
   for (uint32_t i : extent.members) {
     std::memcpy(extent.dests[i], extent.buf + (extent.rows[i] * row_bytes_ - extent.offset),
@@ -298,10 +328,16 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
   size_t next = 0;
   uint32_t in_flight = 0;
   absl::Status first_error;
-  // The ring never holds more than queue_depth <= its size entries, so a sqe is always free.
+  // The ring never holds more than queue_depth <= its size entries, so a sqe is always free (the
+  // check below is for the impossible case, which then fails the request like a failed wait).
+  bool no_sqe = false;
   auto submit = [&](size_t index) {
     Extent& e = extents[index];
     io_uring_sqe* sqe = io_uring_get_sqe(ring);
+    if (sqe == nullptr) {
+      no_sqe = true;
+      return;
+    }
     io_uring_prep_read(sqe, fd_, e.buf, e.length, e.offset);
     io_uring_sqe_set_data(sqe, reinterpret_cast<void*>(index));
     ++e.attempts;
@@ -315,26 +351,32 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
     tls_ring.Abandon();
     tls_scratch.Abandon();
     stats_.rings_abandoned.fetch_add(1, std::memory_order_relaxed);
+    if (!first_error.ok()) return first_error;  // the more telling error, if a read had failed
     return absl::InternalError(absl::StrCat("io_uring ", what, " failed with reads in flight (", std::strerror(-rc),
                                             "); the request fails and its ring is replaced"));
   };
-  while (next < extents.size() && in_flight < queue_depth) submit(next++);
+  while (next < extents.size() && in_flight < queue_depth && !no_sqe) submit(next++);
+  if (no_sqe) {
+    if (while_in_flight) while_in_flight();
+    return abandon("get_sqe", -EBUSY);
+  }
   if (const int rc = io_uring_submit(ring); rc < 0) {
     if (while_in_flight) while_in_flight();
     return abandon("submit", rc);
   }
+  // A partial submit leaves the rest in the submission queue: the next round submits it.
+  bool pending_submit = io_uring_sq_ready(ring) > 0;
   if (while_in_flight) while_in_flight();
   // Each round: wait for at least one completion, reap every completion that is ready, then
   // refill the queue and submit with one system call (io_uring_submit_and_wait on the next round).
   constexpr unsigned kReap = 64;
   io_uring_cqe* cqes[kReap];
-  bool pending_submit = false;
   while (in_flight > 0) {
     int rc = pending_submit ? io_uring_submit_and_wait(ring, 1) : io_uring_wait_cqe(ring, &cqes[0]);
     if (options_.uring_wait_hook) rc = options_.uring_wait_hook(rc);
     if (rc == -EINTR) continue;  // a signal: pending_submit stays, the retry submits what is left
     if (rc < 0) return abandon("wait", rc);
-    pending_submit = false;
+    pending_submit = io_uring_sq_ready(ring) > 0;  // what a partial submit left for the next round
     const unsigned ready = io_uring_peek_batch_cqe(ring, cqes, kReap);
     for (unsigned c = 0; c < ready; ++c) {
       const size_t index = reinterpret_cast<size_t>(io_uring_cqe_get_data(cqes[c]));
@@ -348,6 +390,7 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
         if (e.attempts < kMaxAttempts) {
           stats_.retries.fetch_add(1, std::memory_order_relaxed);
           submit(index);
+          if (no_sqe) return abandon("get_sqe", -EBUSY);
           pending_submit = true;
           continue;
         }
@@ -357,6 +400,7 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
     }
     while (first_error.ok() && next < extents.size() && in_flight < queue_depth) {
       submit(next++);
+      if (no_sqe) return abandon("get_sqe", -EBUSY);
       pending_submit = true;
     }
   }

@@ -98,7 +98,9 @@ class NvmeReader {
   absl::Status ExtentError(const Extent& extent, const std::string& what) const;
   // Checks the blocks of a completed extent that hold requested rows; a failing block is read
   // once more into the extent's buffer. DataLoss when it fails again.
-  absl::Status VerifyExtent(Extent& extent, int64_t result);
+  absl::Status VerifyExtent(Extent& extent);
+  // One block `b` of the extent (`row`: a requested row in it, for the error).
+  absl::Status VerifyBlock(Extent& extent, uint64_t b, uint64_t row);
 
   std::string path_, label_;
   int fd_ = -1;

@@ -93,6 +93,7 @@ absl::StatusOr<PackManifest> PresetManifest(const PackPresetOptions& options) {
     m.name = "dsv41-flash";
     m.row = {RowDtype::kFp8E4m3Ue8m0x32, 256, 0};
     m.hash.max_ngram = 4;
+    m.hash.dead_token_id = -1;  // V4.1 marks positions without text (image spans) with -1
     base_vocab = 16000000;
     layer_ids = {1, 14};
   } else {

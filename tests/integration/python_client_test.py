@@ -218,6 +218,93 @@ class EngramctlHashTest(unittest.TestCase):
                                                   err_msg="%s layer %d" % (cfg["name"], l))
 
 
+def reference_hash(compressed, mult, primes, pad, max_ngram, heads, dead):
+    """HASHING.md sections 4 and 6 stated plainly: per position, walk back s = 0..max_ngram-1; from the
+    first slot before the start or on a dead position (when `dead` is not None) every slot is the pad;
+    mix = XOR of slot_k * mult[k] in wrapping signed 64-bit; head value = floor mod of the mix."""
+    mask = (1 << 64) - 1
+    B, T = compressed.shape
+    out = np.zeros((B, T, (max_ngram - 1) * heads), dtype=np.int64)
+    for b in range(B):
+        for t in range(T):
+            slots, blocked = [], False
+            for s in range(max_ngram):
+                if t - s < 0 or (dead is not None and compressed[b, t - s] == dead):
+                    blocked = True
+                slots.append(pad if blocked else int(compressed[b, t - s]))
+            mix = 0
+            for k in range(max_ngram):
+                mix ^= (slots[k] * mult[k]) & mask
+                if k == 0:
+                    continue
+                signed = mix - (1 << 64) if mix >= (1 << 63) else mix
+                n = k + 1
+                for j in range(heads):
+                    h = (n - 2) * heads + j
+                    out[b, t, h] = signed % primes[h]
+    return out
+
+
+class DeadPositionTest(unittest.TestCase):
+    """Token id -1 (DeepSeek-V4.1's positions without text) blocks n-grams, for a table whose manifest
+    says hash.dead_token_id: -1; `engramctl hash` against the plain statement above, with dead
+    positions at the start, in the middle and at the end, and the demo's semantics without the field."""
+
+    def test_dead_positions(self):
+        case = json.load(open(os.path.join(ARGS.data_dir, "hash_vectors.json")))[0]
+        cfg = case["config"]
+        lut = np.fromfile(ARGS.lut, dtype="<i4")
+        layer = cfg["layers"][0]
+        primes = [p for order in case["primes"][str(layer)] for p in order]
+        mult = case["multipliers"][str(layer)]
+        raw = np.asarray(case["raw_token_ids"], dtype=np.int64)[:, :24].copy()
+        raw[0, 0] = raw[0, 1] = -1      # the start
+        raw[0, 10] = -1                 # the middle: n-grams after it must not reach back across it
+        raw[1, 12] = raw[1, 13] = -1    # two in the middle
+        raw[1, 23] = -1                 # the end
+        compressed = np.where(raw >= 0, lut[np.maximum(raw, 0)], raw)
+        pad = int(lut[cfg["pad_id"]])
+        with tempfile.TemporaryDirectory(prefix="engram-dead-") as tmp:
+            for dead in (-1, None):
+                pack = os.path.join(tmp, "dead" if dead is not None else "demo")
+                os.makedirs(pack)
+                with open(ARGS.lut, "rb") as src, open(os.path.join(pack, "lut.i32"), "wb") as dst:
+                    dst.write(src.read())
+                hash_cfg = {"kind": "engram-v1", "max_ngram": cfg["max_ngram"], "heads_per_ngram": cfg["heads"],
+                            "seed": cfg["seed"], "vocab_per_ngram": cfg["vocab"], "pad_id": cfg["pad_id"],
+                            "compress_lut": "lut.i32"}
+                if dead is not None:
+                    hash_cfg["dead_token_id"] = dead
+                manifest = {"format": "engram-pack/1", "name": "dead", "row": {"dtype": "f32", "dim": 4},
+                            "hash": hash_cfg,
+                            "layers": [{"id": layer, "file": "layer-%d.rows" % layer, "head_rows": primes,
+                                        "multipliers": mult}]}
+                json.dump(manifest, open(os.path.join(pack, "manifest.json"), "w"))
+                raw.astype("<i4").tofile(os.path.join(tmp, "t.i32"))
+                out = os.path.join(tmp, "h.i64")
+                subprocess.run([ARGS.engramctl, "hash", "--pack", pack, "--tokens", os.path.join(tmp, "t.i32"),
+                                "--shape", "%d,%d" % raw.shape, "--out", out], check=True, stdout=subprocess.DEVNULL)
+                got = np.fromfile(out, dtype="<i8").reshape(raw.shape[0], raw.shape[1], -1)
+                want = reference_hash(compressed, mult, primes, pad, cfg["max_ngram"], cfg["heads"], dead)
+                np.testing.assert_array_equal(got, want, err_msg="dead_token_id %s" % dead)
+                if dead is not None:
+                    # A dead position hashes as all-pad, wherever it is.
+                    np.testing.assert_array_equal(got[0, 10], got[0, 0])
+                    np.testing.assert_array_equal(got[1, 23], got[0, 0])
+                    # Right after a dead position, the token hashes as if its sequence started there.
+                    np.testing.assert_array_equal(got[0, 11], reference_hash(compressed[:1, 11:12], mult, primes,
+                                                  pad, cfg["max_ngram"], cfg["heads"], None)[0, 0])
+                else:
+                    self.assertFalse(np.array_equal(got[0, 10], got[0, 0]))  # the demo hashes -1 as it is
+            # An unknown manifest field is an error, not silently ignored.
+            manifest["hash"]["dead_token"] = -1
+            json.dump(manifest, open(os.path.join(pack, "manifest.json"), "w"))
+            bad = subprocess.run([ARGS.engramctl, "hash", "--pack", pack, "--tokens", os.path.join(tmp, "t.i32"),
+                                  "--shape", "%d,%d" % raw.shape, "--out", out], capture_output=True, text=True)
+            self.assertNotEqual(bad.returncode, 0)
+            self.assertIn("unknown field 'hash.dead_token'", bad.stderr)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     for flag in ("--engramd", "--engramctl", "--proto-dir", "--data-dir", "--lut"):

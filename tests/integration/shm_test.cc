@@ -4,7 +4,9 @@
 // never take the daemon down; a uid that is not allowed is refused; a client killed mid-request
 // leaves the daemon serving others; a restarted daemon surfaces as UNAVAILABLE, then a new
 // connection works.
+#include <fcntl.h>
 #include <grp.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -759,6 +761,49 @@ TEST_F(ShmTest, HbmTierPromotesRowsTheDaemonServes) {
 }
 
 // HBM control frames sent wrong: refused with a reason; only a torn frame costs the session.
+// What MapTable and MapHbm hand out can be read, never written, by a client: not through the
+// descriptors, and not by reopening them for writing through /proc (a memfd's file mode lets any
+// opener ask for write access; the daemon's seals refuse every new writable mapping and write()).
+TEST_F(ShmTest, SharedRowsIndexAndSlotsCannotBeWrittenByAClient) {
+  StartDaemon({"--hbm-budget", "512K", "--hbm-store", "host"});
+  int32_t status = -1;
+  std::string message;
+  const int fd = RawSession(daemon_->socket(), shm::kVersion, &status, &message);
+  ASSERT_EQ(status, 0) << message;
+  const shm::MapTableRequest request{0};
+  const std::string req(reinterpret_cast<const char*>(&request), sizeof(request));
+  std::vector<int> handed;
+  for (shm::FrameType type : {shm::FrameType::kMapTable, shm::FrameType::kMapHbm}) {
+    ASSERT_TRUE(shm::SendFrame(fd, type, req, {}).ok());
+    auto reply = shm::ReceiveFrame(fd, 5000);
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    shm::MapTableReply r{};
+    std::memcpy(&r, reply->payload.data(), sizeof(r));
+    ASSERT_EQ(r.status, 0) << reply->payload.substr(sizeof(r));
+    handed.insert(handed.end(), reply->fds.begin(), reply->fds.end());
+  }
+  ASSERT_EQ(handed.size(), 2u + 2u * 2u);  // two layers' rows, then per layer its index and slots
+  for (int h : handed) {
+    struct stat st {};
+    ASSERT_EQ(fstat(h, &st), 0);
+    void* ro = mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, h, 0);
+    EXPECT_NE(ro, MAP_FAILED) << "a client can map it for reading";
+    if (ro != MAP_FAILED) munmap(ro, static_cast<size_t>(st.st_size));
+    EXPECT_EQ(mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, h, 0), MAP_FAILED);
+    const int rw = open(absl::StrCat("/proc/self/fd/", h).c_str(), O_RDWR | O_CLOEXEC);
+    if (rw >= 0) {  // opening may be allowed; writing through it is not
+      void* w = mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, rw, 0);
+      EXPECT_EQ(w, MAP_FAILED) << "a writable shared mapping of a handed-out memfd";
+      if (w != MAP_FAILED) munmap(w, static_cast<size_t>(st.st_size));
+      const char byte = 0x5a;
+      EXPECT_LT(pwrite(rw, &byte, 1, 0), 0) << "write() into a handed-out memfd";
+      close(rw);
+    }
+    close(h);
+  }
+  close(fd);
+}
+
 TEST_F(ShmTest, HostileHbmFramesAreRefused) {
   StartDaemon({"--hbm-budget", "512K", "--hbm-store", "host"});
   int32_t status = -1;

@@ -5,7 +5,12 @@
 #include <fstream>
 
 #include "gtest/gtest.h"
+#include "engram/client.h"
+#include "engram/v1/engram.pb.h"
 #include "nlohmann/json.hpp"
+#include "service/grpc_service.h"
+#include "tiering/pack_writer.h"
+#include "tiering/table.h"
 #include "tests/test_util.h"
 #include "tiering/layout/manifest.h"
 #include "tiering/layout/numpy_rng.h"
@@ -170,6 +175,58 @@ TEST(PrimesTest, NextPrimeAbove) {
     }
     ASSERT_EQ(IsPrime(n), trial) << n;
   }
+}
+
+// A table whose manifest has dead positions hands them to clients with its layout (GetTable /
+// OpenTable), so a client's own hashing of -1 ids agrees with the daemon's; the dsv41-flash preset
+// has them, the demo preset does not.
+TEST(NgramHasherTest, DeadPositionsTravelWithTheTableLayoutToClients) {
+  testing::TempDir dir;
+  PackManifest m = testing::SmallManifest(RowDtype::kBf16, 64);
+  m.hash.dead_token_id = -1;
+  PackWriteOptions options;
+  options.out_dir = dir.path();
+  options.force = true;
+  ASSERT_TRUE(CreateSyntheticPack(m, options).ok());
+  auto table = Table::Open(dir.path(), TableOptions{});
+  ASSERT_TRUE(table.ok()) << table.status();
+  ASSERT_EQ((*table)->hasher().config().dead_token_id, -1);
+  v1::TableInfo info;
+  FillTableInfo(**table, 1 << 20, &info);
+  auto handle = TableHandle::FromTableInfo(info.SerializeAsString());
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  ASSERT_EQ((*handle)->hasher().config().dead_token_id, -1);
+  const std::vector<int32_t> raw = {-1, 5, 9, -1, 7, 3, 3, 8, -1};
+  std::vector<int64_t> daemon_side, client_side;
+  ASSERT_TRUE((*table)->hasher().HashAllLayers(raw, 1, static_cast<int>(raw.size()), &daemon_side).ok());
+  ASSERT_TRUE((*handle)->hasher().HashAllLayers(raw, 1, static_cast<int>(raw.size()), &client_side).ok());
+  EXPECT_EQ(daemon_side, client_side);
+  // Every dead position hashes as all-pad, like any other.
+  const size_t per_token = daemon_side.size() / raw.size();
+  for (size_t t : {size_t{3}, size_t{8}}) {
+    EXPECT_TRUE(std::equal(daemon_side.begin() + t * per_token, daemon_side.begin() + (t + 1) * per_token,
+                           daemon_side.begin()))
+        << "position " << t;
+  }
+  PackPresetOptions preset;
+  preset.preset = "dsv41-flash";
+  preset.scale = 0.001;
+  preset.compress_lut = {0, 1, 2, 3};
+  auto v41 = PresetManifest(preset);
+  ASSERT_TRUE(v41.ok()) << v41.status();
+  EXPECT_EQ(v41->hash.dead_token_id, -1);
+  preset.preset = "demo-v1";
+  auto demo = PresetManifest(preset);
+  ASSERT_TRUE(demo.ok()) << demo.status();
+  EXPECT_FALSE(demo->hash.dead_token_id.has_value());
+}
+
+TEST(NgramHasherTest, ADeadTokenIdMustBeNegative) {
+  HashConfig config = testing::SmallManifest(RowDtype::kBf16, 64).hash;
+  config.dead_token_id = 5;
+  const absl::Status s = config.Validate();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("hash.dead_token_id must be negative"), absl::string_view::npos) << s;
 }
 
 }  // namespace

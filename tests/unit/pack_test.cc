@@ -104,8 +104,13 @@ TEST(PackTest, ManifestErrorsNameTheField) {
   std::string bad_dtype = json;
   bad_dtype.replace(bad_dtype.find("\"bf16\""), 6, "\"bf17\"");
   expect_error(bad_dtype, "unknown row dtype 'bf17'");
+  std::string renamed = json;
+  renamed.replace(renamed.find("\"name\""), 6, "\"nom\"");
+  expect_error(renamed, "unknown field 'nom'");  // a field no engramd knows is an error, not ignored
   std::string no_name = json;
-  no_name.replace(no_name.find("\"name\""), 6, "\"nom\"");
+  const std::string name_field = "\"name\": \"small\",";
+  ASSERT_NE(no_name.find(name_field), std::string::npos) << no_name;
+  no_name.erase(no_name.find(name_field), name_field.size());
   expect_error(no_name, "missing field 'name'");
   std::string bad_rows = json;
   const size_t at = bad_rows.find("\"head_rows\"");

@@ -11,6 +11,7 @@
 #include <new>
 #include <thread>
 
+#include "tiering/memfd_seals.h"
 #include "absl/strings/str_cat.h"
 
 namespace engram {
@@ -47,12 +48,20 @@ absl::Status HbmTier::Init() {
   index_fd_ = memfd_create("engram-hbm-index", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (index_fd_ < 0) return absl::InternalError(absl::StrCat("memfd_create: ", std::strerror(errno)));
   if (ftruncate(index_fd_, static_cast<off_t>(index_bytes_)) != 0 ||
-      fcntl(index_fd_, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+      fcntl(index_fd_, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) {
     return absl::ResourceExhaustedError(absl::StrCat("cannot size the ", index_bytes_, "-byte HBM index: ",
                                                      std::strerror(errno)));
   }
   void* p = mmap(nullptr, index_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, index_fd_, 0);
   if (p == MAP_FAILED) return absl::ResourceExhaustedError(absl::StrCat("mmap HBM index: ", std::strerror(errno)));
+  // Only this mapping may ever write the index: clients map it, and the promoter reads its own
+  // buckets back when it edits them, so a client-writable index would be both a way to misdirect
+  // every other client and a way to hang the promoter.
+  if (fcntl(index_fd_, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) != 0) {
+    munmap(p, index_bytes_);
+    return absl::UnavailableError(absl::StrCat("cannot seal the HBM index against writers (F_SEAL_FUTURE_WRITE, ",
+                                               "Linux 5.1+): ", std::strerror(errno)));
+  }
   index_base_ = static_cast<uint8_t*>(p);
   header_ = new (index_base_) HbmIndexHeader();
   header_->magic = kernels::kHbmIndexMagic;
@@ -111,9 +120,9 @@ void HbmTier::RemoveReader(const std::atomic<uint64_t>* pin) {
   std::erase(readers_, pin);
 }
 
-bool HbmTier::Detach(int wait_ms) {
-  header_->detached.store(1, std::memory_order_seq_cst);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+void HbmTier::MarkDetached() { header_->detached.store(1, std::memory_order_seq_cst); }
+
+bool HbmTier::WaitUnpinned(std::chrono::steady_clock::time_point deadline) {
   for (;;) {
     bool pinned = false;
     {

@@ -23,6 +23,7 @@
 #define ENGRAM_TIERING_HBM_HBM_TIER_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -95,10 +96,12 @@ class HbmTier {
   void AddReader(const std::atomic<uint64_t>* pin);
   void RemoveReader(const std::atomic<uint64_t>* pin);
 
-  // Shutdown, after the promoter has stopped: marks the published index detached (readers that
-  // pin from now on read elsewhere) and waits, at most `wait_ms`, for readers already pinned to
-  // let go, so the slots may be freed after it. False when some reader still held a pin.
-  bool Detach(int wait_ms);
+  // Shutdown, after the promoter has stopped: MarkDetached marks the published index detached
+  // (readers that pin from now on read elsewhere); WaitUnpinned then waits, until `deadline`, for
+  // readers already pinned to let go, so the slots may be freed after it (false: some reader
+  // still held a pin). Mark every tier first, then wait on them against one deadline.
+  void MarkDetached();
+  bool WaitUnpinned(std::chrono::steady_clock::time_point deadline);
 
   // The shared index: a memfd of index_bytes() bytes (writable; hand clients a read-only one).
   int index_fd() const { return index_fd_; }

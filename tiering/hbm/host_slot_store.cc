@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "tiering/memfd_seals.h"
 #include "absl/strings/str_cat.h"
 #include "tiering/hbm/hbm_slot_store.h"
 
@@ -29,14 +30,19 @@ class HostSlotStore final : public HbmSlotStore {
     if (bytes_ == 0) return absl::InvalidArgumentError("HBM tier: no slots");
     fd_ = memfd_create("engram-hbm-slots", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd_ < 0) return absl::InternalError(absl::StrCat("memfd_create: ", std::strerror(errno)));
-    if (ftruncate(fd_, static_cast<off_t>(bytes_)) != 0 ||
-        fcntl(fd_, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    if (ftruncate(fd_, static_cast<off_t>(bytes_)) != 0 || fcntl(fd_, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) {
       return absl::ResourceExhaustedError(absl::StrCat("cannot size ", bytes_, " bytes of HBM slots: ",
                                                        std::strerror(errno)));
     }
     void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
     if (p == MAP_FAILED) return absl::ResourceExhaustedError(absl::StrCat("mmap HBM slots: ", std::strerror(errno)));
     base_ = static_cast<uint8_t*>(p);
+    // Clients map the slots: only this mapping may ever write them (a client could otherwise reopen
+    // its read-only descriptor through /proc for writing and change every other client's rows).
+    if (fcntl(fd_, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) != 0) {
+      return absl::UnavailableError(absl::StrCat("cannot seal the HBM slots against writers (F_SEAL_FUTURE_WRITE, ",
+                                                 "Linux 5.1+): ", std::strerror(errno)));
+    }
     return absl::OkStatus();
   }
 

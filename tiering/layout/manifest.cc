@@ -45,6 +45,19 @@ class Reader {
   std::string source_;
 };
 
+// Fields a manifest object may carry: anything else is a mistake (a typo, or a pack written by a
+// newer engramd) that silently ignoring would turn into wrong rows.
+absl::Status CheckKnownFields(const Reader& r, const json& obj, const std::string& path,
+                              std::initializer_list<const char*> known) {
+  if (!obj.is_object()) return absl::OkStatus();  // the typed reads report that
+  for (const auto& [key, value] : obj.items()) {
+    bool ok = false;
+    for (const char* k : known) ok |= key == k;
+    if (!ok) return r.Error(absl::StrCat("unknown field '", path, key, "'"));
+  }
+  return absl::OkStatus();
+}
+
 #define ENGRAM_RETURN_IF_ERROR(expr)      \
   do {                                    \
     if (absl::Status _s = (expr); !_s.ok()) return _s; \
@@ -117,6 +130,7 @@ absl::StatusOr<PackManifest> ParseManifestJson(absl::string_view json_text, absl
   }
   PackManifest m;
   std::string format;
+  ENGRAM_RETURN_IF_ERROR(CheckKnownFields(r, doc, "", {"format", "name", "row", "hash", "layers", "synthetic"}));
   ENGRAM_RETURN_IF_ERROR(r.Get(doc, "format", "", &format));
   if (format != kPackFormat) {
     return r.Error(absl::StrCat("format is '", format, "', expected '", kPackFormat, "'"));
@@ -131,6 +145,7 @@ absl::StatusOr<PackManifest> ParseManifestJson(absl::string_view json_text, absl
   json row;
   ENGRAM_RETURN_IF_ERROR(r.Get(doc, "row", "", &row));
   std::string dtype_name;
+  ENGRAM_RETURN_IF_ERROR(CheckKnownFields(r, row, "row.", {"dtype", "dim", "bytes"}));
   ENGRAM_RETURN_IF_ERROR(r.Get(row, "dtype", "row.", &dtype_name));
   auto dtype = ParseRowDtype(dtype_name);
   if (!dtype.ok()) return r.Error(dtype.status().message());
@@ -153,6 +168,9 @@ absl::StatusOr<PackManifest> ParseManifestJson(absl::string_view json_text, absl
 
   json hash;
   ENGRAM_RETURN_IF_ERROR(r.Get(doc, "hash", "", &hash));
+  ENGRAM_RETURN_IF_ERROR(CheckKnownFields(r, hash, "hash.",
+                                          {"kind", "max_ngram", "heads_per_ngram", "seed", "vocab_per_ngram", "pad_id",
+                                           "compress_lut", "compressed_vocab", "dead_token_id"}));
   ENGRAM_RETURN_IF_ERROR(r.Get(hash, "kind", "hash.", &m.hash_kind));
   if (m.hash_kind != "engram-v1" && m.hash_kind != "explicit") {
     return r.Error(absl::StrCat("hash.kind '", m.hash_kind, "' is not engram-v1 or explicit"));
@@ -165,6 +183,11 @@ absl::StatusOr<PackManifest> ParseManifestJson(absl::string_view json_text, absl
   ENGRAM_RETURN_IF_ERROR(r.Get(hash, "seed", "hash.", &m.hash.seed));
   ENGRAM_RETURN_IF_ERROR(r.Get(hash, "vocab_per_ngram", "hash.", &m.hash.vocab_per_ngram));
   ENGRAM_RETURN_IF_ERROR(r.Get(hash, "pad_id", "hash.", &m.hash.pad_id));
+  if (hash.contains("dead_token_id") && !hash["dead_token_id"].is_null()) {
+    int64_t dead = 0;
+    ENGRAM_RETURN_IF_ERROR(r.Get(hash, "dead_token_id", "hash.", &dead));
+    m.hash.dead_token_id = dead;
+  }
   if (hash.contains("compress_lut") && !hash["compress_lut"].is_null()) {
     ENGRAM_RETURN_IF_ERROR(r.Get(hash, "compress_lut", "hash.", &m.compress_lut_file));
     auto lut = ReadInt32File(JoinPath(base_dir, m.compress_lut_file));
@@ -193,6 +216,8 @@ absl::StatusOr<PackManifest> ParseManifestJson(absl::string_view json_text, absl
   for (size_t i = 0; i < layers.size(); ++i) {
     const std::string path = absl::StrCat("layers[", i, "].");
     PackLayer layer;
+    ENGRAM_RETURN_IF_ERROR(CheckKnownFields(r, layers[i], path,
+                                            {"id", "file", "head_rows", "multipliers", "xxh3_64", "block_checksums"}));
     ENGRAM_RETURN_IF_ERROR(r.Get(layers[i], "id", path, &layer.id));
     if (layer.id < 0 || layer.id > 100000) return r.Error(absl::StrCat(path, "id must be in [0, 100000]"));
     if (std::find(ids.begin(), ids.end(), layer.id) != ids.end()) {
@@ -213,6 +238,7 @@ absl::StatusOr<PackManifest> ParseManifestJson(absl::string_view json_text, absl
       if (layers[i].contains("block_checksums") && !layers[i]["block_checksums"].is_null()) {
         const json& blocks = layers[i]["block_checksums"];
         const std::string bpath = path + "block_checksums.";
+        ENGRAM_RETURN_IF_ERROR(CheckKnownFields(r, blocks, bpath, {"file", "block_bytes", "xxh3_64"}));
         uint64_t block_bytes = 0;
         ENGRAM_RETURN_IF_ERROR(r.Get(blocks, "file", bpath, &layer.block_checksums_file));
         ENGRAM_RETURN_IF_ERROR(r.Get(blocks, "block_bytes", bpath, &block_bytes));
@@ -264,6 +290,7 @@ absl::StatusOr<PackManifest> ParseManifestJson(absl::string_view json_text, absl
 
   if (doc.contains("synthetic") && !doc["synthetic"].is_null()) {
     uint64_t seed = 0;
+    ENGRAM_RETURN_IF_ERROR(CheckKnownFields(r, doc["synthetic"], "synthetic.", {"seed"}));
     ENGRAM_RETURN_IF_ERROR(r.Get(doc["synthetic"], "seed", "synthetic.", &seed));
     m.synthetic_seed = seed;
   }
@@ -291,6 +318,7 @@ std::string ManifestToJson(const PackManifest& m) {
                {"vocab_per_ngram", m.hash.vocab_per_ngram},
                {"pad_id", m.hash.pad_id},
                {"compressed_vocab", m.hash.compressed_vocab}};
+  if (m.hash.dead_token_id) hash["dead_token_id"] = *m.hash.dead_token_id;
   hash["compress_lut"] = m.compress_lut_file.empty() ? json(nullptr) : json(m.compress_lut_file);
   doc["hash"] = hash;
   doc["layers"] = json::array();

@@ -81,6 +81,10 @@ absl::Status HashConfig::Validate() const {
                                                      vocab_per_ngram[i]));
     }
   }
+  if (dead_token_id && *dead_token_id >= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hash.dead_token_id must be negative (a raw id no token has; DeepSeek-V4.1 uses -1), got ", *dead_token_id));
+  }
   if (compressed_vocab < 1 || compressed_vocab >= (int64_t{1} << 30)) {
     return absl::InvalidArgumentError(
         absl::StrCat("hash.compressed_vocab must be in [1, 2^30), got ", compressed_vocab));
@@ -207,14 +211,21 @@ void NgramHasher::HashCompressed(absl::Span<const int64_t> compressed, int batch
   const int max_ngram = config_.max_ngram;
   const int heads = config_.heads_per_ngram;
   const int heads_per_layer = config_.heads_per_layer();
+  const bool dead = config_.dead_token_id.has_value();
+  const int64_t dead_id = config_.dead_token_id.value_or(0);
   for (int b = 0; b < batch; ++b) {
     const int64_t* seq = compressed.data() + static_cast<size_t>(b) * seq_len;
     for (int t = 0; t < seq_len; ++t) {
       int64_t* dst = out.data() + (static_cast<size_t>(b) * seq_len + t) * heads_per_layer;
+      // Dead positions (when the table has them): once the walk back meets one, it stays blocked.
+      // Negative ids pass compression unchanged, so the compressed marker is the raw one.
+      bool blocked = dead && seq[t] == dead_id;
       // Wrapping signed arithmetic, done in uint64 (two's complement is the same bits).
-      uint64_t mix = static_cast<uint64_t>(seq[t]) * static_cast<uint64_t>(layer.multipliers[0]);
+      uint64_t mix = static_cast<uint64_t>(blocked ? compressed_pad_ : seq[t]) *
+                     static_cast<uint64_t>(layer.multipliers[0]);
       for (int k = 1; k < max_ngram; ++k) {
-        const int64_t shifted = t >= k ? seq[t - k] : compressed_pad_;
+        if (dead && !blocked && (t < k || seq[t - k] == dead_id)) blocked = true;
+        const int64_t shifted = !blocked && t >= k ? seq[t - k] : compressed_pad_;
         mix ^= static_cast<uint64_t>(shifted) * static_cast<uint64_t>(layer.multipliers[k]);
         const int n = k + 1;  // mix now covers order n
         const int64_t signed_mix = static_cast<int64_t>(mix);

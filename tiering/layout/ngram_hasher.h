@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,12 @@ struct HashConfig {
   int64_t pad_id = 2;                    // raw id used for left padding
   std::vector<int32_t> compress_lut;     // raw id -> compressed id; empty means identity
   int64_t compressed_vocab = 0;          // max(lut)+1, or the raw vocab size without a lut
+  // The raw id that marks a dead position (no text: an image span), when the table's model has
+  // them (DeepSeek-V4.1: -1). An n-gram never reaches across or into one: walking back from a
+  // position, every slot from the first dead (or before-the-start) one on takes the pad id, so a
+  // dead position itself hashes as all-pad (HASHING.md §6). Unset: the reference demo's semantics
+  // (only positions before the start are padded; a negative id is hashed as it is).
+  std::optional<int64_t> dead_token_id;
 
   int heads_per_layer() const { return (max_ngram - 1) * heads_per_ngram; }
   // Checks ranges and consistency; the message names the offending field.

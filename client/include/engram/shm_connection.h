@@ -65,6 +65,9 @@ struct ShmLink {
   ShmConnection* connection ABSL_GUARDED_BY(mu) = nullptr;
   std::shared_mutex arena_mu;
   shm::ArenaHeader* arena ABSL_GUARDED_BY(arena_mu) = nullptr;
+  // Pins handed to device copies (SplitForDevice) and not yet released: the connection waits for
+  // them before it closes (the daemon stops watching a client's pins when its socket closes).
+  std::atomic<int> device_pins{0};
 };
 
 class ShmConnection {
@@ -106,6 +109,8 @@ class ShmConnection {
   absl::StatusOr<shm::Frame> ControlCallLocked(shm::FrameType type, const std::string& payload);
   absl::Status SendCounters(const std::vector<shm::CounterReport>& reports);
   absl::Status SendFrame(shm::FrameType type, const std::string& payload);
+  // UNAVAILABLE (and the connection marked broken) once the daemon has ended the session.
+  absl::Status CheckSessionLocked();
   // Asks for the HBM tier over a freshly mapped table and attaches it (protocol 3). An error
   // means the table is served without it.
   absl::Status MapHbm(MappedTable* mapped, const v1::TableInfo& info);
