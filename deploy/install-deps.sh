@@ -10,6 +10,7 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config curl
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev libopenblas-dev
   librocksdb-dev liburing-dev libcivetweb-dev libxxhash-dev nlohmann-json3-dev libgtest-dev
+  libicu-dev                                   # engramctl lut: Unicode normal forms
   prometheus                                   # promtool checks the /metrics exposition
   python3-grpcio python3-grpc-tools python3-numpy  # the Python peer in the tests (/usr/bin/python3)
 )

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <chrono>
 #include <fstream>
 #include <sstream>
 
@@ -14,6 +15,8 @@
 #include "tiering/engine.h"
 #include "tiering/layout/manifest.h"
 #include "tiering/hot_set.h"
+#include "service/tokenizer_lut.h"
+#include "tiering/hf_import.h"
 #include "tiering/pack_writer.h"
 
 namespace engram {
@@ -28,7 +31,9 @@ constexpr char kUsage[] =
     "  engramctl pack create --layout FILE.json --out DIR\n"
     "  engramctl pack verify DIR [--sample-rows N]\n"
     "  engramctl pack checksum DIR\n"
+    "  engramctl pack import --hf CHECKPOINT_DIR --out DIR [--layers 1,14] [--name NAME] [--dry-run]\n"
     "  engramctl pack info DIR\n"
+    "  engramctl lut --tokenizer tokenizer.json [--vocab-size N] [--expect-compressed N] --out FILE.i32\n"
     "  engramctl hash --pack DIR --tokens FILE.i32 --shape B,T --out FILE.i64\n"
     "  engramctl profile --pack DIR --tokens FILE.i32 --out HOTSET [--fraction 0.1]\n"
     "  engramctl forward --pack DIR | --daemon URI --table NAME  --layer L --weights FILE.safetensors\n"
@@ -173,6 +178,71 @@ int PackChecksum(int argc, char** argv) {
   return 0;
 }
 
+int PackImport(int argc, char** argv) {
+  std::string hf, out, name, layers;
+  bool dry_run = false, force = false;
+  FlagSet flags("engramctl pack import",
+                "engramctl pack import --hf CHECKPOINT_DIR --out DIR: turns a Hugging Face checkpoint's Engram tables\n"
+                "(config.json, model.safetensors.index.json, the shards, tokenizer.json; DeepSeek-V4.1's layout) into\n"
+                "a pack. The hash layout is derived from config.json and checked against the tensors; the token\n"
+                "compression table is built from tokenizer.json and checked against engram_compressed_vocab_size.\n"
+                "Rows are streamed (constant memory); the manifest is written last, so an interrupted import\n"
+                "leaves no pack. --dry-run reads config.json only and prints the layout it derives.");
+  flags.String("hf", &hf, "the checkpoint directory");
+  flags.String("out", &out, "the pack directory to write");
+  flags.String("name", &name, "the table's name (default: engram)");
+  flags.String("layers", &layers, "comma-separated Engram layer ids to import (default: all)");
+  flags.Bool("dry-run", &dry_run, "print the derived layout and the checks; write nothing");
+  flags.Bool("force", &force, "write into a non-empty --out");
+  std::vector<std::string> positional;
+  ParseOrExit(flags, argc, argv, 3, &positional);
+  if (hf.empty()) return Fail(absl::InvalidArgumentError("pack import needs --hf CHECKPOINT_DIR"));
+  if (dry_run) {
+    auto lines = DescribeHfLayout(hf, /*check_tensors=*/false);
+    if (!lines.ok()) return Fail(lines.status());
+    for (const auto& line : *lines) std::printf("%s\n", line.c_str());
+    return 0;
+  }
+  if (out.empty()) return Fail(absl::InvalidArgumentError("pack import needs --out DIR (or --dry-run)"));
+  HfImportOptions options;
+  options.checkpoint_dir = hf;
+  options.out_dir = out;
+  options.name = name;
+  options.force = force;
+  for (absl::string_view part : absl::StrSplit(layers, ',', absl::SkipEmpty())) {
+    int id = 0;
+    if (!absl::SimpleAtoi(part, &id)) return Fail(absl::InvalidArgumentError(absl::StrCat("--layers: '", part, "' is not a layer id")));
+    options.layers.push_back(id);
+  }
+  auto config = ReadHfEngramConfig(hf + "/config.json");
+  if (!config.ok()) return Fail(config.status());
+  auto lut = BuildCompressLut(hf + "/tokenizer.json", config->vocab_size);
+  if (!lut.ok()) return Fail(lut.status());
+  std::fprintf(stderr, "engramctl: tokenizer.json: %lld tokens -> %lld compressed ids (%s)\n",
+               static_cast<long long>(lut->tokens), static_cast<long long>(lut->compressed_vocab),
+               LutUnicodeVersions().c_str());
+  options.compress_lut = std::move(lut->lut);
+  options.log = [](const std::string& line) { std::fprintf(stderr, "engramctl: %s\n", line.c_str()); };
+  const auto start = std::chrono::steady_clock::now();
+  auto last = start - std::chrono::seconds(1);
+  options.progress = [&](uint64_t done, uint64_t all) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last < std::chrono::milliseconds(500) && done < all) return;
+    last = now;
+    const double secs = std::max(1e-3, std::chrono::duration<double>(now - start).count());
+    const double rate = static_cast<double>(done) / secs;
+    std::fprintf(stderr, "\rengramctl: %.2f of %.2f GB, %.0f MB/s, ETA %.0f s   ", done / 1e9, all / 1e9, rate / 1e6,
+                 rate > 0 ? static_cast<double>(all - done) / rate : 0.0);
+    if (done >= all) std::fputc('\n', stderr);
+  };
+  auto written = ImportHfCheckpoint(options);
+  if (!written.ok()) return Fail(written.status());
+  std::printf("imported %zu Engram layer%s into %s: %s x %d, %llu bytes\n", written->layers.size(),
+              written->layers.size() == 1 ? "" : "s", out.c_str(), std::string(RowDtypeName(written->row.dtype)).c_str(),
+              written->row.dim, static_cast<unsigned long long>(written->total_bytes()));
+  return 0;
+}
+
 int PackInfo(int argc, char** argv) {
   FlagSet flags("engramctl pack info", "engramctl pack info DIR: prints a pack's layout.");
   std::vector<std::string> positional;
@@ -199,6 +269,41 @@ int PackInfo(int argc, char** argv) {
   }
   std::printf("total:       %llu bytes%s\n", static_cast<unsigned long long>(m->total_bytes()),
               m->synthetic_seed ? absl::StrCat(", synthetic seed ", *m->synthetic_seed).c_str() : "");
+  return 0;
+}
+
+int Lut(int argc, char** argv) {
+  std::string tokenizer, out;
+  int64_t vocab_size = 0, expect = 0;
+  FlagSet flags("engramctl lut",
+                "engramctl lut --tokenizer tokenizer.json --out FILE.i32: the Engram token compression table\n"
+                "(little-endian int32, raw token id -> compressed id) built from a Hugging Face byte-level BPE\n"
+                "tokenizer.json by the reference's rules (HASHING.md): each token's decoded text is normalized\n"
+                "(NFKC, NFD, marks removed, lowercase, whitespace collapsed and trimmed) and ids whose normal\n"
+                "forms agree share one compressed id.");
+  flags.String("tokenizer", &tokenizer, "the tokenizer.json to read");
+  flags.Int("vocab-size", &vocab_size,
+            "entries to write (the model's embedding rows); ids past the tokenizer take its last token's id.\n"
+            "                              0: the tokenizer's length");
+  flags.Int("expect-compressed", &expect, "fail unless the table has exactly this many compressed ids (0: any)");
+  flags.String("out", &out, "where to write the table");
+  std::vector<std::string> positional;
+  ParseOrExit(flags, argc, argv, 2, &positional);
+  if (tokenizer.empty() || out.empty()) return Fail(absl::InvalidArgumentError("lut needs --tokenizer and --out"));
+  if (vocab_size < 0 || expect < 0) return Fail(absl::InvalidArgumentError("--vocab-size and --expect-compressed are counts"));
+  auto lut = BuildCompressLut(tokenizer, vocab_size);
+  if (!lut.ok()) return Fail(lut.status());
+  if (expect != 0 && lut->compressed_vocab != expect) {
+    return Fail(absl::FailedPreconditionError(absl::StrCat(tokenizer, " compresses to ", lut->compressed_vocab,
+                                                           " ids, not the ", expect, " expected")));
+  }
+  std::ofstream f(out, std::ios::binary | std::ios::trunc);
+  f.write(reinterpret_cast<const char*>(lut->lut.data()), static_cast<std::streamsize>(lut->lut.size() * 4));
+  if (!f) return Fail(absl::InternalError(absl::StrCat("cannot write ", out)));
+  std::printf("%s: %lld tokens -> %lld compressed ids (%.2f%% fewer), %zu entries, %lld keyed raw (lossy decode); %s\n",
+              out.c_str(), static_cast<long long>(lut->tokens), static_cast<long long>(lut->compressed_vocab),
+              100.0 * (1.0 - static_cast<double>(lut->compressed_vocab) / static_cast<double>(lut->tokens)),
+              lut->lut.size(), static_cast<long long>(lut->raw_keys), LutUnicodeVersions().c_str());
   return 0;
 }
 
@@ -422,7 +527,9 @@ int Main(int argc, char** argv) {
   if (a1 == "pack" && a2 == "verify") return PackVerify(argc, argv);
   if (a1 == "pack" && a2 == "info") return PackInfo(argc, argv);
   if (a1 == "pack" && a2 == "checksum") return PackChecksum(argc, argv);
+  if (a1 == "pack" && a2 == "import") return PackImport(argc, argv);
   if (a1 == "hash") return Hash(argc, argv);
+  if (a1 == "lut") return Lut(argc, argv);
   if (a1 == "profile") return Profile(argc, argv);
   if (a1 == "forward") return Forward(argc, argv);
   if (a1.empty() || a1 == "--help" || a1 == "-h" || a1 == "help") {

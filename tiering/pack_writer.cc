@@ -25,6 +25,8 @@ namespace {
 constexpr uint64_t kChunkBytes = 8ull << 20;
 constexpr char kLutFile[] = "compress_lut.i32";
 
+}  // namespace
+
 absl::Status WriteAll(int fd, const uint8_t* data, size_t size, const std::string& path) {
   while (size > 0) {
     const ssize_t n = write(fd, data, size);
@@ -50,6 +52,8 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& con
   }
   return s;
 }
+
+namespace {
 
 // Fills rows [first, first+count) of one layer into buf using `threads` threads.
 void FillRows(const PackManifest& m, int layer_id, uint64_t first, uint64_t count, int threads,

@@ -55,6 +55,11 @@ absl::StatusOr<PackVerifyReport> VerifyPack(const std::string& dir, uint64_t sam
 // Returns how many layers gained them. `progress` (optional) hears one line per layer.
 absl::StatusOr<int> AddBlockChecksums(const std::string& dir, const std::function<void(const std::string&)>& progress);
 
+// Writes all of `data` to `fd` (retrying short writes); errors name `path`.
+absl::Status WriteAll(int fd, const uint8_t* data, size_t size, const std::string& path);
+// Writes `contents` to path.tmp, fsyncs it and renames it over `path`.
+absl::Status WriteFileAtomically(const std::string& path, const std::string& contents);
+
 // Hex xxh3_64 of a file, streamed.
 absl::StatusOr<std::string> FileXxh3Hex(const std::string& path);
 

@@ -218,6 +218,25 @@ class EngramctlHashTest(unittest.TestCase):
                                                   err_msg="%s layer %d" % (cfg["name"], l))
 
 
+class EngramctlLutTest(unittest.TestCase):
+    """`engramctl lut` from DeepSeek-V3's tokenizer.json reproduces the reference table byte for byte,
+    and refuses a count it was told to expect when the tokenizer gives another."""
+
+    def test_lut_from_tokenizer(self):
+        tokenizer = os.path.join(ARGS.data_dir, "deepseek_v3_tokenizer.json")
+        with tempfile.TemporaryDirectory(prefix="engram-lut-") as tmp:
+            out = os.path.join(tmp, "lut.i32")
+            run = subprocess.run([ARGS.engramctl, "lut", "--tokenizer", tokenizer, "--vocab-size", "129280",
+                                  "--expect-compressed", "98627", "--out", out], capture_output=True, text=True)
+            self.assertEqual(run.returncode, 0, run.stderr)
+            self.assertIn("128815 tokens -> 98627 compressed ids", run.stdout)
+            self.assertEqual(open(out, "rb").read(), open(ARGS.lut, "rb").read())
+            bad = subprocess.run([ARGS.engramctl, "lut", "--tokenizer", tokenizer, "--expect-compressed", "99092",
+                                  "--out", out], capture_output=True, text=True)
+            self.assertNotEqual(bad.returncode, 0)
+            self.assertIn("compresses to 98627 ids, not the 99092 expected", bad.stderr)
+
+
 def reference_hash(compressed, mult, primes, pad, max_ngram, heads, dead):
     """HASHING.md sections 4 and 6 stated plainly: per position, walk back s = 0..max_ngram-1; from the
     first slot before the start or on a dead position (when `dead` is not None) every slot is the pad;

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engram/kernels/hbm_probe.h"
@@ -90,7 +91,8 @@ class MappedTable {
     std::atomic<uint32_t> pins_busy{0};                    // bit k: pin first_pin + k is in use by a reader here
     std::atomic<uint64_t> hbm_rows{0}, hbm_rows_total{0};  // unreported / all time
     std::mutex sample_mu;
-    std::vector<uint64_t> samples;  // rows served, about one in kAccessSampleEvery, for the daemon's promoter
+    // Rows served, about one in kAccessSampleEvery, for the daemon's promoter.
+    std::vector<uint64_t> samples ABSL_GUARDED_BY(sample_mu);
     HbmSampler sampler{shm::kAccessSampleEvery};  // reseeded per process and layer when mapped
   };
   MappedTable() = default;
@@ -116,7 +118,7 @@ class MappedTable {
   uint32_t version_ = 0;  // the connection's protocol
   int64_t report_interval_ns_ = 0;
   std::atomic<int64_t> last_report_ns_{0};
-  std::mutex report_mu_;
+  std::mutex report_mu_;  // one report at a time (the counts are swapped out under it)
 };
 
 }  // namespace engram

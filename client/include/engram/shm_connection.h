@@ -123,17 +123,19 @@ class ShmConnection {
                                                          absl::Span<const uint32_t> indices, uint64_t out_bytes,
                                                          RemoteLookupStats* stats);
 
-  std::mutex mu_;
+  std::mutex mu_;  // one call at a time: the ring positions, the request ids, the socket's frames
   ShmConnectOptions options_;
   int sock_ = -1, memfd_ = -1, request_efd_ = -1, completion_efd_ = -1;
   uint8_t* base_ = nullptr;
   shm::HelloReply reply_{};
   shm::ArenaView arena_;  // the rings and data region, as laid out by the reply (checked)
-  uint32_t request_tail_ = 0, completion_head_ = 0;
-  uint64_t next_id_ = 1;
+  uint32_t request_tail_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t completion_head_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   uint32_t version_ = shm::kVersion;                             // the protocol this connection speaks
   std::shared_ptr<ShmLink> link_ = std::make_shared<ShmLink>();  // shared with MappedTables
-  bool broken_ = false;  // a control reply went missing: every later call is UNAVAILABLE
+  // A control reply went missing, or the daemon ended the session: every later call is UNAVAILABLE.
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace engram
