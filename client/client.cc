@@ -31,7 +31,9 @@ absl::StatusOr<std::shared_ptr<TableHandle>> TableHandle::FromTableInfo(const st
   config.compressed_vocab = static_cast<int64_t>(info.hash().compressed_vocab());
   if (info.hash().has_dead_token_id()) config.dead_token_id = info.hash().dead_token_id();
   config.compress_lut.resize(info.hash().compress_lut().size() / 4);
-  std::memcpy(config.compress_lut.data(), info.hash().compress_lut().data(), config.compress_lut.size() * 4);
+  if (!config.compress_lut.empty()) {  // (memcpy from an empty string's null data is undefined)
+    std::memcpy(config.compress_lut.data(), info.hash().compress_lut().data(), config.compress_lut.size() * 4);
+  }
   std::vector<LayerHashLayout> layers;
   for (const auto& l : info.layers()) {
     LayerHashLayout layout;
