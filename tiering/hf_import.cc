@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -425,8 +426,17 @@ absl::StatusOr<PackManifest> ImportHfCheckpoint(const HfImportOptions& o) {
   const uint64_t value_bytes = static_cast<uint64_t>(dtype == RowDtype::kFp8E4m3Ue8m0x32 ? m.row.dim
                                                                                         : m.row.bytes);
   const uint64_t scale_bytes = dtype == RowDtype::kFp8E4m3Ue8m0x32 ? static_cast<uint64_t>(m.row.dim / 32) : 0;
-  std::vector<uint8_t> values(kRowsPerChunk * value_bytes), scales(kRowsPerChunk * scale_bytes),
-      rows(kRowsPerChunk * static_cast<uint64_t>(m.row.bytes));
+  // Two read buffers: the next chunk is read (sequential preads on a thread of its own) while this
+  // one is interleaved, hashed and written, so the disk never waits for the CPU.
+  struct Chunk {
+    std::vector<uint8_t> values, scales;
+  };
+  Chunk chunks[2];
+  for (Chunk& c : chunks) {
+    c.values.resize(kRowsPerChunk * value_bytes);
+    c.scales.resize(kRowsPerChunk * scale_bytes);
+  }
+  std::vector<uint8_t> rows(kRowsPerChunk * static_cast<uint64_t>(m.row.bytes));
   for (const LayerSource& l : plan->layers) {
     PackLayer layer;
     layer.id = l.id;
@@ -447,20 +457,29 @@ absl::StatusOr<PackManifest> ImportHfCheckpoint(const HfImportOptions& o) {
     BlockChecksumBuilder blocks;
     const uint64_t total = l.layout.total_rows;
     const auto start = std::chrono::steady_clock::now();
-    for (uint64_t first = 0; first < total && s.ok(); first += kRowsPerChunk) {
+    auto read_chunk = [&, wfd, sfd](uint64_t first, Chunk* c) -> absl::Status {
       const uint64_t n = std::min(kRowsPerChunk, total - first);
-      s = ReadAt(wfd, values.data(), n * value_bytes, l.weight.offset + first * value_bytes,
-                 absl::StrCat(l.weight_path, " (layers.", l.id, ".engram.embed.weight)"));
-      if (s.ok() && scale_bytes > 0) {
-        s = ReadAt(sfd, scales.data(), n * scale_bytes, l.scale.offset + first * scale_bytes,
-                   absl::StrCat(l.scale_path, " (layers.", l.id, ".engram.embed.scale)"));
+      absl::Status rs = ReadAt(wfd, c->values.data(), n * value_bytes, l.weight.offset + first * value_bytes,
+                               absl::StrCat(l.weight_path, " (layers.", l.id, ".engram.embed.weight)"));
+      if (rs.ok() && scale_bytes > 0) {
+        rs = ReadAt(sfd, c->scales.data(), n * scale_bytes, l.scale.offset + first * scale_bytes,
+                    absl::StrCat(l.scale_path, " (layers.", l.id, ".engram.embed.scale)"));
       }
+      return rs;
+    };
+    std::future<absl::Status> pending;
+    if (s.ok() && total > 0) pending = std::async(std::launch::async, read_chunk, 0, &chunks[0]);
+    for (uint64_t first = 0, k = 0; first < total && s.ok(); first += kRowsPerChunk, ++k) {
+      s = pending.get();
       if (!s.ok()) break;
-      const uint8_t* chunk = values.data();
+      const Chunk& cur = chunks[k % 2];
+      const uint64_t n = std::min(kRowsPerChunk, total - first);
+      if (first + n < total) pending = std::async(std::launch::async, read_chunk, first + n, &chunks[(k + 1) % 2]);
+      const uint8_t* chunk = cur.values.data();
       if (scale_bytes > 0) {  // the row: its values, then its scales
         for (uint64_t r = 0; r < n; ++r) {
-          std::memcpy(rows.data() + r * m.row.bytes, values.data() + r * value_bytes, value_bytes);
-          std::memcpy(rows.data() + r * m.row.bytes + value_bytes, scales.data() + r * scale_bytes, scale_bytes);
+          std::memcpy(rows.data() + r * m.row.bytes, cur.values.data() + r * value_bytes, value_bytes);
+          std::memcpy(rows.data() + r * m.row.bytes + value_bytes, cur.scales.data() + r * scale_bytes, scale_bytes);
         }
         chunk = rows.data();
       }
@@ -471,6 +490,7 @@ absl::StatusOr<PackManifest> ImportHfCheckpoint(const HfImportOptions& o) {
       done += bytes;
       if (o.progress) o.progress(done, all_bytes);
     }
+    if (pending.valid()) pending.wait();  // a read still in flight must finish before its buffer goes
     layer.xxh3_64 = absl::StrFormat("%016x", XXH3_64bits_digest(state));
     XXH3_freeState(state);
     if (s.ok() && fsync(ofd) != 0) s = absl::InternalError(absl::StrCat("fsync ", out_path, ": ", std::strerror(errno)));
