@@ -179,7 +179,17 @@ std::string NormalizeTokenText(const std::string& text) {
   return out;
 }
 
+absl::StatusOr<TokenizerLut> BuildCompressLutUnchecked(const std::string& path, int64_t vocab_size);
+
 absl::StatusOr<TokenizerLut> BuildCompressLut(const std::string& path, int64_t vocab_size) {
+  try {
+    return BuildCompressLutUnchecked(path, vocab_size);
+  } catch (const nlohmann::json::exception& e) {  // a field of the wrong type somewhere in the file
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a tokenizer.json as expected: ", e.what()));
+  }
+}
+
+absl::StatusOr<TokenizerLut> BuildCompressLutUnchecked(const std::string& path, int64_t vocab_size) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
   std::stringstream text;

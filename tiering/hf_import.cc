@@ -73,6 +73,9 @@ absl::StatusOr<std::string> ShardOf(const std::string& dir, const json& index, c
   if (!index.contains("weight_map") || !index["weight_map"].contains(tensor)) {
     return absl::NotFoundError(absl::StrCat("model.safetensors.index.json names no shard for ", tensor));
   }
+  if (!index["weight_map"][tensor].is_string()) {
+    return absl::InvalidArgumentError(absl::StrCat("model.safetensors.index.json: the shard of ", tensor, " is not a file name"));
+  }
   const std::string file = index["weight_map"][tensor].get<std::string>();
   if (file.empty() || file.find('/') != std::string::npos || file[0] == '.') {
     return absl::InvalidArgumentError(absl::StrCat("the index names shard '", file, "' for ", tensor,
@@ -365,7 +368,12 @@ absl::StatusOr<HfEngramConfig> ReadHfEngramConfig(const std::string& path) {
 }
 
 absl::StatusOr<std::vector<std::string>> DescribeHfLayout(const std::string& dir, bool check_tensors) {
-  auto plan = MakePlan(dir, {}, {}, check_tensors);
+  absl::StatusOr<Plan> plan;
+  try {
+    plan = MakePlan(dir, {}, {}, check_tensors);
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(dir, ": a checkpoint file is not as expected: ", e.what()));
+  }
   if (!plan.ok()) return plan.status();
   std::vector<std::string> lines;
   const HfEngramConfig& c = plan->config;
@@ -392,7 +400,12 @@ absl::StatusOr<std::vector<std::string>> DescribeHfLayout(const std::string& dir
 
 absl::StatusOr<PackManifest> ImportHfCheckpoint(const HfImportOptions& o) {
   namespace fs = std::filesystem;
-  auto plan = MakePlan(o.checkpoint_dir, o.layers, o.compress_lut, /*check_tensors=*/true);
+  absl::StatusOr<Plan> plan;
+  try {
+    plan = MakePlan(o.checkpoint_dir, o.layers, o.compress_lut, /*check_tensors=*/true);
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(o.checkpoint_dir, ": a checkpoint file is not as expected: ", e.what()));
+  }
   if (!plan.ok()) return plan.status();
   std::error_code ec;
   if (fs::exists(o.out_dir, ec) && !fs::is_empty(o.out_dir, ec) && !o.force) {

@@ -65,6 +65,11 @@ TEST(TokenizerLutTest, BadTokenizerFilesAreRefusedClearly) {
   const absl::Status hole = write(
       "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 2}}, \"decoder\": {\"type\": \"ByteLevel\"}}");
   EXPECT_NE(hole.message().find("no token has id 1"), absl::string_view::npos) << hole;
+  const absl::Status typed = write(
+      "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}}, \"decoder\": {\"type\": \"ByteLevel\"}, "
+      "\"added_tokens\": [{\"id\": \"one\", \"content\": \"x\"}]}");
+  EXPECT_EQ(typed.code(), absl::StatusCode::kInvalidArgument) << typed;  // a clear error, not a crash
+  EXPECT_NE(typed.message().find("not a tokenizer.json as expected"), absl::string_view::npos) << typed;
   EXPECT_EQ(BuildCompressLut(dir / "missing.json", 0).status().code(), absl::StatusCode::kNotFound);
 }
 
