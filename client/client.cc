@@ -50,6 +50,7 @@ absl::StatusOr<std::shared_ptr<TableHandle>> TableHandle::FromTableInfo(const st
   handle->dim_ = info.dim();
   handle->row_bytes_ = info.row_bytes();
   handle->heads_ = info.heads();
+  if (!info.module().empty()) handle->module_ = info.module();
   handle->hasher_ = std::move(*hasher);
   return handle;
 }

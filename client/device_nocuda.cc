@@ -9,6 +9,11 @@ absl::StatusOr<std::unique_ptr<EngramLayerCuda>> EngramLayerCuda::Create(const k
   return absl::FailedPreconditionError("libengram_client was built without CUDA (ENGRAM_CUDA=OFF or no nvcc)");
 }
 
+absl::StatusOr<std::unique_ptr<EngramLayerCuda>> EngramLayerCuda::CreateDsv41(const kernels::Dsv41Weights&, RowDtype,
+                                                                              int) {
+  return absl::FailedPreconditionError("libengram_client was built without CUDA (ENGRAM_CUDA=OFF or no nvcc)");
+}
+
 absl::StatusOr<std::unique_ptr<DeviceStaging>> DeviceStaging::Create() {
   return absl::FailedPreconditionError("libengram_client was built without CUDA (ENGRAM_CUDA=OFF or no nvcc)");
 }

@@ -17,16 +17,32 @@ namespace engram {
 
 class EngramLayerCuda {
  public:
+  // The demo module.
   static absl::StatusOr<std::unique_ptr<EngramLayerCuda>> Create(const kernels::EngramWeights& weights, RowDtype dtype,
                                                                  int row_dim);
+  // DeepSeek-V4.1's module.
+  static absl::StatusOr<std::unique_ptr<EngramLayerCuda>> CreateDsv41(const kernels::Dsv41Weights& weights,
+                                                                      RowDtype dtype, int row_dim);
   virtual ~EngramLayerCuda() = default;
-  // `rows`: n_rows raw rows in host memory; hidden/out: device pointers; work on `stream`.
+  // Demo. `rows`: n_rows raw rows in host memory; hidden/out: device pointers; work on `stream`.
   virtual absl::Status Forward(absl::Span<const uint8_t> rows, int64_t n_rows, const kernels::ForwardShape& shape,
-                               absl::Span<const float> hidden, absl::Span<float> out, void* stream) = 0;
+                               absl::Span<const float> hidden, absl::Span<float> out, void* stream) {
+    return absl::UnimplementedError("this CUDA layer runs the V4.1 module");
+  }
   // The same with hidden states and output in host memory (copied in and out; synchronous).
   virtual absl::Status ForwardHostBuffers(absl::Span<const uint8_t> rows, int64_t n_rows,
                                           const kernels::ForwardShape& shape, absl::Span<const float> hidden,
-                                          absl::Span<float> out) = 0;
+                                          absl::Span<float> out) {
+    return absl::UnimplementedError("this CUDA layer runs the V4.1 module");
+  }
+  // V4.1: `dead` [tokens] and `rows` in host memory; hidden/out device pointers to `values`
+  // stream elements (f32, or bf16 bits), out may alias hidden; with `host_buffers`, hidden/out are
+  // host memory instead (copied in and out; synchronous).
+  virtual absl::Status ForwardDsv41(absl::Span<const uint8_t> rows, int64_t n_rows, absl::Span<const uint8_t> dead,
+                                    const void* hidden, void* out, size_t values, bool bf16_streams, void* stream,
+                                    bool host_buffers) {
+    return absl::UnimplementedError("this CUDA layer runs the demo module");
+  }
 };
 
 }  // namespace engram

@@ -36,9 +36,10 @@ constexpr char kUsage[] =
     "  engramctl lut --tokenizer tokenizer.json [--vocab-size N] [--expect-compressed N] --out FILE.i32\n"
     "  engramctl hash --pack DIR --tokens FILE.i32 --shape B,T --out FILE.i64\n"
     "  engramctl profile --pack DIR --tokens FILE.i32 --out HOTSET [--fraction 0.1]\n"
-    "  engramctl forward --pack DIR | --daemon URI --table NAME  --layer L --weights FILE.safetensors\n"
-    "                    --tokens FILE.i32 --shape B,T --hidden FILE.f32 --hc G --out FILE.f32\n"
-    "                    [--device cpu|cuda|auto]\n"
+    "  engramctl forward --pack DIR | --daemon URI --table NAME  --layer L\n"
+    "                    --weights FILE.safetensors (demo) | --checkpoint HF_DIR (dsv41)\n"
+    "                    --tokens FILE.i32 --shape B,T --hidden FILE --out FILE\n"
+    "                    [--variant auto|demo|dsv41] [--stream-dtype f32|bf16] [--device cpu|cuda|auto]\n"
     "\n"
     "Run a command with --help for its flags.";
 
@@ -400,25 +401,36 @@ absl::Status WriteFile(const std::string& path, const void* data, size_t bytes) 
 }
 
 int Forward(int argc, char** argv) {
-  std::string pack, weights_path, tokens, shape, hidden_path, out, device = "cpu", dump_embeddings, dump_indices;
-  std::string daemon_uri, table_name;
+  std::string pack, weights_path, checkpoint, tokens, shape, hidden_path, out, device = "cpu", dump_embeddings,
+      dump_indices;
+  std::string daemon_uri, table_name, variant_name = "auto", stream_dtype = "f32";
   int64_t layer_id = -1, hc = 0, threads = 0;
   FlagSet flags("engramctl forward",
                 "engramctl forward: runs one Engram layer (EngramLayer: hash, look up, dequantize, gate, fuse)\n"
-                "on files, with rows read from the pack itself (no daemon), and writes Y = V + ShortConv(V),\n"
-                "the module's output before the block's residual add. Hidden states and output are\n"
-                "little-endian f32 [B][T][G][D]. For debugging and for checking other implementations.");
+                "on files, with rows read from the pack itself (no daemon) or from a running engramd.\n"
+                "Two modules:\n"
+                "  demo   the reference demo's: writes Y = V + ShortConv(V), the module's output before the\n"
+                "         block's residual add; weights from --weights (the demo's state-dict names).\n"
+                "  dsv41  DeepSeek-V4.1's: writes the updated streams h_k + g_k * v (g_k = 0 where the token\n"
+                "         id is the table's dead id, -1); weights from the checkpoint directory --checkpoint\n"
+                "         (config.json, the index and the shards holding layers.L.engram.*).\n"
+                "Hidden states and output are little-endian [B][T][streams][D], f32 (or bf16 with\n"
+                "--stream-dtype bf16, dsv41 only).");
   flags.String("pack", &pack, "pack directory (rows read from it directly)");
   flags.String("daemon", &daemon_uri,
                "instead of --pack: fetch rows from a running engramd (unix:///SOCKET or grpc://HOST:PORT)");
   flags.String("table", &table_name, "with --daemon: the table's name");
   flags.Int("layer", &layer_id, "layer id (as in the pack's manifest)");
-  flags.String("weights", &weights_path, "safetensors file with the module's weights (reference state-dict names)");
+  flags.String("variant", &variant_name,
+               "demo, dsv41, or auto (the pack's or table's recorded module; demo when it has none)");
+  flags.String("weights", &weights_path, "demo: safetensors file with the module's weights (reference names)");
+  flags.String("checkpoint", &checkpoint, "dsv41: the Hugging Face checkpoint directory holding the weights");
   flags.String("tokens", &tokens, "raw token ids [B][T], little-endian int32");
   flags.String("shape", &shape, "B,T");
-  flags.String("hidden", &hidden_path, "hidden states [B][T][G][D], little-endian f32");
-  flags.Int("hc", &hc, "G, the hyper-connection branches (must match the weights)");
-  flags.String("out", &out, "output file: Y [B][T][G][D], little-endian f32");
+  flags.String("hidden", &hidden_path, "hidden states [B][T][streams][D], little-endian f32 or bf16");
+  flags.String("stream-dtype", &stream_dtype, "f32, or bf16 (dsv41: the released model's stream dtype)");
+  flags.Int("hc", &hc, "the hyper-connection streams (must match the weights; 0: take the weights')");
+  flags.String("out", &out, "output file, [B][T][streams][D] in the stream dtype");
   flags.String("device", &device,
                "cpu (the CPU twin), cuda (fails without a device), or auto (cuda when a device is present)");
   flags.Int("threads", &threads, "CPU twin threads (0: every core)");
@@ -428,10 +440,11 @@ int Forward(int argc, char** argv) {
   if (pack.empty() == daemon_uri.empty() || (!daemon_uri.empty() && table_name.empty())) {
     return Fail(absl::InvalidArgumentError("give either --pack DIR or --daemon URI with --table NAME"));
   }
-  if (weights_path.empty() || tokens.empty() || shape.empty() || hidden_path.empty() || out.empty() || layer_id < 0 ||
-      hc < 1) {
-    return Fail(absl::InvalidArgumentError(
-        "--layer, --weights, --tokens, --shape, --hidden, --hc and --out are all required"));
+  if (tokens.empty() || shape.empty() || hidden_path.empty() || out.empty() || layer_id < 0 || hc < 0) {
+    return Fail(absl::InvalidArgumentError("--layer, --tokens, --shape, --hidden and --out are all required"));
+  }
+  if (stream_dtype != "f32" && stream_dtype != "bf16") {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--stream-dtype '", stream_dtype, "' is not f32 or bf16")));
   }
   std::vector<std::string> parts = absl::StrSplit(shape, ',');
   int batch = 0, seq_len = 0;
@@ -450,32 +463,27 @@ int Forward(int argc, char** argv) {
     return Fail(absl::InvalidArgumentError(absl::StrCat("--device '", device, "' is not cpu, cuda or auto")));
   }
   options.cpu_threads = static_cast<int>(threads);
-  auto weights = LoadEngramWeights(weights_path);
-  if (!weights.ok()) return Fail(weights.status());
-  if (weights->branches != hc) {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("--hc ", hc, " but ", weights_path, " holds ", weights->branches, " key projections")));
-  }
   auto ids = ReadInt32File(tokens);
   if (!ids.ok()) return Fail(ids.status());
-  const size_t state_values = static_cast<size_t>(batch) * seq_len * weights->branches * weights->hidden;
-  auto hidden = ReadF32File(hidden_path, state_values, "--shape x --hc x D");
-  if (!hidden.ok()) return Fail(hidden.status());
-  absl::StatusOr<std::unique_ptr<EngramLayer>> layer = absl::UnknownError("unset");
+
+  // The row source: a daemon through libengram_client, or the pack itself.
   std::unique_ptr<Engine> engine;
   std::unique_ptr<Client> client;
+  std::shared_ptr<const TableHandle> handle;
+  RowSource source;
+  std::string recorded_module = "demo";
   RowDtype dtype = RowDtype::kF32;
   if (!daemon_uri.empty()) {
-    // Rows through libengram_client, as an engine gets them.
     auto connected = Client::Connect(daemon_uri);
     if (!connected.ok()) return Fail(connected.status());
     client = std::move(*connected);
-    auto handle = client->OpenTable(table_name);
-    if (!handle.ok()) return Fail(handle.status());
-    auto parsed = ParseRowDtype((*handle)->dtype());
+    auto opened = client->OpenTable(table_name);
+    if (!opened.ok()) return Fail(opened.status());
+    handle = *opened;
+    auto parsed = ParseRowDtype(handle->dtype());
     if (!parsed.ok()) return Fail(parsed.status());
     dtype = *parsed;
-    layer = EngramLayer::Create(client.get(), *handle, static_cast<int>(layer_id), std::move(*weights), options);
+    recorded_module = handle->module();
   } else {
     // Rows straight from the pack: resident when it fits a modest budget, else NVMe with a cache.
     TableOptions table_options;
@@ -483,13 +491,13 @@ int Forward(int argc, char** argv) {
     auto table = Table::Open(pack, table_options);
     if (!table.ok()) return Fail(table.status());
     dtype = (*table)->manifest().row.dtype;
+    recorded_module = (*table)->manifest().module;
     EngineOptions engine_options;
     engine_options.worker_threads = 0;
     engine_options.max_batch_rows = UINT64_MAX;
     engine = std::make_unique<Engine>(engine_options);
     const Table* t = table->get();
     if (absl::Status s = engine->AddTable(std::move(*table)); !s.ok()) return Fail(s);
-    RowSource source;
     source.hasher = &t->hasher();
     source.dtype = dtype;
     source.row_dim = static_cast<int>(t->manifest().row.dim);
@@ -497,25 +505,70 @@ int Forward(int argc, char** argv) {
     source.lookup = [e, t](int l, uint32_t n, absl::Span<const uint32_t> idx, absl::Span<uint8_t> rows) {
       return e->Lookup(*t, l, n, idx, rows, nullptr);
     };
-    layer = EngramLayer::Create(std::move(source), static_cast<int>(layer_id), std::move(*weights), options);
+  }
+  auto variant = ParseEngramVariant(variant_name == "auto" ? recorded_module : variant_name);
+  if (!variant.ok()) return Fail(variant.status());
+  if (stream_dtype == "bf16" && *variant != EngramVariant::kDsv41) {
+    return Fail(absl::InvalidArgumentError("--stream-dtype bf16 is for the dsv41 module"));
+  }
+
+  absl::StatusOr<std::unique_ptr<EngramLayer>> layer = absl::UnknownError("unset");
+  const int id = static_cast<int>(layer_id);
+  if (*variant == EngramVariant::kDemo) {
+    if (weights_path.empty() || !checkpoint.empty()) {
+      return Fail(absl::InvalidArgumentError("the demo module takes its weights from --weights FILE.safetensors"));
+    }
+    auto weights = LoadEngramWeights(weights_path);
+    if (!weights.ok()) return Fail(weights.status());
+    layer = client != nullptr ? EngramLayer::Create(client.get(), handle, id, std::move(*weights), options)
+                              : EngramLayer::Create(std::move(source), id, std::move(*weights), options);
+  } else {
+    if (checkpoint.empty() || !weights_path.empty()) {
+      return Fail(absl::InvalidArgumentError("the dsv41 module takes its weights from --checkpoint DIR"));
+    }
+    auto weights = LoadDsv41Weights(checkpoint, id, 0, static_cast<int>(threads));
+    if (!weights.ok()) return Fail(weights.status());
+    layer = client != nullptr ? EngramLayer::Create(client.get(), handle, id, std::move(*weights), options)
+                              : EngramLayer::Create(std::move(source), id, std::move(*weights), options);
   }
   if (!layer.ok()) return Fail(layer.status());
-  std::vector<float> y(state_values);
-  if (absl::Status s = (*layer)->ForwardHost(*ids, batch, seq_len, *hidden, absl::MakeSpan(y)); !s.ok()) return Fail(s);
-  if (absl::Status s = WriteFile(out, y.data(), y.size() * 4); !s.ok()) return Fail(s);
+  EngramLayer& l = **layer;
+  if (hc != 0 && l.streams() != hc) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--hc ", hc, " but the weights have ", l.streams(),
+                                                        " streams")));
+  }
+  const size_t state_values = static_cast<size_t>(batch) * seq_len * l.streams() * l.hidden_size();
+  if (stream_dtype == "f32") {
+    auto hidden = ReadF32File(hidden_path, state_values, "B x T x streams x D");
+    if (!hidden.ok()) return Fail(hidden.status());
+    std::vector<float> y(state_values);
+    if (absl::Status s = l.ForwardHost(*ids, batch, seq_len, *hidden, absl::MakeSpan(y)); !s.ok()) return Fail(s);
+    if (absl::Status s = WriteFile(out, y.data(), y.size() * 4); !s.ok()) return Fail(s);
+  } else {
+    std::ifstream in(hidden_path, std::ios::binary);
+    std::vector<uint16_t> hidden(state_values);
+    in.read(reinterpret_cast<char*>(hidden.data()), static_cast<std::streamsize>(state_values * 2));
+    if (!in || in.peek() != EOF) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(hidden_path, " must hold exactly B x T x streams x D = ",
+                                                          state_values, " bf16 values")));
+    }
+    std::vector<uint16_t> y(state_values);
+    if (absl::Status s = l.ForwardHost(*ids, batch, seq_len, hidden, absl::MakeSpan(y)); !s.ok()) return Fail(s);
+    if (absl::Status s = WriteFile(out, y.data(), y.size() * 2); !s.ok()) return Fail(s);
+  }
   if (!dump_embeddings.empty()) {
-    const auto& e = (*layer)->last_embeddings();
+    const auto& e = l.last_embeddings();
     if (absl::Status s = WriteFile(dump_embeddings, e.data(), e.size() * 4); !s.ok()) return Fail(s);
   }
   if (!dump_indices.empty()) {
-    const auto& idx = (*layer)->last_indices();
+    const auto& idx = l.last_indices();
     if (absl::Status s = WriteFile(dump_indices, idx.data(), idx.size() * 4); !s.ok()) return Fail(s);
   }
-  std::printf("layer %lld: B=%d T=%d G=%d D=%d M=%d dtype=%s device=%s -> %s\n", static_cast<long long>(layer_id),
-              batch, seq_len, (*layer)->weights().branches, (*layer)->weights().hidden, (*layer)->weights().embed,
-              std::string(RowDtypeName(dtype)).c_str(),
-              (*layer)->device() == EngramDevice::kCuda ? "cuda" : "cpu", out.c_str());
-  if (!dump_embeddings.empty() && (*layer)->last_embeddings().empty()) {
+  std::printf("layer %d: %s module, B=%d T=%d streams=%d D=%d M=%d rows=%s streams=%s device=%s -> %s\n", id,
+              EngramVariantName(l.variant()), batch, seq_len, l.streams(), l.hidden_size(), l.embed_width(),
+              std::string(RowDtypeName(dtype)).c_str(), stream_dtype.c_str(),
+              l.device() == EngramDevice::kCuda ? "cuda" : "cpu", out.c_str());
+  if (!dump_embeddings.empty() && l.last_embeddings().empty()) {
     std::fprintf(stderr, "engramctl forward: --dump-embeddings: the CUDA path keeps its embeddings on the device\n");
   }
   return 0;

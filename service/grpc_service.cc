@@ -57,6 +57,7 @@ void FillTableInfo(const Table& table, uint64_t max_batch_rows, v1::TableInfo* i
   info->set_synthetic(m.synthetic_seed.has_value());
   info->set_synthetic_seed(m.synthetic_seed.value_or(0));
   info->set_max_batch_rows(max_batch_rows);
+  info->set_module(m.module);
   v1::HashConfig* hash = info->mutable_hash();
   hash->set_kind(m.hash_kind);
   hash->set_max_ngram(m.hash.max_ngram);

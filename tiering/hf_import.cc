@@ -101,6 +101,7 @@ struct Plan {
   std::vector<LayerHashLayout> all_layouts;  // every Engram layer of the config, in its order
   std::vector<LayerSource> layers;           // the ones to import
   std::vector<std::string> notes;
+  std::string module = "demo";  // dsv41 when every imported layer has V4.1's module tensors
 };
 
 absl::StatusOr<Plan> MakePlan(const std::string& dir, const std::vector<int>& wanted, const std::vector<int32_t>& lut,
@@ -226,6 +227,19 @@ absl::StatusOr<Plan> MakePlan(const std::string& dir, const std::vector<int>& wa
       if (l.dtype != plan.layers[0].dtype) {
         return absl::FailedPreconditionError("the Engram layers' tables have different dtypes; a pack has one row format");
       }
+    }
+    // V4.1's module: a fused wkv projection (and no ShortConv) in every imported layer.
+    int with_wkv = 0;
+    for (const auto& l : plan.layers) {
+      std::string path;
+      if (tensor_of(absl::StrCat("layers.", l.id, ".engram.wkv.weight"), &path).ok()) ++with_wkv;
+    }
+    if (with_wkv == static_cast<int>(plan.layers.size())) {
+      plan.module = "dsv41";
+      plan.notes.push_back("module: dsv41 (every layer has engram.wkv.weight: DeepSeek-V4.1's Engram module)");
+    } else if (with_wkv > 0) {
+      plan.notes.push_back(absl::StrCat("module: demo (only ", with_wkv, " of ", plan.layers.size(),
+                                        " layers have engram.wkv.weight)"));
     }
   }
   return plan;
@@ -429,6 +443,7 @@ absl::StatusOr<PackManifest> ImportHfCheckpoint(const HfImportOptions& o) {
   m.hash = plan->hash;
   // DeepSeek-V4.1's FP8 tables come with dead positions (token id -1); the demo's do not.
   if (dtype == RowDtype::kFp8E4m3Ue8m0x32) m.hash.dead_token_id = -1;
+  m.module = plan->module;
   m.compress_lut_file = kLutFile;
   {
     std::string bytes(reinterpret_cast<const char*>(m.hash.compress_lut.data()), m.hash.compress_lut.size() * 4);

@@ -122,4 +122,93 @@ absl::Status EngramForwardCpu(const EngramWeights& w, const ForwardShape& shape,
   return absl::OkStatus();
 }
 
+absl::Status Dsv41Weights::Validate() const {
+  if (streams < 1 || hidden < 1 || embed < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("V4.1 weights need streams, hidden and embed >= 1 (have ", streams, ", ", hidden, ", ", embed, ")"));
+  }
+  if (!(eps >= 0.0f) || !std::isfinite(eps)) {
+    return absl::InvalidArgumentError(absl::StrCat("rms_norm_eps ", eps, " is not a finite number >= 0"));
+  }
+  const size_t k = static_cast<size_t>(streams), d = static_cast<size_t>(hidden), m = static_cast<size_t>(embed);
+  if (absl::Status s = CheckSize("wkv", wkv.size(), (k + 1) * d * m); !s.ok()) return s;
+  if (absl::Status s = CheckSize("q_weight", q_weight.size(), k * d); !s.ok()) return s;
+  return CheckSize("k_weight", k_weight.size(), k * d);
+}
+
+void DequantizeBlockFp8(const uint8_t* values, const uint8_t* scales, int64_t rows, int64_t cols, float* out,
+                        int threads) {
+  const int64_t scale_cols = (cols + kFp8BlockSize - 1) / kFp8BlockSize;
+  ParallelFor(rows, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        out[r * cols + c] = BlockQuantizedWeight(values[r * cols + c], scales, scale_cols, r, c);
+      }
+    }
+  });
+}
+
+namespace {
+
+inline float LoadStream(float x) { return x; }
+inline float LoadStream(uint16_t x) { return Bf16ToFloat(x); }
+inline void StoreStream(float x, float* to) { *to = x; }
+inline void StoreStream(float x, uint16_t* to) { *to = FloatToBf16(x); }
+
+template <typename Stream>
+absl::Status Dsv41Forward(const Dsv41Weights& w, int64_t tokens, absl::Span<const float> embeddings,
+                          absl::Span<const uint8_t> dead, absl::Span<const Stream> hidden, absl::Span<Stream> out,
+                          int threads) {
+  if (absl::Status s = w.Validate(); !s.ok()) return s;
+  if (tokens < 1) return absl::InvalidArgumentError(absl::StrCat(tokens, " tokens: at least 1 needed"));
+  const int K = w.streams, D = w.hidden, M = w.embed;
+  const int64_t width = static_cast<int64_t>(K + 1) * D;
+  if (absl::Status s = CheckSize("embeddings", embeddings.size(), tokens * M); !s.ok()) return s;
+  if (absl::Status s = CheckSize("dead-position mask", dead.size(), tokens); !s.ok()) return s;
+  if (absl::Status s = CheckSize("hidden states", hidden.size(), tokens * K * D); !s.ok()) return s;
+  if (absl::Status s = CheckSize("output", out.size(), tokens * K * D); !s.ok()) return s;
+  threads = std::max(1, threads);
+
+  // kv = E W^T: every key and the value in one GEMM.
+  thread_local std::vector<float> projected;
+  projected.resize(static_cast<size_t>(tokens * width));
+  SetBlasThreads(threads);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(width), M, 1.0f,
+              embeddings.data(), M, w.wkv.data(), M, 0.0f, projected.data(), static_cast<int>(width));
+
+  const float* P = projected.data();
+  ParallelFor(tokens, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* kv = P + t * width;
+      const float* value = kv + static_cast<int64_t>(K) * D;
+      for (int k = 0; k < K; ++k) {
+        const float* key = kv + static_cast<int64_t>(k) * D;
+        const Stream* h = hidden.data() + (t * K + k) * D;
+        const float* kw = w.k_weight.data() + static_cast<int64_t>(k) * D;
+        const float* qw = w.q_weight.data() + static_cast<int64_t>(k) * D;
+        GateSums sums;
+        for (int d = 0; d < D; ++d) GateAccumulate(key[d], LoadStream(h[d]), kw[d], qw[d], &sums);
+        const float g = Dsv41Gate(sums, D, w.eps, dead[static_cast<size_t>(t)] != 0);
+        Stream* o = out.data() + (t * K + k) * D;
+        for (int d = 0; d < D; ++d) StoreStream(Dsv41Update(LoadStream(h[d]), g, value[d]), &o[d]);
+      }
+    }
+  });
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status Dsv41ForwardCpu(const Dsv41Weights& weights, int64_t tokens, absl::Span<const float> embeddings,
+                             absl::Span<const uint8_t> dead, absl::Span<const float> hidden, absl::Span<float> out,
+                             int threads) {
+  return Dsv41Forward<float>(weights, tokens, embeddings, dead, hidden, out, threads);
+}
+
+absl::Status Dsv41ForwardCpu(const Dsv41Weights& weights, int64_t tokens, absl::Span<const float> embeddings,
+                             absl::Span<const uint8_t> dead, absl::Span<const uint16_t> hidden_bf16,
+                             absl::Span<uint16_t> out_bf16, int threads) {
+  return Dsv41Forward<uint16_t>(weights, tokens, embeddings, dead, hidden_bf16, out_bf16, threads);
+}
+
 }  // namespace engram::kernels

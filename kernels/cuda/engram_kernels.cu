@@ -158,6 +158,36 @@ __global__ void ShortConvFuseKernel(const float* __restrict__ gated, const float
   out[i] = FuseOutput(gated[i], conv);
 }
 
+__device__ inline float LoadStream(float x) { return x; }
+__device__ inline float LoadStream(uint16_t x) { return Bf16ToFloat(x); }
+__device__ inline void StoreStream(float x, float* to) { *to = x; }
+__device__ inline void StoreStream(float x, uint16_t* to) { *to = FloatToBf16(x); }
+
+// V4.1: one block per (token, stream). Every thread reads its elements of h in the first loop and
+// writes the same elements in the second, so `out` may alias `hidden`.
+template <typename Stream>
+__global__ void Dsv41GateUpdateKernel(const float* __restrict__ projected, const Stream* hidden,
+                                      const float* __restrict__ k_weight, const float* __restrict__ q_weight,
+                                      const uint8_t* __restrict__ dead, int streams, int d_size, float eps,
+                                      Stream* out) {
+  const int64_t token = blockIdx.x / streams;
+  const int k = static_cast<int>(blockIdx.x % streams);
+  const int64_t width = static_cast<int64_t>(streams + 1) * d_size;
+  const float* key = projected + token * width + static_cast<int64_t>(k) * d_size;
+  const float* value = projected + token * width + static_cast<int64_t>(streams) * d_size;
+  const int64_t base = (token * streams + k) * d_size;
+  const float* kw = k_weight + static_cast<int64_t>(k) * d_size;
+  const float* qw = q_weight + static_cast<int64_t>(k) * d_size;
+  GateSums sums;
+  for (int d = threadIdx.x; d < d_size; d += blockDim.x) {
+    GateAccumulate(key[d], LoadStream(hidden[base + d]), kw[d], qw[d], &sums);
+  }
+  const float g = Dsv41Gate(BlockReduce(sums), d_size, eps, dead[token] != 0);
+  for (int d = threadIdx.x; d < d_size; d += blockDim.x) {
+    StoreStream(Dsv41Update(LoadStream(hidden[base + d]), g, value[d]), &out[base + d]);
+  }
+}
+
 __global__ void ResidualAddKernel(const float* hidden, const float* y, int64_t n, float* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = hidden[i] + y[i];
@@ -228,6 +258,24 @@ int ShortConvFuse(const float* gated, const float* conv_scale, const float* conv
   if (n == 0) return 0;
   ShortConvFuseKernel<<<Blocks(n, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       gated, conv_scale, conv_norm, conv_taps, seq_len, branches, hidden_size, dilation, n, out);
+  return Launched();
+}
+
+int Dsv41GateUpdate(const float* projected, const void* hidden, const float* k_weight, const float* q_weight,
+                    const uint8_t* dead, int64_t tokens, int streams, int hidden_size, float eps, bool bf16_streams,
+                    void* out, void* stream) {
+  if (tokens == 0) return 0;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const auto blocks = static_cast<unsigned>(tokens * streams);
+  if (bf16_streams) {
+    Dsv41GateUpdateKernel<uint16_t><<<blocks, kThreads, 0, s>>>(projected, static_cast<const uint16_t*>(hidden),
+                                                                k_weight, q_weight, dead, streams, hidden_size, eps,
+                                                                static_cast<uint16_t*>(out));
+  } else {
+    Dsv41GateUpdateKernel<float><<<blocks, kThreads, 0, s>>>(projected, static_cast<const float*>(hidden), k_weight,
+                                                             q_weight, dead, streams, hidden_size, eps,
+                                                             static_cast<float*>(out));
+  }
   return Launched();
 }
 

@@ -130,7 +130,7 @@ absl::StatusOr<PackManifest> ParseManifestJson(absl::string_view json_text, absl
   }
   PackManifest m;
   std::string format;
-  ENGRAM_RETURN_IF_ERROR(CheckKnownFields(r, doc, "", {"format", "name", "row", "hash", "layers", "synthetic"}));
+  ENGRAM_RETURN_IF_ERROR(CheckKnownFields(r, doc, "", {"format", "name", "row", "hash", "layers", "synthetic", "module"}));
   ENGRAM_RETURN_IF_ERROR(r.Get(doc, "format", "", &format));
   if (format != kPackFormat) {
     return r.Error(absl::StrCat("format is '", format, "', expected '", kPackFormat, "'"));
@@ -288,6 +288,12 @@ absl::StatusOr<PackManifest> ParseManifestJson(absl::string_view json_text, absl
     layer.layout.ComputeOffsets();
   }
 
+  if (doc.contains("module")) {
+    ENGRAM_RETURN_IF_ERROR(r.Get(doc, "module", "", &m.module));
+    if (m.module != "demo" && m.module != "dsv41") {
+      return r.Error(absl::StrCat("module is '", m.module, "'; demo or dsv41 expected"));
+    }
+  }
   if (doc.contains("synthetic") && !doc["synthetic"].is_null()) {
     uint64_t seed = 0;
     ENGRAM_RETURN_IF_ERROR(CheckKnownFields(r, doc["synthetic"], "synthetic.", {"seed"}));
@@ -335,6 +341,7 @@ std::string ManifestToJson(const PackManifest& m) {
     doc["layers"].push_back(std::move(layer));
   }
   if (m.synthetic_seed) doc["synthetic"] = {{"seed", *m.synthetic_seed}};
+  if (m.module != "demo") doc["module"] = m.module;
   return doc.dump(2) + "\n";
 }
 

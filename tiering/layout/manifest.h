@@ -46,6 +46,10 @@ struct PackManifest {
   std::string compress_lut_file;        // relative to the pack; empty when none
   std::vector<PackLayer> layers;
   std::optional<uint64_t> synthetic_seed;
+  // The Engram module the table's rows feed: "demo" (the reference demo; also when absent) or
+  // "dsv41" (DeepSeek-V4.1: set by `pack import` of a V4.1 checkpoint). Tells engramctl forward
+  // and clients which module to run; the daemon itself serves rows either way.
+  std::string module = "demo";
 
   std::vector<int> layer_ids() const;
   uint64_t total_bytes() const;

@@ -53,12 +53,14 @@ class TableHandle {
   uint32_t heads() const { return heads_; }
   std::vector<int> layer_ids() const;
   const NgramHasher& hasher() const { return *hasher_; }
+  // The Engram module the rows feed: "demo" or "dsv41" (the pack's manifest `module`).
+  const std::string& module() const { return module_; }
 
   // Builds one from a serialized engram.v1.TableInfo.
   static absl::StatusOr<std::shared_ptr<TableHandle>> FromTableInfo(const std::string& serialized);
 
  private:
-  std::string name_, dtype_;
+  std::string name_, dtype_, module_ = "demo";
   uint32_t dim_ = 0, row_bytes_ = 0, heads_ = 0;
   std::unique_ptr<NgramHasher> hasher_;
 };

@@ -46,6 +46,36 @@ void DequantizeRows(const uint8_t* rows, int64_t n_rows, int dim, RowDtype dtype
 absl::Status EngramForwardCpu(const EngramWeights& weights, const ForwardShape& shape, absl::Span<const float> embeddings,
                               absl::Span<const float> hidden, absl::Span<float> out, int threads = 1);
 
+// DeepSeek-V4.1's Engram module (engram_math.h, DSV41.md): K streams of hidden size D, embedding
+// width M, f32, row-major.
+struct Dsv41Weights {
+  int streams = 0;  // K (config hc_mult)
+  int hidden = 0;   // D (config hidden_size)
+  int embed = 0;    // M = heads * per-head dim
+  float eps = 0.0f;            // RMSNorm epsilon (config rms_norm_eps)
+  std::vector<float> wkv;      // [(K+1)*D][M]: wkv.weight dequantized blockwise (keys 0..K-1, then the value)
+  std::vector<float> q_weight;  // [K][D]
+  std::vector<float> k_weight;  // [K][D]
+
+  absl::Status Validate() const;
+};
+
+// wkv.weight as stored (E4M3 bytes [rows][cols]) and its E8M0 block scales
+// ([ceil(rows/32)][ceil(cols/32)]) -> f32 [rows][cols].
+void DequantizeBlockFp8(const uint8_t* values, const uint8_t* scales, int64_t rows, int64_t cols, float* out,
+                        int threads = 1);
+
+// The updated streams: out[t][k] = H[t][k] + g_k * v for embeddings E [tokens][M], hidden states
+// H [tokens][K][D] and `dead` [tokens] (1: the token id is -1, g = 0). `out` may alias `hidden`.
+// Streams are f32, or bf16 (uint16_t bits; the update is computed in f32 and rounded to nearest
+// even once).
+absl::Status Dsv41ForwardCpu(const Dsv41Weights& weights, int64_t tokens, absl::Span<const float> embeddings,
+                             absl::Span<const uint8_t> dead, absl::Span<const float> hidden, absl::Span<float> out,
+                             int threads = 1);
+absl::Status Dsv41ForwardCpu(const Dsv41Weights& weights, int64_t tokens, absl::Span<const float> embeddings,
+                             absl::Span<const uint8_t> dead, absl::Span<const uint16_t> hidden_bf16,
+                             absl::Span<uint16_t> out_bf16, int threads = 1);
+
 // Runs fn(begin, end) over [0, n) split into about `threads` contiguous parts, on this thread and
 // threads - 1 others.
 template <typename Fn>

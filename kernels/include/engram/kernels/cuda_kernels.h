@@ -43,6 +43,14 @@ int GateAndValue(const float* projected, const float* projection_bias, const flo
 int ShortConvFuse(const float* gated, const float* conv_scale, const float* conv_norm, const float* conv_taps,
                   int batch, int seq_len, int branches, int hidden_size, int dilation, float* out, void* stream);
 
+// DeepSeek-V4.1: per (token, stream) the gate from key k and the stream (RMSNorm eps `eps`, 0 where
+// dead[token] != 0), then out = hidden + g * value. `projected` is [tokens][(K+1)*D] (keys, then the
+// shared value); hidden and out [tokens][K][D] of f32, or bf16 bits when `bf16_streams`; out may
+// alias hidden.
+int Dsv41GateUpdate(const float* projected, const void* hidden, const float* k_weight, const float* q_weight,
+                    const uint8_t* dead, int64_t tokens, int streams, int hidden_size, float eps, bool bf16_streams,
+                    void* out, void* stream);
+
 // out[i] = hidden[i] + y[i]: the block's residual add (out may alias either input).
 int ResidualAdd(const float* hidden, const float* y, int64_t n, float* out, void* stream);
 

@@ -105,6 +105,28 @@ ENGRAM_HD inline float ShortConvAt(int t, int dilation, const float* taps, Norme
 // One output element: the gated value plus the activated convolution.
 ENGRAM_HD inline float FuseOutput(float gated_value, float conv) { return gated_value + SiLU(conv); }
 
+// ---- DeepSeek-V4.1's module (no ShortConv) -------------------------------------------------
+// One fused projection kv = W_kv * E [(K+1)*D] gives a key per hyper-connection stream k
+// (columns [k*D, (k+1)*D)) and one value shared by every stream (the last D). Per token and
+// stream, with h = H[t, k, :]:
+//   d   = <RMSNorm(key_k) * k_weight[k], RMSNorm(h) * q_weight[k]> / sqrt(D)   (eps: the config's)
+//   g_k = sigmoid(sign(d) * sqrt(max(|d|, 1e-6))),  0 at a dead position (token id -1)
+//   h  <- h + g_k * v
+// The sums are GateSums with (key, h, k_weight, q_weight): the same reduction as the demo's gate.
+
+ENGRAM_HD inline float Dsv41Gate(const GateSums& sums, int d, float eps, bool dead) {
+  return dead ? 0.0f : GateFromSums(sums, d, eps);
+}
+
+ENGRAM_HD inline float Dsv41Update(float h, float gate, float value) { return h + gate * value; }
+
+// A block-quantized weight matrix's element: E4M3 byte times the E8M0 scale of its 32x32 block
+// (scales [ceil(rows/32)][ceil(cols/32)], row-major).
+ENGRAM_HD inline float BlockQuantizedWeight(uint8_t value, const uint8_t* scales, int64_t scale_cols, int64_t row,
+                                            int64_t col) {
+  return E4m3ToFloat(value) * Ue8m0ToScale(scales[(row / kFp8BlockSize) * scale_cols + col / kFp8BlockSize]);
+}
+
 }  // namespace engram::kernels
 
 #endif  // ENGRAM_KERNELS_ENGRAM_MATH_H_
