@@ -316,13 +316,18 @@ int Simulate(int argc, char** argv) {
 // `engram-bench module`: the Engram module on the CPU twin (GEMMs, gates, ShortConv), timed on
 // random weights and inputs of a given shape; bench/torch_module.py times PyTorch the same way.
 int Module(int argc, char** argv) {
-  int64_t batch = 1, seq_len = 512, branches = 4, hidden = 1024, embed = 1024, dilation = 3, threads = 2;
+  int64_t batch = 1, seq_len = 512, branches = 4, hidden = 0, embed = 0, dilation = 3, threads = 2;
   double duration = 5;
   bool json = false;
+  std::string variant = "demo";
   FlagSet flags("engram-bench module",
-                "engram-bench module: times the Engram module (Y = V + ShortConv(V) from embeddings E and hidden\n"
-                "states H) on the CPU twin with random weights; defaults are the reference demo's sizes.\n"
+                "engram-bench module: times an Engram module on the CPU twin with random weights and inputs:\n"
+                "  demo   Y = V + ShortConv(V) from embeddings E and hidden states H (defaults: the reference\n"
+                "         demo's sizes, D=1024, M=1024)\n"
+                "  dsv41  DeepSeek-V4.1's: h_k += g_k * v with one fused projection (defaults: V4.1-Flash's\n"
+                "         sizes, 4 streams, D=5120, M=6144 = 24 heads x 256)\n"
                 "Compare with bench/torch_module.py (PyTorch, same shapes and threads): bench/run_module.sh.");
+  flags.String("variant", &variant, "demo or dsv41");
   flags.Int("batch", &batch, "B");
   flags.Int("seq-len", &seq_len, "T");
   flags.Int("branches", &branches, "G (hyper-connection branches)");
@@ -333,6 +338,12 @@ int Module(int argc, char** argv) {
   flags.Double("duration", &duration, "seconds to run");
   flags.Bool("json", &json, "print one JSON object on one line");
   ParseOrExit(flags, argc, argv, 2, nullptr);
+  if (variant != "demo" && variant != "dsv41") {
+    std::fprintf(stderr, "engram-bench module: --variant '%s' is not demo or dsv41\n", variant.c_str());
+    return 2;
+  }
+  if (hidden == 0) hidden = variant == "dsv41" ? 5120 : 1024;
+  if (embed == 0) embed = variant == "dsv41" ? 6144 : 1024;
   if (batch < 1 || seq_len < 1 || branches < 1 || hidden < 1 || embed < 1 || dilation < 1 || threads < 1) {
     std::fprintf(stderr, "engram-bench module: every size and --threads must be at least 1\n");
     return 2;
@@ -345,6 +356,58 @@ int Module(int argc, char** argv) {
     for (float& x : v) x = mean + scale * normal(rng);
     return v;
   };
+  const int64_t tokens = batch * seq_len;
+  // Times `call` once untimed (allocations, thread start-up), then as often as fits the duration.
+  auto time_calls = [&](auto call) -> absl::StatusOr<std::vector<double>> {
+    if (absl::Status s = call(); !s.ok()) return s;
+    std::vector<double> seconds;
+    const auto start = std::chrono::steady_clock::now();
+    while (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < duration ||
+           seconds.size() < 3) {
+      const auto t0 = std::chrono::steady_clock::now();
+      (void)call();
+      seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(seconds.begin(), seconds.end());
+    return seconds;
+  };
+  if (variant == "dsv41") {
+    kernels::Dsv41Weights w;
+    w.streams = G;
+    w.hidden = D;
+    w.embed = M;
+    w.eps = 1e-20f;
+    w.wkv = random(static_cast<size_t>(G + 1) * D * M, 1.0f / std::sqrt(static_cast<float>(M)), 0.0f);
+    w.q_weight = random(static_cast<size_t>(G) * D, 0.1f, 1.0f);
+    w.k_weight = random(static_cast<size_t>(G) * D, 0.1f, 1.0f);
+    const auto E = random(static_cast<size_t>(tokens * M), 1.0f, 0.0f);
+    const auto H = random(static_cast<size_t>(tokens * G * D), 1.0f, 0.0f);
+    std::vector<float> Y(H.size());
+    const std::vector<uint8_t> dead(static_cast<size_t>(tokens), 0);
+    auto seconds = time_calls([&] {
+      return kernels::Dsv41ForwardCpu(w, tokens, E, dead, H, absl::MakeSpan(Y), static_cast<int>(threads));
+    });
+    if (!seconds.ok()) {
+      std::fprintf(stderr, "engram-bench module: %s\n", std::string(seconds.status().message()).c_str());
+      return 1;
+    }
+    const double median = (*seconds)[seconds->size() / 2];
+    nlohmann::json out = {{"tool", "engram-bench"}, {"mode", "module"}, {"variant", "dsv41"},
+                          {"impl", "cpu-twin"},     {"batch", batch},   {"seq_len", seq_len},
+                          {"streams", G},           {"hidden", D},      {"embed", M},
+                          {"threads", threads},     {"calls", seconds->size()}, {"median_ms", median * 1e3},
+                          {"tokens_per_s", static_cast<double>(tokens) / median}};
+    if (json) {
+      std::printf("%s\n", out.dump().c_str());
+    } else {
+      std::printf("engram-bench module  dsv41 cpu-twin B=%lld T=%lld K=%d D=%d M=%d threads=%lld: %.3f ms per call "
+                  "(median of %zu), %.4g tokens/s\n",
+                  static_cast<long long>(batch), static_cast<long long>(seq_len), G, D, M,
+                  static_cast<long long>(threads), median * 1e3, seconds->size(),
+                  static_cast<double>(tokens) / median);
+    }
+    return 0;
+  }
   kernels::EngramWeights w;
   w.branches = G;
   w.hidden = D;
@@ -355,7 +418,6 @@ int Module(int argc, char** argv) {
   w.query_norm = random(static_cast<size_t>(G) * D, 0.1f, 1.0f);
   w.conv_norm = random(static_cast<size_t>(G) * D, 0.1f, 1.0f);
   w.conv_taps = random(static_cast<size_t>(G) * D * kernels::kShortConvTaps, 0.5f, 0.0f);
-  const int64_t tokens = batch * seq_len;
   const auto E = random(static_cast<size_t>(tokens * M), 1.0f, 0.0f);
   const auto H = random(static_cast<size_t>(tokens * G * D), 1.0f, 0.0f);
   std::vector<float> Y(H.size());

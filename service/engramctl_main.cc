@@ -36,6 +36,7 @@ constexpr char kUsage[] =
     "  engramctl lut --tokenizer tokenizer.json [--vocab-size N] [--expect-compressed N] --out FILE.i32\n"
     "  engramctl hash --pack DIR --tokens FILE.i32 --shape B,T --out FILE.i64\n"
     "  engramctl profile --pack DIR --tokens FILE.i32 --out HOTSET [--fraction 0.1]\n"
+    "  engramctl lookup --daemon URI --table NAME --layer L --indices FILE.u32 --out FILE\n"
     "  engramctl forward --pack DIR | --daemon URI --table NAME  --layer L\n"
     "                    --weights FILE.safetensors (demo) | --checkpoint HF_DIR (dsv41)\n"
     "                    --tokens FILE.i32 --shape B,T --hidden FILE --out FILE\n"
@@ -574,6 +575,50 @@ int Forward(int argc, char** argv) {
   return 0;
 }
 
+int Lookup(int argc, char** argv) {
+  std::string daemon_uri, table_name, indices_path, out;
+  int64_t layer_id = -1;
+  FlagSet flags("engramctl lookup",
+                "engramctl lookup: asks a running engramd for rows, as an engine would (libengram_client over\n"
+                "gRPC or shared memory), and writes the raw row bytes it returns: for checking what a daemon\n"
+                "serves against the pack or checkpoint it came from.");
+  flags.String("daemon", &daemon_uri, "unix:///SOCKET (shared memory) or grpc://HOST:PORT");
+  flags.String("table", &table_name, "the table's name");
+  flags.Int("layer", &layer_id, "layer id");
+  flags.String("indices", &indices_path,
+               "head-local indices [tokens][heads], little-endian uint32 (as `engramctl hash` gives, narrowed)");
+  flags.String("out", &out, "output file: [tokens][heads][row_bytes] raw rows");
+  ParseOrExit(flags, argc, argv, 2, nullptr);
+  if (daemon_uri.empty() || table_name.empty() || indices_path.empty() || out.empty() || layer_id < 0) {
+    return Fail(absl::InvalidArgumentError("--daemon, --table, --layer, --indices and --out are all required"));
+  }
+  auto raw = ReadInt32File(indices_path);
+  if (!raw.ok()) return Fail(raw.status());
+  auto client = Client::Connect(daemon_uri);
+  if (!client.ok()) return Fail(client.status());
+  auto table = (*client)->OpenTable(table_name);
+  if (!table.ok()) return Fail(table.status());
+  const uint32_t heads = (*table)->heads();
+  if (raw->empty() || raw->size() % heads != 0) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(indices_path, " holds ", raw->size(),
+                                                        " indices: not a positive multiple of the table's ", heads,
+                                                        " heads")));
+  }
+  std::vector<uint32_t> indices(raw->begin(), raw->end());
+  const uint32_t tokens = static_cast<uint32_t>(indices.size() / heads);
+  std::vector<uint8_t> rows(indices.size() * (*table)->row_bytes());
+  ClientLookupStats stats;
+  if (absl::Status s = (*client)->Lookup(**table, static_cast<int>(layer_id), tokens, indices, absl::MakeSpan(rows),
+                                         &stats);
+      !s.ok()) {
+    return Fail(s);
+  }
+  if (absl::Status s = WriteFile(out, rows.data(), rows.size()); !s.ok()) return Fail(s);
+  std::printf("%u tokens x %u heads of layer %lld from %s: %zu bytes -> %s\n", tokens, heads,
+              static_cast<long long>(layer_id), daemon_uri.c_str(), rows.size(), out.c_str());
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   const std::string a1 = argc > 1 ? argv[1] : "", a2 = argc > 2 ? argv[2] : "";
   if (a1 == "pack" && a2 == "create") return PackCreate(argc, argv);
@@ -585,6 +630,7 @@ int Main(int argc, char** argv) {
   if (a1 == "lut") return Lut(argc, argv);
   if (a1 == "profile") return Profile(argc, argv);
   if (a1 == "forward") return Forward(argc, argv);
+  if (a1 == "lookup") return Lookup(argc, argv);
   if (a1.empty() || a1 == "--help" || a1 == "-h" || a1 == "help") {
     std::puts(kUsage);
     return a1.empty() ? 2 : 0;

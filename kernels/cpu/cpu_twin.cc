@@ -173,8 +173,15 @@ absl::Status Dsv41Forward(const Dsv41Weights& w, int64_t tokens, absl::Span<cons
   thread_local std::vector<float> projected;
   projected.resize(static_cast<size_t>(tokens * width));
   SetBlasThreads(threads);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(width), M, 1.0f,
-              embeddings.data(), M, w.wkv.data(), M, 0.0f, projected.data(), static_cast<int>(width));
+  if (tokens == 1) {
+    // Decode of one sequence: a matrix-vector product, which OpenBLAS's sgemm (0.3.21) does not
+    // route to its faster gemv by itself; the call reads the whole projection once either way.
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(width), M, 1.0f, w.wkv.data(), M, embeddings.data(), 1,
+                0.0f, projected.data(), 1);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(width), M, 1.0f,
+                embeddings.data(), M, w.wkv.data(), M, 0.0f, projected.data(), static_cast<int>(width));
+  }
 
   const float* P = projected.data();
   ParallelFor(tokens, threads, [&](int64_t begin, int64_t end) {

@@ -2,7 +2,8 @@
 """`engramctl pack import --hf`: a small checkpoint written here in exactly DeepSeek-V4.1's released
 layout (config.json with the Engram fields under text_config, model.safetensors.index.json, two
 shards with the FP8 table and its E8M0 scales as raw bytes among other tensors, tokenizer.json) is
-imported and served by a real engramd: every row returned over gRPC equals the bytes in the shards
+imported and served by a real engramd: every row returned over gRPC and over shared memory equals the
+bytes in the shards
 (the 64 value bytes, then the 2 scale bytes). The derived layout equals an independent statement of
 HASHING.md (a prime search and numpy's own default_rng here). `--dry-run` on V4.1-Flash's real
 Engram settings prints the sums and multipliers HASHING.md section 6 gives. Checkpoints whose
@@ -231,10 +232,17 @@ class HfImportTest(unittest.TestCase):
                 reply = stub.Lookup(engram_pb2.LookupRequest(table="v41small", layer=layer, num_tokens=tokens,
                                                              indices=idx.tobytes()), timeout=30)
                 got = np.frombuffer(reply.rows, dtype=np.uint8).reshape(tokens, heads, row_bytes)
+                # The same rows over shared memory (libengram_client through `engramctl lookup`).
+                idx.tofile(self.path("idx.u32"))
+                out = run("lookup", "--daemon", "unix://" + self.path("engramd.sock"), "--table", "v41small",
+                          "--layer", str(layer), "--indices", self.path("idx.u32"), "--out", self.path("rows.shm"))
+                self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+                shm = np.fromfile(self.path("rows.shm"), dtype=np.uint8).reshape(tokens, heads, row_bytes)
                 for t in range(tokens):
                     for h in range(heads):
                         want = ck.row_bytes(layer, int(offsets[h] + idx[t, h]))
-                        self.assertEqual(got[t, h].tobytes(), want, "layer %d token %d head %d" % (layer, t, h))
+                        self.assertEqual(got[t, h].tobytes(), want, "gRPC: layer %d token %d head %d" % (layer, t, h))
+                        self.assertEqual(shm[t, h].tobytes(), want, "shm: layer %d token %d head %d" % (layer, t, h))
             channel.close()
         finally:
             daemon.send_signal(signal.SIGTERM)
