@@ -17,6 +17,10 @@ PACKAGES=(
 if [ "${1:-}" = "--tests" ]; then
   PACKAGES+=(python3-torch)  # the PyTorch re-statement of the Engram module (tests, engram-bench)
   PACKAGES+=(clang-format)   # tests/check_format.sh keeps the files it lists formatted
+  # Hugging Face tokenizers from npm, the reference for engramctl lut: Debian's node and npm unless
+  # a node with its own npm is already installed (NodeSource's bundles npm; Debian's npm would
+  # conflict with it).
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then PACKAGES+=(nodejs npm); fi
 fi
 
 missing=()

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -64,6 +65,60 @@ absl::Status ReadAt(int fd, uint8_t* buf, uint64_t bytes, uint64_t offset, const
     offset += static_cast<uint64_t>(n);
   }
   return absl::OkStatus();
+}
+
+// A 4 KiB-aligned byte buffer (O_DIRECT reads and writes need aligned memory).
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(size_t bytes = 0) { Resize(bytes); }
+  ~AlignedBuffer() { std::free(data_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  void Resize(size_t bytes) {
+    std::free(data_);
+    size_ = (bytes + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+    data_ = size_ == 0 ? nullptr : static_cast<uint8_t*>(std::aligned_alloc(kDirectAlign, size_));
+    if (data_ != nullptr) std::memset(data_, 0, size_);
+  }
+  uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  static constexpr size_t kDirectAlign = 4096;
+
+ private:
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Opens `path` for reading with O_DIRECT when its filesystem allows (no page cache: a 100 GB shard
+// read once should not evict everything else), else buffered. *direct says which.
+int OpenForRead(const std::string& path, bool* direct) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+  *direct = fd >= 0;
+  if (fd < 0) fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  return fd;
+}
+
+// Reads [offset, offset + bytes) of a file: with `direct`, the aligned range around it into `buf`
+// (which must hold bytes + 8 KiB); returns where in `buf` the wanted bytes begin.
+absl::StatusOr<const uint8_t*> ReadRange(int fd, bool direct, AlignedBuffer* buf, uint64_t bytes, uint64_t offset,
+                                         const std::string& what) {
+  if (!direct) {
+    if (absl::Status s = ReadAt(fd, buf->data(), bytes, offset, what); !s.ok()) return s;
+    return buf->data();
+  }
+  const uint64_t a = AlignedBuffer::kDirectAlign;
+  const uint64_t begin = offset / a * a, end = (offset + bytes + a - 1) / a * a;
+  uint64_t got = 0;
+  while (begin + got < offset + bytes) {
+    const ssize_t n = pread(fd, buf->data() + got, end - begin - got, static_cast<off_t>(begin + got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      return absl::DataLossError(absl::StrCat("reading ", what, " at byte ", begin + got, ": ",
+                                              n == 0 ? "the file ends" : std::strerror(errno)));
+    }
+    got += static_cast<uint64_t>(n);
+  }
+  return buf->data() + (offset - begin);
 }
 
 // The shard file that holds `tensor`, from model.safetensors.index.json (or the single
@@ -455,45 +510,57 @@ absl::StatusOr<PackManifest> ImportHfCheckpoint(const HfImportOptions& o) {
                                                                                         : m.row.bytes);
   const uint64_t scale_bytes = dtype == RowDtype::kFp8E4m3Ue8m0x32 ? static_cast<uint64_t>(m.row.dim / 32) : 0;
   // Two read buffers: the next chunk is read (sequential preads on a thread of its own) while this
-  // one is interleaved, hashed and written, so the disk never waits for the CPU.
+  // one is interleaved, hashed and written, so the disk never waits for the CPU. Reads and writes
+  // bypass the page cache where the filesystem allows (O_DIRECT): the bytes are used once, and
+  // copying them through the cache is most of the cost.
   struct Chunk {
-    std::vector<uint8_t> values, scales;
+    AlignedBuffer values, scales;
+    const uint8_t* value_at = nullptr;  // where the chunk's bytes begin in the buffers
+    const uint8_t* scale_at = nullptr;
   };
   Chunk chunks[2];
   for (Chunk& c : chunks) {
-    c.values.resize(kRowsPerChunk * value_bytes);
-    c.scales.resize(kRowsPerChunk * scale_bytes);
+    c.values.Resize(kRowsPerChunk * value_bytes + 2 * AlignedBuffer::kDirectAlign);
+    c.scales.Resize(kRowsPerChunk * scale_bytes + 2 * AlignedBuffer::kDirectAlign);
   }
-  std::vector<uint8_t> rows(kRowsPerChunk * static_cast<uint64_t>(m.row.bytes));
+  AlignedBuffer rows(kRowsPerChunk * static_cast<uint64_t>(m.row.bytes) + AlignedBuffer::kDirectAlign);
   for (const LayerSource& l : plan->layers) {
     PackLayer layer;
     layer.id = l.id;
     layer.file = absl::StrCat("layer-", l.id, ".rows");
     layer.layout = l.layout;
     const std::string out_path = absl::StrCat(o.out_dir, "/", layer.file);
-    const int wfd = open(l.weight_path.c_str(), O_RDONLY | O_CLOEXEC);
-    const int sfd = scale_bytes > 0 ? open(l.scale_path.c_str(), O_RDONLY | O_CLOEXEC) : -1;
-    const int ofd = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    bool wdirect = false, sdirect = false;
+    const int wfd = OpenForRead(l.weight_path, &wdirect);
+    const int sfd = scale_bytes > 0 ? OpenForRead(l.scale_path, &sdirect) : -1;
+    int ofd = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_DIRECT, 0644);
+    bool odirect = ofd >= 0;
+    if (ofd < 0) ofd = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     absl::Status s;
     if (wfd < 0 || (scale_bytes > 0 && sfd < 0) || ofd < 0) {
       s = absl::InternalError(absl::StrCat("cannot open the shards of layer ", l.id, " or ", out_path, ": ",
                                            std::strerror(errno)));
     }
-    if (s.ok()) posix_fadvise(wfd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    if (s.ok() && !wdirect) posix_fadvise(wfd, 0, 0, POSIX_FADV_SEQUENTIAL);
     XXH3_state_t* state = XXH3_createState();
     XXH3_64bits_reset(state);
     BlockChecksumBuilder blocks;
     const uint64_t total = l.layout.total_rows;
+    const uint64_t file_bytes = total * static_cast<uint64_t>(m.row.bytes);
     const auto start = std::chrono::steady_clock::now();
-    auto read_chunk = [&, wfd, sfd](uint64_t first, Chunk* c) -> absl::Status {
+    auto read_chunk = [&, wfd, sfd, wdirect, sdirect](uint64_t first, Chunk* c) -> absl::Status {
       const uint64_t n = std::min(kRowsPerChunk, total - first);
-      absl::Status rs = ReadAt(wfd, c->values.data(), n * value_bytes, l.weight.offset + first * value_bytes,
-                               absl::StrCat(l.weight_path, " (layers.", l.id, ".engram.embed.weight)"));
-      if (rs.ok() && scale_bytes > 0) {
-        rs = ReadAt(sfd, c->scales.data(), n * scale_bytes, l.scale.offset + first * scale_bytes,
-                    absl::StrCat(l.scale_path, " (layers.", l.id, ".engram.embed.scale)"));
+      auto values = ReadRange(wfd, wdirect, &c->values, n * value_bytes, l.weight.offset + first * value_bytes,
+                              absl::StrCat(l.weight_path, " (layers.", l.id, ".engram.embed.weight)"));
+      if (!values.ok()) return values.status();
+      c->value_at = *values;
+      if (scale_bytes > 0) {
+        auto scales = ReadRange(sfd, sdirect, &c->scales, n * scale_bytes, l.scale.offset + first * scale_bytes,
+                                absl::StrCat(l.scale_path, " (layers.", l.id, ".engram.embed.scale)"));
+        if (!scales.ok()) return scales.status();
+        c->scale_at = *scales;
       }
-      return rs;
+      return absl::OkStatus();
     };
     std::future<absl::Status> pending;
     if (s.ok() && total > 0) pending = std::async(std::launch::async, read_chunk, 0, &chunks[0]);
@@ -503,20 +570,29 @@ absl::StatusOr<PackManifest> ImportHfCheckpoint(const HfImportOptions& o) {
       const Chunk& cur = chunks[k % 2];
       const uint64_t n = std::min(kRowsPerChunk, total - first);
       if (first + n < total) pending = std::async(std::launch::async, read_chunk, first + n, &chunks[(k + 1) % 2]);
-      const uint8_t* chunk = cur.values.data();
       if (scale_bytes > 0) {  // the row: its values, then its scales
         for (uint64_t r = 0; r < n; ++r) {
-          std::memcpy(rows.data() + r * m.row.bytes, cur.values.data() + r * value_bytes, value_bytes);
-          std::memcpy(rows.data() + r * m.row.bytes + value_bytes, cur.scales.data() + r * scale_bytes, scale_bytes);
+          std::memcpy(rows.data() + r * m.row.bytes, cur.value_at + r * value_bytes, value_bytes);
+          std::memcpy(rows.data() + r * m.row.bytes + value_bytes, cur.scale_at + r * scale_bytes, scale_bytes);
         }
-        chunk = rows.data();
+      } else {
+        std::memcpy(rows.data(), cur.value_at, n * value_bytes);
       }
       const size_t bytes = static_cast<size_t>(n * m.row.bytes);
-      XXH3_64bits_update(state, chunk, bytes);
-      blocks.Update(chunk, bytes);
-      s = WriteAll(ofd, chunk, bytes, out_path);
+      XXH3_64bits_update(state, rows.data(), bytes);
+      blocks.Update(rows.data(), bytes);
+      // Direct writes go in whole 4 KiB units: the last one is padded and the file cut back after.
+      size_t write_bytes = bytes;
+      if (odirect && bytes % AlignedBuffer::kDirectAlign != 0) {
+        write_bytes = (bytes + AlignedBuffer::kDirectAlign - 1) / AlignedBuffer::kDirectAlign * AlignedBuffer::kDirectAlign;
+        std::memset(rows.data() + bytes, 0, write_bytes - bytes);
+      }
+      s = WriteAll(ofd, rows.data(), write_bytes, out_path);
       done += bytes;
       if (o.progress) o.progress(done, all_bytes);
+    }
+    if (s.ok() && odirect && ftruncate(ofd, static_cast<off_t>(file_bytes)) != 0) {
+      s = absl::InternalError(absl::StrCat("ftruncate ", out_path, ": ", std::strerror(errno)));
     }
     if (pending.valid()) pending.wait();  // a read still in flight must finish before its buffer goes
     layer.xxh3_64 = absl::StrFormat("%016x", XXH3_64bits_digest(state));

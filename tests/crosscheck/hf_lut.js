@@ -12,7 +12,8 @@
 //   --vocab-size N: write N entries (the model's embedding rows); ids past the tokenizer
 //   take the last token's id, as `engramctl lut --vocab-size` does. Default: the tokenizer's length.
 //   The `tokenizers` module is loaded from $ENGRAM_NODE_MODULES (a node_modules folder,
-//   see install_hf_tokenizers.sh) when set, else by normal Node resolution.
+//   see install_hf_tokenizers.sh) when set, else by normal Node resolution (this script's
+//   folder and $NODE_PATH, then the current directory).
 // Output: one little-endian int32 per token id, 0 <= tid < vocab size with added tokens (or N).
 'use strict';
 
@@ -24,7 +25,20 @@ function loadTokenizers() {
   if (dir) {
     return require(path.join(path.resolve(dir), 'tokenizers'));
   }
-  return require('tokenizers');
+  try {
+    return require('tokenizers'); // next to this script, or $NODE_PATH
+  } catch (e) {
+    try {
+      return require(require.resolve('tokenizers', { paths: [process.cwd()] }));
+    } catch (e2) {
+      process.stderr.write(
+        'hf_lut: cannot load the npm package `tokenizers`; install it with\n' +
+          '  tests/crosscheck/install_hf_tokenizers.sh DIR\n' +
+          'and set ENGRAM_NODE_MODULES=DIR/node_modules\n',
+      );
+      process.exit(1);
+    }
+  }
 }
 
 // A normalizer can only be built with a Regex pattern through a tokenizer.json, so
