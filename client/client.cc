@@ -65,6 +65,15 @@ absl::StatusOr<std::unique_ptr<Transport>> MakeTransport(const std::string& uri,
 
 }  // namespace
 
+namespace {
+thread_local int call_timeout_ms = 0;
+}  // namespace
+
+CallTimeout::CallTimeout(int timeout_ms) : previous_(call_timeout_ms) { call_timeout_ms = std::max(0, timeout_ms); }
+CallTimeout::~CallTimeout() { call_timeout_ms = previous_; }
+int CallTimeout::Effective(int default_ms) { return call_timeout_ms > 0 ? call_timeout_ms : default_ms; }
+int CallTimeout::Current() { return call_timeout_ms; }
+
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& uri, const ClientOptions& options) {
   auto transport = MakeTransport(uri, options);
   if (!transport.ok()) return transport.status();
@@ -184,7 +193,9 @@ void Client::LookupAsync(std::shared_ptr<const TableHandle> table, int layer, ui
                          absl::Span<const uint32_t> indices, absl::Span<uint8_t> out,
                          std::function<void(absl::Status)> done) {
   if (!done) done = [](absl::Status) {};
-  async_.Post([this, table = std::move(table), layer, num_tokens, indices, out, done = std::move(done)] {
+  const int timeout_ms = CallTimeout::Current();
+  async_.Post([this, table = std::move(table), layer, num_tokens, indices, out, done = std::move(done), timeout_ms] {
+    CallTimeout bound(timeout_ms);
     absl::Status status;
     if (table == nullptr) {
       status = absl::InvalidArgumentError("LookupAsync: no table (a null TableHandle)");

@@ -17,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/shm_internal.h"
+#include "engram/client.h"
 #include "engram/kernels/gather_host.h"
 #include "engram/mapped_table.h"
 #include "engram/shm_arena.h"
@@ -106,7 +107,8 @@ ShmConnection::~ShmConnection() {
   }
   // A device copy may still be reading HBM slots under a pin (released by its stream callback):
   // the daemon protects them only while this connection is up, so let the copies finish first.
-  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeout_ms);
+  const auto until =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(CallTimeout::Effective(options_.timeout_ms));
   while (link_->device_pins.load(std::memory_order_acquire) > 0 && std::chrono::steady_clock::now() < until) {
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
@@ -123,7 +125,7 @@ ShmConnection::~ShmConnection() {
 absl::StatusOr<shm::Frame> ShmConnection::ControlCallLocked(shm::FrameType type, const std::string& payload) {
   if (broken_) return absl::UnavailableError("this connection to engramd lost track of its replies; reconnect");
   if (absl::Status s = shm::SendFrame(sock_, type, payload, {}); !s.ok()) return s;
-  auto frame = shm::ReceiveFrame(sock_, options_.timeout_ms);
+  auto frame = shm::ReceiveFrame(sock_, CallTimeout::Effective(options_.timeout_ms));
   if (!frame.ok()) {
     // A late reply would be taken for the next call's: this connection is done.
     broken_ = true;
@@ -152,7 +154,8 @@ absl::StatusOr<RemoteTable> ShmConnection::OpenTable(const std::string& name) {
 absl::Status ShmConnection::Post(const RequestDescriptor& d) {
   ArenaHeader* h = header();
   const uint32_t entries = reply_.ring_entries;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeout_ms);
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(CallTimeout::Effective(options_.timeout_ms));
   while (request_tail_ - h->request_head.load(std::memory_order_acquire) >= entries) {
     if (std::chrono::steady_clock::now() > deadline) return absl::DeadlineExceededError("request ring stayed full");
     std::this_thread::yield();
@@ -173,7 +176,8 @@ absl::Status ShmConnection::Post(const RequestDescriptor& d) {
 absl::StatusOr<Completion> ShmConnection::WaitCompletion() {
   ArenaHeader* h = header();
   const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(options_.spin_us);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeout_ms);
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(CallTimeout::Effective(options_.timeout_ms));
   while (h->completion_tail.load(std::memory_order_acquire) == completion_head_) {
     if (std::chrono::steady_clock::now() < spin_until) continue;
     h->client_sleeping.store(1, std::memory_order_seq_cst);
@@ -197,7 +201,7 @@ absl::StatusOr<Completion> ShmConnection::WaitCompletion() {
     }
     if (std::chrono::steady_clock::now() > deadline) {
       return absl::DeadlineExceededError(
-          absl::StrCat("no completion from engramd within ", options_.timeout_ms, " ms"));
+          absl::StrCat("no completion from engramd within ", CallTimeout::Effective(options_.timeout_ms), " ms"));
     }
   }
   const Completion c = arena_.ReadCompletion(completion_head_);

@@ -118,7 +118,7 @@ class GrpcTransport final : public Transport {
 
  private:
   void SetDeadline(grpc::ClientContext* context) const {
-    context->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms_));
+    context->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(CallTimeout::Effective(timeout_ms_)));
   }
   std::unique_ptr<v1::Engram::Stub> stub_;
   int timeout_ms_;

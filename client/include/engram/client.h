@@ -43,6 +43,24 @@ struct ClientOptions {
   int mapped_report_interval_ms = 1000;
 };
 
+// Bounds every Client call this thread makes while it lives, in milliseconds (0 or less: each
+// Client's ClientOptions::timeout_ms), e.g. `{ engram::CallTimeout t(5); client->Lookup(...); }`;
+// a LookupAsync posted under it keeps it. A call that runs out fails with DEADLINE_EXCEEDED
+// (gRPC) or UNAVAILABLE (shared memory: the daemon did not answer in time).
+class CallTimeout {
+ public:
+  explicit CallTimeout(int timeout_ms);
+  ~CallTimeout();
+  CallTimeout(const CallTimeout&) = delete;
+  CallTimeout& operator=(const CallTimeout&) = delete;
+  // The timeout in force on this thread: the innermost CallTimeout's, else `default_ms`.
+  static int Effective(int default_ms);
+  static int Current();  // the innermost CallTimeout's, or 0
+
+ private:
+  int previous_;
+};
+
 // A table's layout as the daemon describes it, with the hasher for its N-gram indices.
 class TableHandle {
  public:
