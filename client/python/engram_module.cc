@@ -90,8 +90,34 @@ int TimeoutMs(const std::optional<double>& seconds) {
   return static_cast<int>(std::min(std::ceil(*seconds * 1000.0), 2.0e9));
 }
 
+// torch.Tensor once torch has been imported (by anyone); null before. Looked up in sys.modules,
+// never imported here: a program that does not use torch does not pay for it.
+PyObject* TorchTensorType() {
+  static PyObject* type = nullptr;  // kept for the life of the process
+  if (type == nullptr) {
+    PyObject* torch = PyImport_GetModule(py::str("torch").ptr());
+    if (torch == nullptr) {
+      PyErr_Clear();
+      return nullptr;
+    }
+    type = PyObject_GetAttrString(torch, "Tensor");
+    Py_DECREF(torch);
+    if (type == nullptr) PyErr_Clear();
+  }
+  return type;
+}
+
 bool IsTorchTensor(const py::handle& o) {
-  return py::hasattr(o, "data_ptr") && py::hasattr(o, "is_cuda") && py::hasattr(o, "element_size");
+  PyObject* type = TorchTensorType();
+  return type != nullptr && PyObject_IsInstance(o.ptr(), type) == 1;
+}
+
+// torch.<name> (dtypes), cached: they are singletons.
+py::handle TorchAttr(const char* name) {
+  static auto* cache = new std::map<std::string, py::object>();
+  auto it = cache->find(name);
+  if (it == cache->end()) it = cache->emplace(name, py::module_::import("torch").attr(name)).first;
+  return it->second;
 }
 
 py::module_& Numpy() {
@@ -108,11 +134,11 @@ struct Indices {
 
 Indices ResolveIndices(py::handle indices, uint32_t heads) {
   py::object obj = py::reinterpret_borrow<py::object>(indices);
-  if (IsTorchTensor(obj)) {
+  if (!py::isinstance<py::array>(obj) && IsTorchTensor(obj)) {
     if (obj.attr("is_cuda").cast<bool>()) obj = obj.attr("cpu")();
     obj = obj.attr("numpy")();
   }
-  py::array a = py::array::ensure(obj);
+  py::array a = py::isinstance<py::array>(obj) ? py::reinterpret_borrow<py::array>(obj) : py::array::ensure(obj);
   if (!a) RaiseInvalid("indices must be an array of integers (numpy, torch, or a sequence)");
   const char kind = a.dtype().kind();
   if ((kind != 'i' && kind != 'u') || a.itemsize() != 4) {
@@ -160,13 +186,11 @@ void CheckSize(size_t have, size_t need) {
 }
 
 void FromTorch(const py::object& t, size_t need, Out* out) {
-  py::module_ torch = py::module_::import("torch");
-  if (!t.attr("dtype").equal(torch.attr("uint8"))) {
+  if (t.attr("dtype").ptr() != TorchAttr("uint8").ptr()) {
     RaiseInvalid(absl::StrCat("out must be uint8; got ", py::str(t.attr("dtype")).cast<std::string>(),
                               "; nothing was written"));
   }
   if (!t.attr("is_contiguous")().cast<bool>()) RaiseInvalid("out is not contiguous; nothing was written");
-  if (t.attr("requires_grad").cast<bool>()) RaiseInvalid("out requires grad; pass a plain tensor");
   const size_t bytes = t.attr("numel")().cast<size_t>();
   CheckSize(bytes, need);
   out->data = reinterpret_cast<uint8_t*>(t.attr("data_ptr")().cast<uintptr_t>());
@@ -176,7 +200,7 @@ void FromTorch(const py::object& t, size_t need, Out* out) {
     out->device = true;
     py::object device = t.attr("device");
     out->stream = reinterpret_cast<void*>(
-        torch.attr("cuda").attr("current_stream")(device).attr("cuda_stream").cast<uintptr_t>());
+        TorchAttr("cuda").attr("current_stream")(device).attr("cuda_stream").cast<uintptr_t>());
   }
 }
 
