@@ -114,8 +114,8 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
     e.begin = offsets[0].get<uint64_t>();
     e.end = offsets[1].get<uint64_t>();
     if (e.begin > e.end || e.end > data_bytes) {
-      return bad(absl::StrCat("bytes [", e.begin, ", ", e.end, ") are not inside the ", data_bytes,
-                              "-byte data section"));
+      return bad(
+          absl::StrCat("bytes [", e.begin, ", ", e.end, ") are not inside the ", data_bytes, "-byte data section"));
     }
     if (elements * element_bytes != e.end - e.begin) {
       return bad(absl::StrCat("shape ", ShapeText(e.shape), " of ", e.dtype, " needs ", elements * element_bytes,
@@ -132,9 +132,9 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
   for (size_t i = 1; i < starts.size(); ++i) {
     const Entry& previous = file.entries_.at(*starts[i - 1].second);
     if (previous.end > starts[i].first) {
-      return absl::DataLossError(absl::StrCat(path, ": tensors '", *starts[i - 1].second, "' and '",
-                                              *starts[i].second, "' overlap (bytes ", starts[i].first, " to ",
-                                              previous.end, " of the data section)"));
+      return absl::DataLossError(absl::StrCat(path, ": tensors '", *starts[i - 1].second, "' and '", *starts[i].second,
+                                              "' overlap (bytes ", starts[i].first, " to ", previous.end,
+                                              " of the data section)"));
     }
   }
   return file;
@@ -166,8 +166,8 @@ absl::StatusOr<RawTensor> SafetensorsFile::ReadRaw(const std::string& name, cons
         absl::StrCat(path_, ": tensor '", name, "' is ", e.dtype, "; ", dtype, " expected"));
   }
   if (!shape.empty() && shape != e.shape) {
-    return absl::InvalidArgumentError(absl::StrCat(path_, ": tensor '", name, "' has shape ", ShapeText(e.shape),
-                                                   "; ", ShapeText(shape), " expected"));
+    return absl::InvalidArgumentError(absl::StrCat(path_, ": tensor '", name, "' has shape ", ShapeText(e.shape), "; ",
+                                                   ShapeText(shape), " expected"));
   }
   auto bytes = ReadRange(name, e);
   if (!bytes.ok()) return bytes.status();

@@ -41,22 +41,38 @@ std::map<absl::StatusCode, PyObject*>& ErrorTypes() {
 
 const char* CodeName(absl::StatusCode code) {
   switch (code) {
-    case absl::StatusCode::kCancelled: return "CANCELLED";
-    case absl::StatusCode::kInvalidArgument: return "INVALID_ARGUMENT";
-    case absl::StatusCode::kDeadlineExceeded: return "DEADLINE_EXCEEDED";
-    case absl::StatusCode::kNotFound: return "NOT_FOUND";
-    case absl::StatusCode::kAlreadyExists: return "ALREADY_EXISTS";
-    case absl::StatusCode::kPermissionDenied: return "PERMISSION_DENIED";
-    case absl::StatusCode::kResourceExhausted: return "RESOURCE_EXHAUSTED";
-    case absl::StatusCode::kFailedPrecondition: return "FAILED_PRECONDITION";
-    case absl::StatusCode::kAborted: return "ABORTED";
-    case absl::StatusCode::kOutOfRange: return "OUT_OF_RANGE";
-    case absl::StatusCode::kUnimplemented: return "UNIMPLEMENTED";
-    case absl::StatusCode::kInternal: return "INTERNAL";
-    case absl::StatusCode::kUnavailable: return "UNAVAILABLE";
-    case absl::StatusCode::kDataLoss: return "DATA_LOSS";
-    case absl::StatusCode::kUnauthenticated: return "UNAUTHENTICATED";
-    default: return "UNKNOWN";
+    case absl::StatusCode::kCancelled:
+      return "CANCELLED";
+    case absl::StatusCode::kInvalidArgument:
+      return "INVALID_ARGUMENT";
+    case absl::StatusCode::kDeadlineExceeded:
+      return "DEADLINE_EXCEEDED";
+    case absl::StatusCode::kNotFound:
+      return "NOT_FOUND";
+    case absl::StatusCode::kAlreadyExists:
+      return "ALREADY_EXISTS";
+    case absl::StatusCode::kPermissionDenied:
+      return "PERMISSION_DENIED";
+    case absl::StatusCode::kResourceExhausted:
+      return "RESOURCE_EXHAUSTED";
+    case absl::StatusCode::kFailedPrecondition:
+      return "FAILED_PRECONDITION";
+    case absl::StatusCode::kAborted:
+      return "ABORTED";
+    case absl::StatusCode::kOutOfRange:
+      return "OUT_OF_RANGE";
+    case absl::StatusCode::kUnimplemented:
+      return "UNIMPLEMENTED";
+    case absl::StatusCode::kInternal:
+      return "INTERNAL";
+    case absl::StatusCode::kUnavailable:
+      return "UNAVAILABLE";
+    case absl::StatusCode::kDataLoss:
+      return "DATA_LOSS";
+    case absl::StatusCode::kUnauthenticated:
+      return "UNAUTHENTICATED";
+    default:
+      return "UNKNOWN";
   }
 }
 
@@ -187,8 +203,8 @@ void CheckSize(size_t have, size_t need) {
 
 void FromTorch(const py::object& t, size_t need, Out* out) {
   if (t.attr("dtype").ptr() != TorchAttr("uint8").ptr()) {
-    RaiseInvalid(absl::StrCat("out must be uint8; got ", py::str(t.attr("dtype")).cast<std::string>(),
-                              "; nothing was written"));
+    RaiseInvalid(
+        absl::StrCat("out must be uint8; got ", py::str(t.attr("dtype")).cast<std::string>(), "; nothing was written"));
   }
   if (!t.attr("is_contiguous")().cast<bool>()) RaiseInvalid("out is not contiguous; nothing was written");
   const size_t bytes = t.attr("numel")().cast<size_t>();
@@ -199,8 +215,8 @@ void FromTorch(const py::object& t, size_t need, Out* out) {
   if (t.attr("is_cuda").cast<bool>()) {
     out->device = true;
     py::object device = t.attr("device");
-    out->stream = reinterpret_cast<void*>(
-        TorchAttr("cuda").attr("current_stream")(device).attr("cuda_stream").cast<uintptr_t>());
+    out->stream =
+        reinterpret_cast<void*>(TorchAttr("cuda").attr("current_stream")(device).attr("cuda_stream").cast<uintptr_t>());
   }
 }
 
@@ -208,8 +224,8 @@ Out ResolveOut(py::handle out_arg, size_t tokens, uint32_t heads, uint32_t row_b
   const size_t need = tokens * heads * static_cast<size_t>(row_bytes);
   Out out;
   if (out_arg.is_none()) {
-    py::array_t<uint8_t> a({static_cast<py::ssize_t>(tokens), static_cast<py::ssize_t>(heads),
-                            static_cast<py::ssize_t>(row_bytes)});
+    py::array_t<uint8_t> a(
+        {static_cast<py::ssize_t>(tokens), static_cast<py::ssize_t>(heads), static_cast<py::ssize_t>(row_bytes)});
     out.data = a.mutable_data();
     out.bytes = need;
     out.keep = out.result = a;
@@ -237,7 +253,8 @@ Out ResolveOut(py::handle out_arg, size_t tokens, uint32_t heads, uint32_t row_b
   if (py::hasattr(o, "__cuda_array_interface__")) {
     py::dict cai = o.attr("__cuda_array_interface__");
     if (cai["typestr"].cast<std::string>() != "|u1") RaiseInvalid("out (__cuda_array_interface__) must be |u1 (uint8)");
-    if (cai.contains("strides") && !cai["strides"].is_none()) RaiseInvalid("out is not contiguous; nothing was written");
+    if (cai.contains("strides") && !cai["strides"].is_none())
+      RaiseInvalid("out is not contiguous; nothing was written");
     py::tuple data = cai["data"];
     if (data[1].cast<bool>()) RaiseInvalid("out is read-only; nothing was written");
     size_t bytes = 1;
@@ -419,8 +436,8 @@ class PyClient {
       py::gil_scoped_release release;
       CallTimeout bound(ms);
       if (out.device) {
-        s = client->LookupToDevice(*table, layer, static_cast<uint32_t>(tokens), absl::MakeConstSpan(idx.data, idx.count),
-                                   out.data, need, out.stream);
+        s = client->LookupToDevice(*table, layer, static_cast<uint32_t>(tokens),
+                                   absl::MakeConstSpan(idx.data, idx.count), out.data, need, out.stream);
       } else {
         s = client->Lookup(*table, layer, static_cast<uint32_t>(tokens), absl::MakeConstSpan(idx.data, idx.count),
                            absl::MakeSpan(out.data, need));
@@ -610,12 +627,14 @@ class PyLayer {
       }
       if (!h.attr("is_contiguous")().cast<bool>()) h = h.attr("contiguous")();
       if (h.attr("numel")().cast<size_t>() != values) {
-        RaiseInvalid(absl::StrCat("hidden states hold ", h.attr("numel")().cast<size_t>(), " values; batch x seq_len x ",
-                                  layer_->streams(), " streams x ", layer_->hidden_size(), " = ", values, " expected"));
+        RaiseInvalid(absl::StrCat("hidden states hold ", h.attr("numel")().cast<size_t>(),
+                                  " values; batch x seq_len x ", layer_->streams(), " streams x ",
+                                  layer_->hidden_size(), " = ", values, " expected"));
       }
       py::object out = out_arg.is_none() ? torch.attr("empty_like")(h) : py::reinterpret_borrow<py::object>(out_arg);
-      if (!IsTorchTensor(out) || !out.attr("dtype").equal(h.attr("dtype")) || !out.attr("is_contiguous")().cast<bool>() ||
-          out.attr("numel")().cast<size_t>() != values || out.attr("is_cuda").cast<bool>() != h.attr("is_cuda").cast<bool>()) {
+      if (!IsTorchTensor(out) || !out.attr("dtype").equal(h.attr("dtype")) ||
+          !out.attr("is_contiguous")().cast<bool>() || out.attr("numel")().cast<size_t>() != values ||
+          out.attr("is_cuda").cast<bool>() != h.attr("is_cuda").cast<bool>()) {
         RaiseInvalid("out must be a contiguous tensor like hidden_states (same dtype, size and device)");
       }
       const bool cuda = h.attr("is_cuda").cast<bool>();
@@ -646,7 +665,8 @@ class PyLayer {
     }
     auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(h);
     if (!a || static_cast<size_t>(a.size()) != values) {
-      RaiseInvalid(absl::StrCat("hidden states must be float32 with batch x seq_len x streams x D = ", values, " values"));
+      RaiseInvalid(
+          absl::StrCat("hidden states must be float32 with batch x seq_len x streams x D = ", values, " values"));
     }
     py::array_t<float> out(a.request().shape);
     absl::Status s;
@@ -732,11 +752,14 @@ dead_token_id (None when the table has no dead positions).)doc")
       .def_property_readonly("layer_ids", &TableHandle::layer_ids)
       .def_property_readonly("module", &TableHandle::module)
       .def_property_readonly("max_ngram", [](const TableHandle& t) { return t.hasher().config().max_ngram; })
-      .def_property_readonly("heads_per_ngram", [](const TableHandle& t) { return t.hasher().config().heads_per_ngram; })
+      .def_property_readonly("heads_per_ngram",
+                             [](const TableHandle& t) { return t.hasher().config().heads_per_ngram; })
       .def_property_readonly("seed", [](const TableHandle& t) { return t.hasher().config().seed; })
       .def_property_readonly("pad_id", [](const TableHandle& t) { return t.hasher().config().pad_id; })
-      .def_property_readonly("compressed_vocab", [](const TableHandle& t) { return t.hasher().config().compressed_vocab; })
-      .def_property_readonly("vocab_per_ngram", [](const TableHandle& t) { return t.hasher().config().vocab_per_ngram; })
+      .def_property_readonly("compressed_vocab",
+                             [](const TableHandle& t) { return t.hasher().config().compressed_vocab; })
+      .def_property_readonly("vocab_per_ngram",
+                             [](const TableHandle& t) { return t.hasher().config().vocab_per_ngram; })
       .def_property_readonly("dead_token_id", [](const TableHandle& t) { return t.hasher().config().dead_token_id; })
       .def("hash", &Hash, py::arg("token_ids"), py::arg("layer") = py::none(), R"doc(
 hash(token_ids, layer=None) -> indices

@@ -142,11 +142,13 @@ struct StTensor {
   std::string bytes;
 };
 
-void WriteShard(const std::string& path, const std::vector<StTensor>& tensors, const std::string& header_override = "") {
+void WriteShard(const std::string& path, const std::vector<StTensor>& tensors,
+                const std::string& header_override = "") {
   nlohmann::json header = {{"__metadata__", {{"format", "pt"}}}};
   std::string data;
   for (const auto& t : tensors) {
-    header[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
+    header[t.name] = {
+        {"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
     data += t.bytes;
   }
   const std::string text = header_override.empty() ? header.dump() : header_override;
@@ -261,17 +263,13 @@ TEST(SafetensorsRangesTest, ReadsRawFp8AndRefusesOverlapsAndUnknownDtypes) {
 
   WriteShard(dir / "overlap.safetensors", {}, R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
                                                "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}})");
-  {
-    std::ofstream(dir / "overlap.safetensors", std::ios::app) << "123456";
-  }
+  { std::ofstream(dir / "overlap.safetensors", std::ios::app) << "123456"; }
   auto overlap = SafetensorsFile::Open(dir / "overlap.safetensors");
   EXPECT_EQ(overlap.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_NE(overlap.status().message().find("tensors 'a' and 'b' overlap"), std::string::npos) << overlap.status();
 
   WriteShard(dir / "odd.safetensors", {}, R"({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 4]}})");
-  {
-    std::ofstream(dir / "odd.safetensors", std::ios::app) << "1234";
-  }
+  { std::ofstream(dir / "odd.safetensors", std::ios::app) << "1234"; }
   auto odd = SafetensorsFile::Open(dir / "odd.safetensors");
   EXPECT_NE(odd.status().message().find("dtype 'Q4' is not a safetensors dtype"), std::string::npos) << odd.status();
 }
@@ -315,8 +313,9 @@ TEST(Dsv41LayerTest, RefusesMismatchedWeightsAndBf16ForTheDemo) {
   auto demo = EngramLayer::Create(source, 4, *LoadEngramWeights(dir / "w.safetensors"), {EngramDevice::kCpu, 1});
   ASSERT_TRUE(demo.ok()) << demo.status();
   std::vector<uint16_t> hb(3 * 2 * 16), ob(hb.size());
-  EXPECT_NE((*demo)->ForwardHost({5, 6, 7}, 1, 3, hb, absl::MakeSpan(ob)).message().find("bf16 streams are for the dsv41"),
-            std::string::npos);
+  EXPECT_NE(
+      (*demo)->ForwardHost({5, 6, 7}, 1, 3, hb, absl::MakeSpan(ob)).message().find("bf16 streams are for the dsv41"),
+      std::string::npos);
 }
 
 }  // namespace
