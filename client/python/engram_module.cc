@@ -321,6 +321,12 @@ Tokens ResolveTokens(py::handle token_ids) {
     RaiseInvalid("token ids must be an integer array [seq_len] or [batch, seq_len]");
   }
   if (raw.ndim() != 1 && raw.ndim() != 2) RaiseInvalid("token ids must be [seq_len] or [batch, seq_len]");
+  if (raw.itemsize() > 4 || (raw.dtype().kind() == 'u' && raw.itemsize() == 4)) {  // would not fit int32 as is
+    if (raw.size() > 0 &&
+        (raw.attr("min")().cast<double>() < INT32_MIN || raw.attr("max")().cast<double>() > INT32_MAX)) {
+      RaiseInvalid("token ids must fit in int32");
+    }
+  }
   t.array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(raw);
   t.batch = raw.ndim() == 2 ? static_cast<uint32_t>(raw.shape(0)) : 1;
   t.seq_len = static_cast<uint32_t>(raw.shape(raw.ndim() - 1));

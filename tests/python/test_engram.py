@@ -245,6 +245,9 @@ def test_hash_equals_engramctl_hash_with_dead_positions(tmp_path):
             assert one.dtype == torch.int32 and one.shape == (2, 11, 24)
             assert np.array_equal(one.numpy(), want[:, :, 1, :])
             assert np.array_equal(table.hash(ids[1], layer=1), want[1, :, 0, :])
+            assert np.array_equal(table.hash(ids.astype(np.int64).tolist()), want)  # any integer input
+            with pytest.raises(engram.InvalidArgumentError, match="fit in int32"):
+                table.hash(np.array([1, 2**40], dtype=np.int64))
     finally:
         d.stop()
 
