@@ -75,7 +75,9 @@ int CallTimeout::Effective(int default_ms) { return call_timeout_ms > 0 ? call_t
 int CallTimeout::Current() { return call_timeout_ms; }
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& uri, const ClientOptions& options) {
-  auto transport = MakeTransport(uri, options);
+  ClientOptions connect = options;
+  connect.timeout_ms = std::max(1, std::min(options.timeout_ms, options.connect_timeout_ms));
+  auto transport = MakeTransport(uri, connect);
   if (!transport.ok()) return transport.status();
   std::unique_ptr<Client> client(new Client(uri, options));
   client->transport_ = std::move(*transport);
@@ -83,7 +85,15 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& uri, 
 }
 
 Client::Client(std::string uri, ClientOptions options) : uri_(std::move(uri)), options_(options) {}
-Client::~Client() = default;
+
+Client::~Client() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  reconnect_cv_.notify_all();
+  if (reconnector_.joinable()) reconnector_.join();
+}
 
 absl::Status Client::LookupToDevice(const TableHandle& table, int layer, uint32_t num_tokens,
                                     absl::Span<const uint32_t> indices, void* device_out, uint64_t device_bytes,
@@ -119,38 +129,81 @@ absl::Status Client::LookupToDevice(const TableHandle& table, int layer, uint32_
   return staging_->CopyToDevice(device_out, bytes, cuda_stream);
 }
 
-absl::Status Client::Reconnect() {
-  int backoff_ms = options_.reconnect_backoff_ms;
-  absl::Status last;
-  for (int attempt = 0; attempt < options_.reconnect_attempts; ++attempt) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
-    backoff_ms *= 2;
-    auto transport = MakeTransport(uri_, options_);
-    if (transport.ok()) {
+void Client::ReconnectLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  int backoff_ms = std::max(1, options_.reconnect_backoff_ms);
+  auto next = std::chrono::steady_clock::now();
+  while (!stopping_) {
+    reconnect_cv_.wait_until(lock, next, [&] { return stopping_ || (broken_ && attempt_wanted_); });
+    if (stopping_) break;
+    if (!broken_) {  // nothing to do until a call finds the connection broken
+      reconnect_cv_.wait(lock, [&] { return stopping_ || broken_; });
+      backoff_ms = std::max(1, options_.reconnect_backoff_ms);
+      next = std::chrono::steady_clock::now();
+      continue;
+    }
+    if (!attempt_wanted_ && std::chrono::steady_clock::now() < next) continue;
+    attempt_wanted_ = false;
+    lock.unlock();
+    ClientOptions connect = options_;
+    connect.timeout_ms = std::max(1, options_.connect_timeout_ms);
+    auto transport = MakeTransport(uri_, connect);
+    lock.lock();
+    ++attempts_done_;
+    if (transport.ok() && !stopping_) {
       // Device work queued against the old transport's mapped tables (HBM pin callbacks) runs
       // before they go away.
       if (staging_ != nullptr) staging_->Quiesce();
       transport_ = std::move(*transport);
-      return absl::OkStatus();
+      broken_ = false;
+      last_error_.clear();
+    } else if (!transport.ok()) {
+      last_error_ = std::string(transport.status().message());
+      next = std::chrono::steady_clock::now() + std::chrono::milliseconds(backoff_ms);
+      backoff_ms = std::max(1, std::min(options_.reconnect_backoff_max_ms, backoff_ms * 2));
     }
-    last = transport.status();
+    reconnect_cv_.notify_all();
   }
-  return absl::UnavailableError(absl::StrCat("engramd at ", uri_, " is unavailable after ", options_.reconnect_attempts,
-                                             " reconnect attempts: ", last.message()));
+}
+
+bool Client::AwaitReconnectLocked(std::unique_lock<std::mutex>& lock, std::chrono::steady_clock::time_point deadline) {
+  if (stopping_) return false;
+  broken_ = true;
+  if (!reconnector_.joinable()) reconnector_ = std::thread([this] { ReconnectLoop(); });
+  attempt_wanted_ = true;
+  const uint64_t seen = attempts_done_;
+  reconnect_cv_.notify_all();
+  // One attempt's worth of waiting at most (it may already be under way), never past the deadline.
+  const auto limit = std::min(deadline, std::chrono::steady_clock::now() +
+                                            std::chrono::milliseconds(std::max(1, options_.connect_timeout_ms) + 100));
+  reconnect_cv_.wait_until(lock, limit, [&] { return stopping_ || !broken_ || attempts_done_ > seen + 1 ||
+                                                     (attempts_done_ > seen && !attempt_wanted_); });
+  return !broken_ && !stopping_;
+}
+
+absl::Status Client::UnavailableLocked() const {
+  return absl::UnavailableError(absl::StrCat("engramd at ", uri_, " is unavailable",
+                                             last_error_.empty() ? "" : ": ", last_error_,
+                                             "; reconnecting in the background (", attempts_done_,
+                                             " attempts so far)"));
 }
 
 template <typename F>
-absl::Status Client::WithRetry(const F& call) {
+absl::Status Client::WithRetry(std::unique_lock<std::mutex>& lock, const F& call) {
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(CallTimeout::Effective(options_.timeout_ms));
+  if (broken_ && !AwaitReconnectLocked(lock, deadline)) return UnavailableLocked();
   absl::Status s = call(*transport_);
   if (s.code() != absl::StatusCode::kUnavailable) return s;
-  if (absl::Status r = Reconnect(); !r.ok()) return r;
+  last_error_ = std::string(s.message());
+  if (!AwaitReconnectLocked(lock, deadline)) return UnavailableLocked();
   return call(*transport_);
 }
 
 absl::StatusOr<std::shared_ptr<const TableHandle>> Client::OpenTable(const std::string& name) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   std::string info;
-  absl::Status s = WithRetry([&](Transport& t) {
+  absl::Status s = WithRetry(lock, [&](Transport& t) {
     auto opened = t.OpenTable(name);
     if (opened.ok()) info = std::move(*opened);
     return opened.status();
@@ -163,8 +216,8 @@ absl::StatusOr<std::shared_ptr<const TableHandle>> Client::OpenTable(const std::
 
 absl::Status Client::Lookup(const TableHandle& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
                             absl::Span<uint8_t> out, ClientLookupStats* stats) {
-  std::lock_guard<std::mutex> lock(mu_);
-  return WithRetry([&](Transport& t) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return WithRetry(lock, [&](Transport& t) {
     absl::Status s = t.Lookup(table.name(), layer, num_tokens, indices, out, stats);
     if (s.code() == absl::StatusCode::kFailedPrecondition) {  // a new connection: open the table on it
       auto opened = t.OpenTable(table.name());
@@ -249,8 +302,8 @@ void Client::AsyncWorker::Post(std::function<void()> job) {
 
 absl::Status Client::Prefetch(const TableHandle& table, int layer, uint32_t num_tokens,
                               absl::Span<const uint32_t> indices) {
-  std::lock_guard<std::mutex> lock(mu_);
-  return WithRetry([&](Transport& t) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return WithRetry(lock, [&](Transport& t) {
     absl::Status s = t.Prefetch(table.name(), layer, num_tokens, indices);
     if (s.code() == absl::StatusCode::kFailedPrecondition) {
       auto opened = t.OpenTable(table.name());

@@ -156,9 +156,15 @@ absl::Status ShmConnection::Post(const RequestDescriptor& d) {
   const uint32_t entries = reply_.ring_entries;
   const auto deadline =
       std::chrono::steady_clock::now() + std::chrono::milliseconds(CallTimeout::Effective(options_.timeout_ms));
+  // A full ring: engramd is behind. Wait for it in 1 ms sleeps on the socket (not a spin), which
+  // also shows at once when the daemon has gone away.
   while (request_tail_ - h->request_head.load(std::memory_order_acquire) >= entries) {
     if (std::chrono::steady_clock::now() > deadline) return absl::DeadlineExceededError("request ring stayed full");
-    std::this_thread::yield();
+    pollfd p{sock_, POLLRDHUP, 0};
+    if (poll(&p, 1, 1) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0) {
+      broken_ = true;
+      return absl::UnavailableError("engramd went away while the request ring was full; reconnect");
+    }
   }
   arena_.WriteRequest(request_tail_, d);
   ++request_tail_;

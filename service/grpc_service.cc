@@ -152,8 +152,9 @@ absl::Status EngramGrpcService::DoLookupTokens(const v1::LookupTokensRequest& re
   std::memcpy(tokens.data(), request.token_ids().data(), request.token_ids().size());
   std::vector<int> layers(request.layers().begin(), request.layers().end());
   if (layers.empty()) layers = table->manifest().layer_ids();
+  // batch x seq_len fits 64 bits (two 32-bit fields); times heads it may not, so divide instead.
   const uint64_t tokens_count = static_cast<uint64_t>(request.batch()) * request.seq_len();
-  if (tokens_count * table->heads() > engine_->options().max_batch_rows) {
+  if (tokens_count > engine_->options().max_batch_rows / std::max<uint64_t>(1, table->heads())) {
     return absl::ResourceExhaustedError(absl::StrCat(
         request.batch(), " x ", request.seq_len(), " tokens x ", table->heads(), " heads exceeds --max-batch-rows ",
         engine_->options().max_batch_rows));

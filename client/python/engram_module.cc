@@ -782,20 +782,23 @@ uint32, a torch input gives an int32 tensor (torch has no uint32; every index is
   py::class_<PyClient, std::shared_ptr<PyClient>>(m, "Client", R"doc(
 A connection to engramd (use engram.connect). Thread-safe: calls from several Python threads are
 serialized per Client (open one Client per thread for parallel lookups). A context manager: the
-with-block closes it. When the daemon restarts, a call fails with UnavailableError and the client
-reconnects (with backoff) and retries once.)doc")
-      .def(py::init([](const std::string& uri, uint64_t shm_data_bytes, double timeout, int reconnect_attempts,
-                       double reconnect_backoff, bool map_tables) {
+with-block closes it. When the daemon goes away, calls fail with UnavailableError within about
+connect_timeout (sooner over unix://) while a background thread reconnects with backoff; once the
+daemon is back the next call goes through (its tables reopened).)doc")
+      .def(py::init([](const std::string& uri, uint64_t shm_data_bytes, double timeout, double connect_timeout,
+                       double reconnect_backoff, double reconnect_backoff_max, bool map_tables) {
              ClientOptions o;
              o.shm_data_bytes = shm_data_bytes;
              o.timeout_ms = TimeoutMs(timeout);
-             o.reconnect_attempts = reconnect_attempts;
-             o.reconnect_backoff_ms = static_cast<int>(std::max(1.0, reconnect_backoff * 1000.0));
+             o.connect_timeout_ms = TimeoutMs(connect_timeout);
+             o.reconnect_backoff_ms = TimeoutMs(reconnect_backoff);
+             o.reconnect_backoff_max_ms = TimeoutMs(reconnect_backoff_max);
              o.map_tables = map_tables;
              return std::make_shared<PyClient>(uri, o);
            }),
            py::arg("uri"), py::kw_only(), py::arg("shm_data_bytes") = 64ull << 20, py::arg("timeout") = 30.0,
-           py::arg("reconnect_attempts") = 5, py::arg("reconnect_backoff") = 0.05, py::arg("map_tables") = true)
+           py::arg("connect_timeout") = 1.0, py::arg("reconnect_backoff") = 0.05, py::arg("reconnect_backoff_max") = 2.0,
+           py::arg("map_tables") = true)
       .def_property_readonly("uri", &PyClient::uri)
       .def_property_readonly("closed", &PyClient::closed)
       .def("open_table", &PyClient::OpenTable, py::arg("name"), py::kw_only(), py::arg("timeout") = py::none(),

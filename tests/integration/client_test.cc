@@ -244,7 +244,6 @@ TEST_P(ClientRestartTest, UnavailableWhileDownThenReconnects) {
   auto daemon = std::make_unique<Daemon>(std::vector<std::string>{"--pack", dir.path() + "/p"}, dir.path());
   ASSERT_TRUE(daemon->running());
   ClientOptions options;
-  options.reconnect_attempts = 3;
   options.reconnect_backoff_ms = 20;
   options.map_tables = GetParam();
   options.mapped_report_interval_ms = 0;
@@ -259,7 +258,7 @@ TEST_P(ClientRestartTest, UnavailableWhileDownThenReconnects) {
   ASSERT_EQ(daemon->Stop(), 0);
   const absl::Status down = (*client)->Lookup(**table, 1, 1, idx, absl::MakeSpan(out));
   EXPECT_EQ(down.code(), absl::StatusCode::kUnavailable);
-  EXPECT_NE(down.message().find("reconnect attempts"), absl::string_view::npos) << down;
+  EXPECT_NE(down.message().find("reconnecting in the background"), absl::string_view::npos) << down;
   daemon = std::make_unique<Daemon>(std::vector<std::string>{"--pack", dir.path() + "/p"}, dir.path());
   ASSERT_TRUE(daemon->running());
   std::fill(out.begin(), out.end(), 0);
@@ -271,6 +270,78 @@ TEST_P(ClientRestartTest, UnavailableWhileDownThenReconnects) {
 
 INSTANTIATE_TEST_SUITE_P(Mapped, ClientRestartTest, ::testing::Bool(),
                          [](const auto& info) { return info.param ? "mapped" : "ring"; });
+
+class ClientFailFastTest : public ::testing::TestWithParam<std::string> {};
+
+// kill -9 of the daemon: the next call says UNAVAILABLE in bounded time (it once took 151 s over
+// gRPC: five reconnect attempts of 30 s each), a call's own deadline bounds it further, and once a
+// daemon is back on the socket the client uses it with no help. The bounds asserted are loose (this
+// machine is shared); the figures are printed, and measured in bench/RESULTS.md.
+TEST_P(ClientFailFastTest, ADeadDaemonIsUnavailableQuicklyAndABackOneIsUsed) {
+  const bool grpc = GetParam() == "grpc";
+  TempDir dir;
+  ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.001 --quiet --out " +
+                       dir.path() + "/p")
+                .first,
+            0);
+  auto daemon = std::make_unique<Daemon>(std::vector<std::string>{"--pack", dir.path() + "/p"}, dir.path());
+  ASSERT_TRUE(daemon->running());
+  ClientOptions options;
+  options.map_tables = GetParam() == "mapped";
+  options.mapped_report_interval_ms = 20;
+  const std::string uri = grpc ? "grpc://127.0.0.1:" + std::to_string(daemon->grpc_port()) : "unix://" + daemon->socket();
+  auto client = Client::Connect(uri, options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto table = (*client)->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  std::vector<uint32_t> idx(16, 3);
+  std::vector<uint8_t> out(16 * 128);
+  ASSERT_TRUE((*client)->Lookup(**table, 1, 1, idx, absl::MakeSpan(out)).ok());
+  const std::vector<uint8_t> before = out;
+  daemon->Kill();
+  auto seconds_since = [](auto t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  // A mapped table gathers here until its next report (20 ms) finds the daemon gone.
+  auto t0 = std::chrono::steady_clock::now();
+  absl::Status down;
+  for (int i = 0; i < 200 && down.ok(); ++i) {
+    down = (*client)->Lookup(**table, 1, 1, idx, absl::MakeSpan(out));
+    if (down.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  const double first = seconds_since(t0);
+  EXPECT_EQ(down.code(), absl::StatusCode::kUnavailable) << down;
+  EXPECT_NE(down.message().find("reconnecting in the background"), absl::string_view::npos) << down;
+  t0 = std::chrono::steady_clock::now();
+  absl::Status again = (*client)->Lookup(**table, 1, 1, idx, absl::MakeSpan(out));
+  const double second = seconds_since(t0);
+  EXPECT_EQ(again.code(), absl::StatusCode::kUnavailable) << again;
+  double bounded = 0;
+  {
+    CallTimeout deadline(150);
+    t0 = std::chrono::steady_clock::now();
+    absl::Status s = (*client)->Lookup(**table, 1, 1, idx, absl::MakeSpan(out));
+    bounded = seconds_since(t0);
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  }
+  std::printf("%s: first UNAVAILABLE after %.3f s, the next call's after %.3f s, with a 150 ms deadline %.3f s\n",
+              GetParam().c_str(), first, second, bounded);
+  EXPECT_LT(first, grpc ? 5.0 : 2.0);
+  EXPECT_LT(second, grpc ? 5.0 : 1.0);
+  EXPECT_LT(bounded, 1.0);
+  if (grpc) return;  // a restarted daemon listens on a new port: gRPC clients reconnect to the same address only
+  daemon = std::make_unique<Daemon>(std::vector<std::string>{"--pack", dir.path() + "/p"}, dir.path());
+  ASSERT_TRUE(daemon->running());
+  t0 = std::chrono::steady_clock::now();
+  std::fill(out.begin(), out.end(), 0);
+  absl::Status back = (*client)->Lookup(**table, 1, 1, idx, absl::MakeSpan(out));
+  std::printf("%s: restarted daemon used after %.3f s\n", GetParam().c_str(), seconds_since(t0));
+  ASSERT_TRUE(back.ok()) << back;
+  EXPECT_EQ(out, before);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, ClientFailFastTest, ::testing::Values("unix", "mapped", "grpc"),
+                         [](const auto& info) { return info.param; });
 
 }  // namespace
 }  // namespace engram

@@ -126,6 +126,13 @@ class Daemon {
     pid_ = -1;
     return -1;
   }
+  // SIGKILL (no shutdown at all, as after a crash) and reap.
+  void Kill() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
   bool running() const { return pid_ > 0; }
   pid_t pid() const { return pid_; }
   int exit_code() const { return exit_code_; }

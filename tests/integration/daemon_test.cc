@@ -218,6 +218,14 @@ TEST_F(DaemonTest, LookupTokensHashesLikeTheClient) {
   const grpc::Status s = stub_->LookupTokens(&c2, request, &response);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(s.error_message().find("token id 200000 at position 3"), std::string::npos) << s.error_message();
+  // batch x seq_len x heads beyond 64 bits (2^30 x 2^30 x 16 wrapped to 0 once): refused by the
+  // row limit, naming it, whatever the ids.
+  request.set_batch(1u << 30);
+  request.set_seq_len(1u << 30);
+  grpc::ClientContext c3;
+  const grpc::Status huge = stub_->LookupTokens(&c3, request, &response);
+  EXPECT_EQ(huge.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << huge.error_message();
+  EXPECT_NE(huge.error_message().find("exceeds --max-batch-rows"), std::string::npos) << huge.error_message();
 }
 
 TEST_F(DaemonTest, BadInputGetsItsStatusAndServingContinues) {

@@ -282,7 +282,7 @@ def test_a_daemon_restart_is_unavailable_then_works_again(demo, tmp_path):
     try:
         for transport in ("unix-arena", "unix-mapped", "grpc"):
             uri = d.grpc if transport == "grpc" else d.unix
-            client = engram.connect(uri, reconnect_attempts=2, reconnect_backoff=0.02, timeout=5,
+            client = engram.connect(uri, connect_timeout=1, reconnect_backoff=0.02, timeout=5,
                                     map_tables=(transport == "unix-mapped"))
             table = client.open_table("pydemo")
             idx = random_indices(demo.manifest, 1, 4, seed=5)
@@ -299,7 +299,7 @@ def test_a_daemon_restart_is_unavailable_then_works_again(demo, tmp_path):
             d.start()
             if transport == "grpc":  # the daemon came back on another port: a new client
                 client.close()
-                client = engram.connect(d.grpc, reconnect_attempts=2, reconnect_backoff=0.02, timeout=5)
+                client = engram.connect(d.grpc, connect_timeout=1, reconnect_backoff=0.02, timeout=5)
                 table = client.open_table("pydemo")
             assert client.lookup(table, 1, idx).tobytes() == expected_rows(demo.manifest, 1, idx), transport
             client.close()

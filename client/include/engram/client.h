@@ -7,12 +7,15 @@
 //
 // Rows land in caller-provided host buffers. Over unix:// a table the daemon holds resident is
 // mapped read-only and gathered here without a round trip (ClientOptions::map_tables). Errors are absl::Status values carrying the
-// daemon's message. When the daemon restarts, a call fails with UNAVAILABLE and the client
-// reconnects (with backoff) and retries once. Thread-safe: calls are serialized per Client;
-// use one Client per engine thread for parallelism.
+// daemon's message. When the daemon goes away, a call fails with UNAVAILABLE within a bounded time
+// (its own deadline, and at most about connect_timeout_ms past the failure) while a background
+// thread reconnects with backoff; once the daemon is back, the next call goes through on the new
+// connection (tables reopened). Thread-safe: calls are serialized per Client; use one Client per
+// engine thread for parallelism.
 #ifndef ENGRAM_CLIENT_CLIENT_H_
 #define ENGRAM_CLIENT_CLIENT_H_
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -32,9 +35,14 @@ namespace engram {
 
 struct ClientOptions {
   uint64_t shm_data_bytes = 64ull << 20;  // unix://: the largest request's indices + rows must fit
-  int timeout_ms = 30000;
-  int reconnect_attempts = 5;             // after UNAVAILABLE, with doubling backoff
+  int timeout_ms = 30000;                 // a call's deadline unless it sets its own (CallTimeout)
+  // One connection attempt waits at most this long (gRPC: for the channel to connect; unix://
+  // fails or succeeds at once). A call that finds the daemon gone waits for at most one attempt.
+  int connect_timeout_ms = 1000;
+  // The background reconnector's pause between failed attempts: doubling from the first to the
+  // second value. A call on a broken connection asks for an attempt at once.
   int reconnect_backoff_ms = 50;
+  int reconnect_backoff_max_ms = 2000;
   // unix://: map tables the daemon holds resident (read-only) and gather from them here, with no
   // round trip; the daemon still counts them (the client reports about once a second).
   bool map_tables = true;
@@ -130,15 +138,26 @@ class Client {
 
  private:
   Client(std::string uri, ClientOptions options);
-  absl::Status Reconnect();
-  // Runs `call` with the transport; on UNAVAILABLE reconnects and runs it once more.
+  // Runs `call` with the transport (lock holds mu_). On UNAVAILABLE, or when the connection is
+  // already broken, asks the reconnector for an attempt and waits for it (mu_ released) until the
+  // call's deadline or one connect timeout, then runs `call` once more on the new connection;
+  // else returns UNAVAILABLE.
   template <typename F>
-  absl::Status WithRetry(const F& call);
+  absl::Status WithRetry(std::unique_lock<std::mutex>& lock, const F& call);
+  bool AwaitReconnectLocked(std::unique_lock<std::mutex>& lock, std::chrono::steady_clock::time_point deadline);
+  absl::Status UnavailableLocked() const;
+  void ReconnectLoop();
 
   std::string uri_;
   ClientOptions options_;
   std::mutex mu_;
   std::unique_ptr<Transport> transport_;
+  // The reconnector (started by the first failure) and what it shares with calls, under mu_.
+  std::condition_variable reconnect_cv_;
+  std::thread reconnector_;
+  bool broken_ = false, stopping_ = false, attempt_wanted_ = false;
+  uint64_t attempts_done_ = 0;  // failed or not, since the Client was made
+  std::string last_error_;
   std::mutex device_mu_;                          // serializes LookupToDevice (one staging buffer)
   std::unique_ptr<DeviceStaging> staging_;  // created by the first LookupToDevice
 

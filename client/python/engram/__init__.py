@@ -45,19 +45,22 @@ __all__ = [
 ]
 
 
-def connect(uri, *, shm_data_bytes=64 << 20, timeout=30.0, reconnect_attempts=5, reconnect_backoff=0.05,
-            map_tables=True):
+def connect(uri, *, shm_data_bytes=64 << 20, timeout=30.0, connect_timeout=1.0, reconnect_backoff=0.05,
+            reconnect_backoff_max=2.0, map_tables=True):
     """connect(uri, **options) -> Client
 
     uri: ``unix:///SOCKET`` (shared memory) or ``grpc://HOST:PORT``.
     shm_data_bytes: unix://: the arena size; the largest request's indices and rows must fit.
     timeout: seconds a call may take unless it passes its own ``timeout``.
-    reconnect_attempts, reconnect_backoff: after the daemon goes away, how often and how soon
-        (seconds, doubling) the client reconnects before a call fails with UnavailableError.
+    connect_timeout: seconds one connection attempt may wait; a call that finds the daemon gone
+        waits for at most one attempt, then raises UnavailableError.
+    reconnect_backoff, reconnect_backoff_max: the background reconnector's pause between failed
+        attempts (seconds, doubling from the first to the second).
     map_tables: unix://: gather resident tables here from a read-only mapping (no round trip).
     Raises UnavailableError when no daemon answers, InvalidArgumentError for a malformed uri.
     """
     if not isinstance(uri, str) or not (uri.startswith("unix://") or uri.startswith("grpc://")):
         raise InvalidArgumentError("uri must be unix:///SOCKET or grpc://HOST:PORT; got %r" % (uri,))
-    return Client(uri, shm_data_bytes=shm_data_bytes, timeout=timeout, reconnect_attempts=reconnect_attempts,
-                  reconnect_backoff=reconnect_backoff, map_tables=map_tables)
+    return Client(uri, shm_data_bytes=shm_data_bytes, timeout=timeout, connect_timeout=connect_timeout,
+                  reconnect_backoff=reconnect_backoff, reconnect_backoff_max=reconnect_backoff_max,
+                  map_tables=map_tables)
