@@ -797,8 +797,8 @@ daemon is back the next call goes through (its tables reopened).)doc")
              return std::make_shared<PyClient>(uri, o);
            }),
            py::arg("uri"), py::kw_only(), py::arg("shm_data_bytes") = 64ull << 20, py::arg("timeout") = 30.0,
-           py::arg("connect_timeout") = 1.0, py::arg("reconnect_backoff") = 0.05, py::arg("reconnect_backoff_max") = 2.0,
-           py::arg("map_tables") = true)
+           py::arg("connect_timeout") = 1.0, py::arg("reconnect_backoff") = 0.05,
+           py::arg("reconnect_backoff_max") = 2.0, py::arg("map_tables") = true)
       .def_property_readonly("uri", &PyClient::uri)
       .def_property_readonly("closed", &PyClient::closed)
       .def("open_table", &PyClient::OpenTable, py::arg("name"), py::kw_only(), py::arg("timeout") = py::none(),
