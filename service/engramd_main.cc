@@ -23,6 +23,7 @@
 #include "service/log.h"
 #include "service/shm_server.h"
 #include "service/table_loader.h"
+#include "service/state_keeper.h"
 #include "service/warm_state.h"
 #include "tiering/cache/policy.h"
 #include "tiering/engine.h"
@@ -53,6 +54,8 @@ struct DaemonFlags {
   std::string state_dir;
   std::vector<std::string> warm_from;
   double snapshot_interval_s = 300;
+  std::string state_min_free_text = "64M";
+  uint64_t state_min_free = 64ull << 20;
   std::string socket;
   std::vector<std::string> allow_uids, allow_gids;
   std::string max_client_arena = "1G";
@@ -90,6 +93,9 @@ int Run(int argc, char** argv) {
                "directory for the daemon's RocksDB: pack catalog and hot-set snapshots, so a restart\n"
                "                              comes back warm (empty: no state kept)");
   flags.Double("snapshot-interval-s", &f.snapshot_interval_s, "seconds between hot-set snapshots (also taken at shutdown)");
+  flags.String("state-min-free", &f.state_min_free_text,
+               "the state dir must have this much free space (e.g. 64M) before the store is opened or\n"
+               "                              written; below it the daemon runs cold / pauses snapshots");
   flags.String("socket", &f.socket,
                "Unix socket for the shared-memory transport (default /run/engram/engramd.sock, else\n"
                "                              $XDG_RUNTIME_DIR/engram/, else /tmp/engram-UID/; 'off' disables it)");
@@ -103,6 +109,10 @@ int Run(int argc, char** argv) {
   ParseOrExit(flags, argc, argv, 1, nullptr);
   if (f.packs.empty()) {
     std::fprintf(stderr, "engramd needs at least one --pack DIR (see --help)\n");
+    return 2;
+  }
+  if (absl::Status s = ParseBytes(f.state_min_free_text, &f.state_min_free); !s.ok()) {
+    std::fprintf(stderr, "engramd: --state-min-free: %s\n", std::string(s.message()).c_str());
     return 2;
   }
   uint64_t hbm_bytes = 0;
@@ -198,19 +208,18 @@ int Run(int argc, char** argv) {
     LogError("table_load_failed", {{"error", std::string(s.message())}});
     return 1;
   }
-  std::unique_ptr<StateStore> store;
+  // Optional state: whatever is wrong with it is logged and the daemon starts cold (state_keeper.h).
+  std::unique_ptr<StateKeeper> state;
   if (!f.state_dir.empty()) {
-    auto opened = StateStore::Open(f.state_dir);
-    if (!opened.ok()) {
-      LogError("state_store_failed", {{"dir", f.state_dir}, {"error", std::string(opened.status().message())}});
-      return 1;
-    }
-    store = std::move(*opened);
+    state = std::make_unique<StateKeeper>(f.state_dir, f.state_min_free);
+    state->Start();
   }
-  if (absl::Status s = WarmTables(engine, store.get(), f.warm_from); !s.ok()) {
+  absl::Status store_failed;
+  if (absl::Status s = WarmTables(engine, state ? state->store() : nullptr, f.warm_from, &store_failed); !s.ok()) {
     LogError("warm_failed", {{"error", std::string(s.message())}});
     return 1;
   }
+  if (!store_failed.ok()) state->Failed(store_failed);
   auto hbm_enabled = SetUpHbm(hbm_options, &engine);
   if (!hbm_enabled.ok()) {
     LogError("tier_hbm_failed", {{"error", std::string(hbm_enabled.status().message())}});
@@ -266,8 +275,10 @@ int Run(int argc, char** argv) {
     std::unique_lock<std::mutex> lock(snapshot_mu);
     const auto interval = std::chrono::duration<double>(std::max(1.0, f.snapshot_interval_s));
     while (!snapshot_cv.wait_for(lock, interval, [&] { return stopping; })) {
-      if (absl::Status s = SnapshotHotSets(engine, store.get()); !s.ok()) {
+      StateStore* store = state ? state->ForWrite() : nullptr;
+      if (absl::Status s = SnapshotHotSets(engine, store); !s.ok()) {
         LogWarn("hot_set_save_failed", {{"error", std::string(s.message())}});
+        state->Failed(s);
       }
     }
   });
@@ -309,9 +320,12 @@ int Run(int argc, char** argv) {
   }
   snapshot_cv.notify_all();
   snapshotter.join();
-  if (absl::Status s = SnapshotHotSets(engine, store.get()); !s.ok()) {
-    LogWarn("hot_set_save_failed", {{"error", std::string(s.message())}});
+  if (StateStore* store = state ? state->ForWrite() : nullptr) {
+    if (absl::Status s = SnapshotHotSets(engine, store); !s.ok()) {
+      LogWarn("hot_set_save_failed", {{"error", std::string(s.message())}});
+    }
   }
+  if (state) state->Stop();
   http.Stop();
   LogInfo("stopped");
   return 0;

@@ -9,7 +9,8 @@
 
 namespace engram {
 
-absl::Status WarmTables(const Engine& engine, StateStore* store, const std::vector<std::string>& warm_from) {
+absl::Status WarmTables(const Engine& engine, StateStore* store, const std::vector<std::string>& warm_from,
+                        absl::Status* store_failed) {
   std::map<std::string, std::pair<HotSet, std::string>> profiles;  // table -> (hot set, source)
   for (const std::string& path : warm_from) {
     auto hot = ReadHotSetFile(path);
@@ -21,10 +22,14 @@ absl::Status WarmTables(const Engine& engine, StateStore* store, const std::vect
     const std::string table = hot->table;
     profiles[table] = {std::move(*hot), "profile:" + path};
   }
+  // The state store is optional: a read or write of it that fails is logged and the table starts
+  // cold (the caller may close the store when `store_failed` says so).
   for (const Table* table : engine.tables()) {
     if (store != nullptr) {
       if (absl::Status s = store->RecordPack(table->name(), table->dir(), PackFingerprint(table->manifest())); !s.ok()) {
-        return s;
+        LogWarn("state_store_write_failed", {{"table", table->name()}, {"error", std::string(s.message())}});
+        if (store_failed != nullptr) *store_failed = s;
+        store = nullptr;
       }
     }
     if (table->resident()) continue;
@@ -35,7 +40,11 @@ absl::Status WarmTables(const Engine& engine, StateStore* store, const std::vect
       source = it->second.second;
     } else if (store != nullptr) {
       auto saved = store->LoadHotSet(table->name());
-      if (!saved.ok()) return saved.status();
+      if (!saved.ok()) {
+        LogWarn("hot_set_unreadable", {{"table", table->name()}, {"error", std::string(saved.status().message())},
+                                       {"action", "starting this table cold"}});
+        continue;
+      }
       hot = std::move(*saved);
       source = "state";
     }

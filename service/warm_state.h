@@ -15,8 +15,10 @@
 
 namespace engram {
 
-// `store` may be null (no --state-dir). Errors name the file or table.
-absl::Status WarmTables(const Engine& engine, StateStore* store, const std::vector<std::string>& warm_from);
+// `store` may be null (no --state-dir). Errors name the file or table; errors of the store are
+// not errors (logged; the table starts cold; *store_failed, when given, gets the first write error).
+absl::Status WarmTables(const Engine& engine, StateStore* store, const std::vector<std::string>& warm_from,
+                        absl::Status* store_failed = nullptr);
 absl::Status SnapshotHotSets(const Engine& engine, StateStore* store);
 
 }  // namespace engram

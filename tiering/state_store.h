@@ -20,6 +20,8 @@ namespace engram {
 
 class StateStore {
  public:
+  // DataLoss when the store is corrupt, FailedPrecondition when another process holds its lock,
+  // Unavailable for anything else.
   static absl::StatusOr<std::unique_ptr<StateStore>> Open(const std::string& dir);
   ~StateStore();
 
@@ -27,10 +29,14 @@ class StateStore {
   absl::Status SaveHotSet(const HotSet& hot_set);
   // nullopt when nothing was saved for `table`.
   absl::StatusOr<std::optional<HotSet>> LoadHotSet(const std::string& table);
+  // After a failed write RocksDB must not be closed (closing can trip an assertion inside it and
+  // abort the process): the destructor then leaves it open, leaked, until the process exits.
+  void Abandon() { abandoned_ = true; }
 
  private:
   explicit StateStore(rocksdb::DB* db) : db_(db) {}
   rocksdb::DB* db_;
+  bool abandoned_ = false;
 };
 
 }  // namespace engram
