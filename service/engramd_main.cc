@@ -2,6 +2,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 #include <grp.h>
 #include <pwd.h>
 #include <signal.h>
@@ -55,6 +56,7 @@ struct DaemonFlags {
   std::vector<std::string> warm_from;
   double snapshot_interval_s = 300;
   std::string state_min_free_text = "64M";
+  int64_t max_streams = 256, max_streams_per_client = 64, max_clients = 256, grpc_threads = 0;
   uint64_t state_min_free = 64ull << 20;
   std::string socket;
   std::vector<std::string> allow_uids, allow_gids;
@@ -93,6 +95,14 @@ int Run(int argc, char** argv) {
                "directory for the daemon's RocksDB: pack catalog and hot-set snapshots, so a restart\n"
                "                              comes back warm (empty: no state kept)");
   flags.Double("snapshot-interval-s", &f.snapshot_interval_s, "seconds between hot-set snapshots (also taken at shutdown)");
+  flags.Int("max-streams", &f.max_streams,
+            "open gRPC LookupStreams at most (each holds a server thread); beyond: RESOURCE_EXHAUSTED (0: no cap)");
+  flags.Int("max-streams-per-client", &f.max_streams_per_client,
+            "open gRPC LookupStreams from one client address at most (0: no cap)");
+  flags.Int("max-clients", &f.max_clients,
+            "shared-memory sessions at most (each is a thread: the low-latency path); beyond: refused (0: no cap)");
+  flags.Int("grpc-threads", &f.grpc_threads,
+            "gRPC server threads at most, however many clients connect (0: --max-streams + 64)");
   flags.String("state-min-free", &f.state_min_free_text,
                "the state dir must have this much free space (e.g. 64M) before the store is opened or\n"
                "                              written; below it the daemon runs cold / pauses snapshots");
@@ -177,6 +187,7 @@ int Run(int argc, char** argv) {
   // Every flag is checked before anything slow (loading tables) starts.
   ShmServerOptions shm_options;
   shm_options.socket_path = f.socket;
+  shm_options.max_clients = static_cast<int>(std::clamp<int64_t>(f.max_clients, 0, 1 << 20));
   {
     absl::Status shm_flags = ParseBytes(f.max_client_arena, &shm_options.max_client_arena_bytes);
     for (const auto& u : f.allow_uids) {
@@ -240,6 +251,8 @@ int Run(int argc, char** argv) {
     LogInfo("shm_listening", {{"socket", shm_server->socket_path()}});
   }
   EngramGrpcService service(&engine, &metrics);
+  service.set_stream_limits(static_cast<int>(std::clamp<int64_t>(f.max_streams, 0, 1 << 20)),
+                            static_cast<int>(std::clamp<int64_t>(f.max_streams_per_client, 0, 1 << 20)));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -249,6 +262,11 @@ int Run(int argc, char** argv) {
   const uint64_t max_message = std::max<uint64_t>(64ull << 20, static_cast<uint64_t>(f.max_batch_rows) * 8 + (1 << 20));
   builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<uint64_t>(max_message, INT32_MAX)));
   builder.SetMaxSendMessageSize(-1);
+  // Server threads stay bounded whatever the clients do (open streams each hold one).
+  grpc::ResourceQuota quota("engramd");
+  quota.SetMaxThreads(static_cast<int>(
+      std::clamp<int64_t>(f.grpc_threads > 0 ? f.grpc_threads : std::max<int64_t>(f.max_streams, 0) + 64, 8, 1 << 16)));
+  builder.SetResourceQuota(quota);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || grpc_port == 0) {
     LogError("grpc_listen_failed", {{"address", f.listen}});

@@ -121,8 +121,40 @@ grpc::Status EngramGrpcService::Lookup(grpc::ServerContext*, const v1::LookupReq
   return timer.Finish(DoLookup(*request, response));
 }
 
+absl::Status EngramGrpcService::AdmitStream(const std::string& client) {
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  if (max_streams_ > 0 && open_streams_ >= max_streams_) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(open_streams_, " LookupStreams are open, the limit (--max-streams ", max_streams_, ")"));
+  }
+  int& mine = streams_by_client_[client];
+  if (max_streams_per_client_ > 0 && mine >= max_streams_per_client_) {
+    return absl::ResourceExhaustedError(absl::StrCat(client, " has ", mine, " LookupStreams open, the limit per client (--max-streams-per-client ", max_streams_per_client_, ")"));
+  }
+  ++mine;
+  ++open_streams_;
+  return absl::OkStatus();
+}
+
+void EngramGrpcService::ReleaseStream(const std::string& client) {
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  --open_streams_;
+  if (--streams_by_client_[client] <= 0) streams_by_client_.erase(client);
+}
+
 grpc::Status EngramGrpcService::LookupStream(
-    grpc::ServerContext*, grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) {
+    grpc::ServerContext* context, grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) {
+  // The client's address without its port: "ipv4:127.0.0.1:5000" -> "ipv4:127.0.0.1".
+  std::string client = context->peer();
+  if (const size_t colon = client.rfind(':'); colon != std::string::npos && colon > client.find(':')) {
+    client.resize(colon);
+  }
+  if (absl::Status s = AdmitStream(client); !s.ok()) return ToGrpc(s);
+  struct Release {
+    EngramGrpcService* self;
+    const std::string& client;
+    ~Release() { self->ReleaseStream(client); }
+  } release{this, client};
   v1::LookupRequest request;
   while (stream->Read(&request)) {
     RequestTimer timer(stream_metrics_);

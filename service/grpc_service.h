@@ -5,6 +5,9 @@
 #define ENGRAM_SERVICE_GRPC_SERVICE_H_
 
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <string>
 
 #include "engram/v1/engram.grpc.pb.h"
 #include "service/daemon_metrics.h"
@@ -29,6 +32,12 @@ class EngramGrpcService final : public v1::Engram::Service {
 
   // While draining, new requests get UNAVAILABLE.
   void set_draining(bool draining) { draining_.store(draining); }
+  // Open LookupStreams (each holds a server thread while open): at most `total`, and at most
+  // `per_client` from one client address; beyond them RESOURCE_EXHAUSTED naming the limit. 0: none.
+  void set_stream_limits(int total, int per_client) {
+    max_streams_ = total;
+    max_streams_per_client_ = per_client;
+  }
 
   grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
                       v1::LookupResponse* response) override;
@@ -46,6 +55,12 @@ class EngramGrpcService final : public v1::Engram::Service {
 
  private:
   absl::Status DoLookup(const v1::LookupRequest& request, v1::LookupResponse* response);
+  absl::Status AdmitStream(const std::string& client);
+  void ReleaseStream(const std::string& client);
+  int max_streams_ = 0, max_streams_per_client_ = 0;
+  std::mutex streams_mu_;
+  int open_streams_ = 0;
+  std::map<std::string, int> streams_by_client_;
   absl::Status DoLookupTokens(const v1::LookupTokensRequest& request, v1::LookupTokensResponse* response);
 
   Engine* engine_;

@@ -145,12 +145,26 @@ void ShmServer::AcceptLoop() {
       close(fd);
       continue;
     }
-    auto session = std::make_unique<ShmSession>(fd, peer->pid, peer->uid, context_);
     std::lock_guard<std::mutex> lock(mu_);
     // Reap finished sessions so a long-lived daemon does not keep their threads and sockets.
     for (auto it = sessions_.begin(); it != sessions_.end();) {
       it = (*it)->done() ? sessions_.erase(it) : std::next(it);
     }
+    if (options_.max_clients > 0 && sessions_.size() >= static_cast<size_t>(options_.max_clients)) {
+      // Each session is a thread (the 2 us path): refuse beyond the cap, saying so.
+      const std::string msg =
+          absl::StrCat("engramd already serves ", sessions_.size(), " shared-memory clients, its limit (--max-clients ",
+                       options_.max_clients, ")");
+      shm::HelloReply reply{};
+      reply.status = static_cast<int32_t>(absl::StatusCode::kResourceExhausted);
+      std::string payload(reinterpret_cast<const char*>(&reply), sizeof(reply));
+      payload += msg;
+      (void)shm::SendFrame(fd, shm::FrameType::kHelloReply, payload, {});
+      LogWarn("shm_refused", {{"pid", absl::StrCat(peer->pid)}, {"reason", msg}});
+      close(fd);
+      continue;
+    }
+    auto session = std::make_unique<ShmSession>(fd, peer->pid, peer->uid, context_);
     ShmSession* raw = session.get();
     sessions_.push_back(std::move(session));
     raw->Start();

@@ -29,7 +29,8 @@ struct ShmServerOptions {
   std::vector<uid_t> allow_uids;  // empty: only the daemon's own uid
   std::vector<gid_t> allow_gids;
   uint64_t max_client_arena_bytes = 1ull << 30;
-  int spin_us = 50;  // busy-poll this long before sleeping on the eventfd
+  int spin_us = 50;       // busy-poll this long before sleeping on the eventfd
+  int max_clients = 256;  // sessions at once (each is a thread); 0: no limit
 };
 
 // /run/engram/engramd.sock when /run/engram can be used, else $XDG_RUNTIME_DIR/engram/engramd.sock,

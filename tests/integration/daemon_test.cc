@@ -15,6 +15,7 @@
 #include <set>
 #include <thread>
 
+#include "engram/client.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -558,6 +559,80 @@ TEST(DaemonLifecycleTest, MissingPackAndBadFlagsSayWhatIsWrong) {
   std::tie(code, out) = RunCommand(std::string(ENGRAMD_PATH) + " --help");
   EXPECT_EQ(code, 0);
   EXPECT_NE(out.find("--max-batch-rows"), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace engram
+
+namespace engram {
+namespace {
+
+// Per-client resources are bounded: streams beyond --max-streams-per-client (one client) and
+// --max-streams (all) get RESOURCE_EXHAUSTED naming the limit while earlier streams keep working;
+// shared-memory clients beyond --max-clients are refused with the limit in the message; a freed
+// slot is usable again.
+TEST(DaemonLimitsTest, StreamsAndSharedMemoryClientsBeyondTheirCapsAreRefusedNamingTheLimit) {
+  testing::TempDir dir;
+  ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.001 --quiet --out " +
+                       dir.path() + "/p")
+                .first,
+            0);
+  Daemon daemon({"--pack", dir.path() + "/p", "--max-streams-per-client", "2", "--max-streams", "3",
+                 "--max-clients", "2"},
+                dir.path());
+  ASSERT_TRUE(daemon.running());
+  auto stub = v1::Engram::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(daemon.grpc_port()), grpc::InsecureChannelCredentials()));
+  v1::LookupRequest request;
+  request.set_table("demo");
+  request.set_layer(1);
+  request.set_num_tokens(1);
+  const std::vector<uint32_t> idx(16, 1);
+  request.set_indices(reinterpret_cast<const char*>(idx.data()), idx.size() * 4);
+  struct Open {
+    std::unique_ptr<grpc::ClientContext> context = std::make_unique<grpc::ClientContext>();
+    std::unique_ptr<grpc::ClientReaderWriter<v1::LookupRequest, v1::LookupResponse>> stream;
+  };
+  auto open_stream = [&](Open* s) {
+    s->stream = stub->LookupStream(s->context.get());
+    v1::LookupResponse response;
+    return s->stream->Write(request) && s->stream->Read(&response) && response.rows().size() == 16 * 128;
+  };
+  Open a, b, c;
+  ASSERT_TRUE(open_stream(&a));
+  ASSERT_TRUE(open_stream(&b));
+  EXPECT_FALSE(open_stream(&c));  // a third from the same address
+  c.stream->WritesDone();
+  const grpc::Status refused = c.stream->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("--max-streams-per-client 2"), std::string::npos) << refused.error_message();
+  v1::LookupResponse response;  // the first two still serve
+  ASSERT_TRUE(a.stream->Write(request) && a.stream->Read(&response));
+  a.stream->WritesDone();
+  EXPECT_TRUE(a.stream->Finish().ok());
+  Open d;
+  EXPECT_TRUE(open_stream(&d));  // a's slot is free again
+  for (Open* s : {&b, &d}) {
+    s->stream->WritesDone();
+    EXPECT_TRUE(s->stream->Finish().ok());
+  }
+
+  ClientOptions options;
+  options.map_tables = false;
+  auto one = Client::Connect("unix://" + daemon.socket(), options);
+  auto two = Client::Connect("unix://" + daemon.socket(), options);
+  ASSERT_TRUE(one.ok() && two.ok());
+  auto three = Client::Connect("unix://" + daemon.socket(), options);
+  ASSERT_FALSE(three.ok());
+  EXPECT_EQ(three.status().code(), absl::StatusCode::kResourceExhausted) << three.status();
+  EXPECT_NE(three.status().message().find("--max-clients 2"), std::string::npos) << three.status();
+  auto table = (*one)->OpenTable("demo");
+  ASSERT_TRUE(table.ok());
+  std::vector<uint8_t> out(16 * 128);
+  EXPECT_TRUE((*one)->Lookup(**table, 1, 1, idx, absl::MakeSpan(out)).ok());
+  two->reset();  // its session ends; the slot is reaped at the next accept
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_TRUE(Client::Connect("unix://" + daemon.socket(), options).ok());
 }
 
 }  // namespace
