@@ -7,8 +7,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/device_staging.h"
-#include "engram/shm_client.h"
 #include "client/transport.h"
+#include "engram/shm_client.h"
 #include "engram/v1/engram.pb.h"
 
 namespace engram {
@@ -75,9 +75,7 @@ int CallTimeout::Effective(int default_ms) { return call_timeout_ms > 0 ? call_t
 int CallTimeout::Current() { return call_timeout_ms; }
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& uri, const ClientOptions& options) {
-  ClientOptions connect = options;
-  connect.timeout_ms = std::max(1, std::min(options.timeout_ms, options.connect_timeout_ms));
-  auto transport = MakeTransport(uri, connect);
+  auto transport = MakeTransport(uri, options);  // it waits connect_timeout_ms at most to connect
   if (!transport.ok()) return transport.status();
   std::unique_ptr<Client> client(new Client(uri, options));
   client->transport_ = std::move(*transport);
@@ -117,7 +115,8 @@ absl::Status Client::LookupToDevice(const TableHandle& table, int layer, uint32_
     // Straight from the daemon's HBM tier where it runs one on this GPU (hits never leave the
     // device); any reason it cannot (another GPU, every pin busy) falls through to staging.
     std::lock_guard<std::mutex> lock(mu_);
-    MappedTable* mapped = transport_->mapped_table(table.name());
+    // Not through a broken connection: its daemon (and the slots it exported) may be gone.
+    MappedTable* mapped = broken_ ? nullptr : transport_->mapped_table(table.name());
     if (mapped != nullptr && mapped->hbm_access() == MappedTable::HbmAccess::kCuda) {
       absl::Status s = staging_->GatherThroughHbm(mapped, layer, num_tokens, indices, device_out, cuda_stream);
       if (s.code() != absl::StatusCode::kFailedPrecondition) return s;
@@ -144,10 +143,9 @@ void Client::ReconnectLoop() {
     }
     if (!attempt_wanted_ && std::chrono::steady_clock::now() < next) continue;
     attempt_wanted_ = false;
+    ++attempts_started_;
     lock.unlock();
-    ClientOptions connect = options_;
-    connect.timeout_ms = std::max(1, options_.connect_timeout_ms);
-    auto transport = MakeTransport(uri_, connect);
+    auto transport = MakeTransport(uri_, options_);
     lock.lock();
     ++attempts_done_;
     if (transport.ok() && !stopping_) {
@@ -160,7 +158,7 @@ void Client::ReconnectLoop() {
     } else if (!transport.ok()) {
       last_error_ = std::string(transport.status().message());
       next = std::chrono::steady_clock::now() + std::chrono::milliseconds(backoff_ms);
-      backoff_ms = std::max(1, std::min(options_.reconnect_backoff_max_ms, backoff_ms * 2));
+      backoff_ms = std::max(backoff_ms, std::min(std::max(1, options_.reconnect_backoff_max_ms), backoff_ms * 2));
     }
     reconnect_cv_.notify_all();
   }
@@ -170,21 +168,20 @@ bool Client::AwaitReconnectLocked(std::unique_lock<std::mutex>& lock, std::chron
   if (stopping_) return false;
   broken_ = true;
   if (!reconnector_.joinable()) reconnector_ = std::thread([this] { ReconnectLoop(); });
+  // A ticket: the attempt that starts after this request (one under way may predate it).
   attempt_wanted_ = true;
-  const uint64_t seen = attempts_done_;
+  const uint64_t ticket = attempts_started_ + 1;
   reconnect_cv_.notify_all();
   // One attempt's worth of waiting at most (it may already be under way), never past the deadline.
   const auto limit = std::min(deadline, std::chrono::steady_clock::now() +
                                             std::chrono::milliseconds(std::max(1, options_.connect_timeout_ms) + 100));
-  reconnect_cv_.wait_until(lock, limit, [&] { return stopping_ || !broken_ || attempts_done_ > seen + 1 ||
-                                                     (attempts_done_ > seen && !attempt_wanted_); });
+  reconnect_cv_.wait_until(lock, limit, [&] { return stopping_ || !broken_ || attempts_done_ >= ticket; });
   return !broken_ && !stopping_;
 }
 
 absl::Status Client::UnavailableLocked() const {
-  return absl::UnavailableError(absl::StrCat("engramd at ", uri_, " is unavailable",
-                                             last_error_.empty() ? "" : ": ", last_error_,
-                                             "; reconnecting in the background (", attempts_done_,
+  return absl::UnavailableError(absl::StrCat("engramd at ", uri_, " is unavailable", last_error_.empty() ? "" : ": ",
+                                             last_error_, "; reconnecting in the background (", attempts_done_,
                                              " attempts so far)"));
 }
 
@@ -214,8 +211,8 @@ absl::StatusOr<std::shared_ptr<const TableHandle>> Client::OpenTable(const std::
   return std::shared_ptr<const TableHandle>(std::move(*handle));
 }
 
-absl::Status Client::Lookup(const TableHandle& table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
-                            absl::Span<uint8_t> out, ClientLookupStats* stats) {
+absl::Status Client::Lookup(const TableHandle& table, int layer, uint32_t num_tokens,
+                            absl::Span<const uint32_t> indices, absl::Span<uint8_t> out, ClientLookupStats* stats) {
   std::unique_lock<std::mutex> lock(mu_);
   return WithRetry(lock, [&](Transport& t) {
     absl::Status s = t.Lookup(table.name(), layer, num_tokens, indices, out, stats);
@@ -326,7 +323,8 @@ absl::Status Client::LookupTokens(const TableHandle& table, int layer, absl::Spa
   std::vector<int64_t> compressed(tokens);
   if (absl::Status s = hasher.Compress(token_ids, absl::MakeSpan(compressed)); !s.ok()) return s;
   std::vector<int64_t> local(tokens * hasher.heads_per_layer());
-  hasher.HashCompressed(compressed, static_cast<int>(batch), static_cast<int>(seq_len), layer_index, absl::MakeSpan(local));
+  hasher.HashCompressed(compressed, static_cast<int>(batch), static_cast<int>(seq_len), layer_index,
+                        absl::MakeSpan(local));
   const std::vector<uint32_t> indices(local.begin(), local.end());
   return Lookup(table, layer, static_cast<uint32_t>(tokens), indices, out);
 }

@@ -206,8 +206,13 @@ absl::StatusOr<Completion> ShmConnection::WaitCompletion() {
       return absl::UnavailableError("engramd went away (connection closed); reconnect");
     }
     if (std::chrono::steady_clock::now() > deadline) {
-      return absl::DeadlineExceededError(
-          absl::StrCat("no completion from engramd within ", CallTimeout::Effective(options_.timeout_ms), " ms"));
+      // The request is still outstanding: its late completion (and the rows the daemon may still
+      // be writing into the data region) would be taken for the next call's. This connection is
+      // done; the next call reconnects.
+      broken_ = true;
+      return absl::DeadlineExceededError(absl::StrCat("no completion from engramd within ",
+                                                      CallTimeout::Effective(options_.timeout_ms),
+                                                      " ms (the connection is dropped; the next call reconnects)"));
     }
   }
   const Completion c = arena_.ReadCompletion(completion_head_);
@@ -238,6 +243,7 @@ absl::StatusOr<absl::Span<const uint8_t>> ShmConnection::LookupLocked(const Remo
                                                                       uint32_t num_tokens,
                                                                       absl::Span<const uint32_t> indices,
                                                                       uint64_t out_bytes, RemoteLookupStats* stats) {
+  if (broken_) return absl::UnavailableError("this connection to engramd is broken; reconnect");
   const uint64_t index_bytes = indices.size() * 4;
   const uint64_t out_offset = (index_bytes + 63) / 64 * 64;
   if (out_offset + out_bytes > reply_.data_bytes) {
@@ -270,6 +276,7 @@ absl::Status ShmConnection::Lookup(const RemoteTable& table, int layer, uint32_t
 absl::Status ShmConnection::Prefetch(const RemoteTable& table, int layer, uint32_t num_tokens,
                                      absl::Span<const uint32_t> indices) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (broken_) return absl::UnavailableError("this connection to engramd is broken; reconnect");
   const uint64_t index_bytes = indices.size() * 4;
   if (index_bytes > reply_.data_bytes) return absl::ResourceExhaustedError("indices do not fit the data region");
   std::memcpy(data(), indices.data(), index_bytes);

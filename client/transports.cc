@@ -143,7 +143,8 @@ absl::StatusOr<std::unique_ptr<Transport>> MakeGrpcTransport(const std::string& 
   args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
   args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
   auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
-  if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::milliseconds(options.timeout_ms))) {
+  const int connect_ms = std::max(1, std::min(options.timeout_ms, options.connect_timeout_ms));
+  if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::milliseconds(connect_ms))) {
     return absl::UnavailableError(absl::StrCat("cannot connect to engramd at grpc://", address));
   }
   return std::unique_ptr<Transport>(new GrpcTransport(v1::Engram::NewStub(channel), options.timeout_ms));

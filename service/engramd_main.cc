@@ -265,7 +265,7 @@ int Run(int argc, char** argv) {
   // Server threads stay bounded whatever the clients do (open streams each hold one).
   grpc::ResourceQuota quota("engramd");
   quota.SetMaxThreads(static_cast<int>(
-      std::clamp<int64_t>(f.grpc_threads > 0 ? f.grpc_threads : std::max<int64_t>(f.max_streams, 0) + 64, 8, 1 << 16)));
+      std::clamp<int64_t>(f.grpc_threads > 0 ? f.grpc_threads : (f.max_streams > 0 ? f.max_streams + 64 : 4096), 8, 1 << 16)));
   builder.SetResourceQuota(quota);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || grpc_port == 0) {
@@ -341,6 +341,7 @@ int Run(int argc, char** argv) {
   if (StateStore* store = state ? state->ForWrite() : nullptr) {
     if (absl::Status s = SnapshotHotSets(engine, store); !s.ok()) {
       LogWarn("hot_set_save_failed", {{"error", std::string(s.message())}});
+      state->Failed(s);  // then Stop() leaves it open rather than closing after a failed write
     }
   }
   if (state) state->Stop();

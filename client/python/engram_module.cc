@@ -17,6 +17,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -190,8 +191,8 @@ struct Out {
   uint8_t* data = nullptr;
   size_t bytes = 0;
   bool device = false;
-  void* stream = nullptr;  // device: the cudaStream_t to copy on
-  std::optional<py::buffer_info> view;
+  void* stream = nullptr;              // device: the cudaStream_t to copy on
+  std::shared_ptr<Py_buffer> export_;  // a buffer-protocol export, held while rows are written
 };
 
 void CheckSize(size_t have, size_t need) {
@@ -271,20 +272,24 @@ Out ResolveOut(py::handle out_arg, size_t tokens, uint32_t heads, uint32_t row_b
     return out;
   }
   if (PyObject_CheckBuffer(o.ptr())) {
-    Py_buffer view;
-    if (PyObject_GetBuffer(o.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+    // The export is held until the rows are written (a bytearray cannot be resized, an mmap not
+    // closed, meanwhile); released with the GIL held, when the last owner lets go.
+    auto view = std::shared_ptr<Py_buffer>(new Py_buffer, [](Py_buffer* v) {
+      PyBuffer_Release(v);
+      delete v;
+    });
+    if (PyObject_GetBuffer(o.ptr(), view.get(), PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
       PyErr_Clear();
+      view.reset(new Py_buffer{}, [](Py_buffer* v) { delete v; });
       RaiseInvalid("out must be a writable, C-contiguous buffer of bytes; nothing was written");
     }
-    const bool bytes_format = view.format == nullptr || std::strcmp(view.format, "B") == 0 ||
-                              std::strcmp(view.format, "b") == 0 || std::strcmp(view.format, "c") == 0;
-    const size_t bytes = static_cast<size_t>(view.len);
-    uint8_t* data = static_cast<uint8_t*>(view.buf);
-    PyBuffer_Release(&view);
+    const bool bytes_format = view->format == nullptr || std::strcmp(view->format, "B") == 0 ||
+                              std::strcmp(view->format, "b") == 0 || std::strcmp(view->format, "c") == 0;
     if (!bytes_format) RaiseInvalid("out must hold bytes (uint8); nothing was written");
-    CheckSize(bytes, need);
-    out.data = data;
-    out.bytes = bytes;
+    CheckSize(static_cast<size_t>(view->len), need);
+    out.data = static_cast<uint8_t*>(view->buf);
+    out.bytes = static_cast<size_t>(view->len);
+    out.export_ = std::move(view);
     out.keep = out.result = o;
     return out;
   }
@@ -346,21 +351,27 @@ py::object Hash(const TableHandle& table, py::handle token_ids, std::optional<in
     const int index = hasher.LayerIndex(*layer);
     if (index < 0) Raise(absl::NotFoundError(absl::StrCat("table '", table.name(), "' has no layer ", *layer)));
     std::vector<int64_t> compressed(tokens), local(tokens * heads);
+    absl::Status s;
     {
-      py::gil_scoped_release release;
-      Check(hasher.Compress(ids, absl::MakeSpan(compressed)));
-      hasher.HashCompressed(compressed, static_cast<int>(t.batch), static_cast<int>(t.seq_len), index,
-                            absl::MakeSpan(local));
+      py::gil_scoped_release release;  // (errors are raised after it: raising needs the GIL)
+      s = hasher.Compress(ids, absl::MakeSpan(compressed));
+      if (s.ok()) {
+        hasher.HashCompressed(compressed, static_cast<int>(t.batch), static_cast<int>(t.seq_len), index,
+                              absl::MakeSpan(local));
+      }
     }
+    Check(s);
     out = py::array_t<uint32_t>(static_cast<py::ssize_t>(local.size()));
     std::copy(local.begin(), local.end(), out.mutable_data());
     shape = {static_cast<py::ssize_t>(tokens), heads};
   } else {
     std::vector<int64_t> all;
+    absl::Status s;
     {
       py::gil_scoped_release release;
-      Check(hasher.HashAllLayers(ids, static_cast<int>(t.batch), static_cast<int>(t.seq_len), &all));
+      s = hasher.HashAllLayers(ids, static_cast<int>(t.batch), static_cast<int>(t.seq_len), &all);
     }
+    Check(s);
     out = py::array_t<uint32_t>(static_cast<py::ssize_t>(all.size()));
     std::copy(all.begin(), all.end(), out.mutable_data());
     shape = {static_cast<py::ssize_t>(tokens), static_cast<py::ssize_t>(hasher.layers().size()), heads};
@@ -377,6 +388,14 @@ py::object Hash(const TableHandle& table, py::handle token_ids, std::optional<in
 }
 
 // ---- the client --------------------------------------------------------------------------------
+
+// Set while a lookup_async future is resolved on the client's worker thread (its done-callbacks
+// run there): a Client closed (or dropped) from one must not be destroyed on that thread.
+thread_local bool in_async_callback = false;
+struct InCallback {
+  InCallback() { in_async_callback = true; }
+  ~InCallback() { in_async_callback = false; }
+};
 
 class PyClient {
  public:
@@ -398,11 +417,16 @@ class PyClient {
       std::lock_guard<std::mutex> lock(mu_);
       last = std::move(client_);
     }
-    if (last != nullptr) {
-      // ~Client waits for queued async lookups, whose callbacks take the GIL.
-      py::gil_scoped_release release;
-      last.reset();
+    if (last == nullptr) return;
+    if (in_async_callback) {
+      // On the client's own worker thread (a done-callback closed it): ~Client would wait for
+      // that very thread. Let another thread finish it.
+      std::thread([c = std::move(last)]() mutable { c.reset(); }).detach();
+      return;
     }
+    // ~Client waits for queued async lookups, whose callbacks take the GIL.
+    py::gil_scoped_release release;
+    last.reset();
   }
 
   std::shared_ptr<Client> Get() {
@@ -503,8 +527,9 @@ class PyClient {
     struct Pending {
       py::object future, result, keep_out;
       py::array keep_indices;
+      std::shared_ptr<Py_buffer> keep_export;
     };
-    auto* pending = new Pending{future, out.result, out.keep, idx.array};
+    auto* pending = new Pending{future, out.result, out.keep, idx.array, out.export_};
     const size_t need = idx.count * table->row_bytes();
     {
       py::gil_scoped_release release;
@@ -513,6 +538,7 @@ class PyClient {
                           absl::MakeSpan(out.data, need), [pending](absl::Status status) {
                             py::gil_scoped_acquire acquire;
                             std::unique_ptr<Pending> own(pending);
+                            InCallback in_callback;
                             try {
                               if (status.ok()) {
                                 own->future.attr("set_result")(own->result);
@@ -620,7 +646,13 @@ class PyLayer {
   }
 
   py::object Forward(py::handle token_ids, py::handle hidden, py::handle out_arg) {
-    std::lock_guard<std::mutex> lock(mu_);  // one forward at a time per layer (its buffers)
+    // One forward at a time per layer (its buffers). Taken without the GIL: a thread holding it
+    // gives the GIL up while it computes, and must be able to get it back.
+    std::unique_lock<std::mutex> lock(mu_, std::defer_lock);
+    {
+      py::gil_scoped_release release;
+      lock.lock();
+    }
     Tokens t = ResolveTokens(token_ids);
     py::object h = py::reinterpret_borrow<py::object>(hidden);
     const size_t values = static_cast<size_t>(t.batch) * t.seq_len * layer_->streams() * layer_->hidden_size();

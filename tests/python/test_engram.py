@@ -248,6 +248,8 @@ def test_hash_equals_engramctl_hash_with_dead_positions(tmp_path):
             assert np.array_equal(table.hash(ids.astype(np.int64).tolist()), want)  # any integer input
             with pytest.raises(engram.InvalidArgumentError, match="fit in int32"):
                 table.hash(np.array([1, 2**40], dtype=np.int64))
+            with pytest.raises(engram.InvalidArgumentError, match="200000"):  # outside the tokenizer
+                table.hash(np.array([5, 200000], dtype=np.int32), layer=1)
     finally:
         d.stop()
 
@@ -327,6 +329,13 @@ def test_lookup_async_future_and_callback_run_once(demo):
         futures = [client.lookup_async(table, 1, random_indices(demo.manifest, 1, 8, s)) for s in range(20)]
         futures[-1].result(timeout=30)
         assert all(f.done() for f in futures)
+    # A done-callback may close its own client (it runs on the client's worker thread).
+    client = engram.connect(demo.unix)
+    table = client.open_table("pydemo")
+    closed = threading.Event()
+    f = client.lookup_async(table, 1, random_indices(demo.manifest, 1, 4, seed=11))
+    f.add_done_callback(lambda _: (client.close(), closed.set()))
+    assert closed.wait(30) and client.closed
 
 
 def test_a_cuda_destination_without_a_gpu_is_a_clear_error(demo):
@@ -380,6 +389,14 @@ def test_engram_layer_equals_the_pytorch_statement(demo, tmp_path):
         assert Y.shape == H.shape and float((Y - ref).abs().max()) <= 1e-4
         with pytest.raises(engram.InvalidArgumentError, match="hidden states hold"):
             layer.forward(ids, H[:, :8])
+        # Two Python threads on one layer take turns (no deadlock between its lock and the GIL).
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(layer.forward(ids, H))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(results) == 2 and all(torch.equal(r, Y) for r in results)
 
 
 def test_example_module_equals_the_statement_on_the_packs_rows(tmp_path):

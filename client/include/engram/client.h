@@ -156,7 +156,7 @@ class Client {
   std::condition_variable reconnect_cv_;
   std::thread reconnector_;
   bool broken_ = false, stopping_ = false, attempt_wanted_ = false;
-  uint64_t attempts_done_ = 0;  // failed or not, since the Client was made
+  uint64_t attempts_started_ = 0, attempts_done_ = 0;  // failed or not, since the Client was made
   std::string last_error_;
   std::mutex device_mu_;                          // serializes LookupToDevice (one staging buffer)
   std::unique_ptr<DeviceStaging> staging_;  // created by the first LookupToDevice
