@@ -268,10 +268,11 @@ absl::StatusOr<RowSource> EngramLayer::ClientSource(Client* client, const TableH
   return source;
 }
 
-absl::StatusOr<std::unique_ptr<EngramLayer>> EngramLayer::Create(Client* client,
-                                                                 std::shared_ptr<const TableHandle> table, int layer_id,
-                                                                 kernels::EngramWeights weights,
-                                                                 const EngramLayerOptions& options) {
+template <typename Weights>
+absl::StatusOr<std::unique_ptr<EngramLayer>> EngramLayer::CreateOnClient(Client* client,
+                                                                         std::shared_ptr<const TableHandle> table,
+                                                                         int layer_id, Weights weights,
+                                                                         const EngramLayerOptions& options) {
   auto source = ClientSource(client, table.get());
   if (!source.ok()) return source.status();
   auto layer = Create(std::move(*source), layer_id, std::move(weights), options);
@@ -281,13 +282,16 @@ absl::StatusOr<std::unique_ptr<EngramLayer>> EngramLayer::Create(Client* client,
 
 absl::StatusOr<std::unique_ptr<EngramLayer>> EngramLayer::Create(Client* client,
                                                                  std::shared_ptr<const TableHandle> table, int layer_id,
+                                                                 kernels::EngramWeights weights,
+                                                                 const EngramLayerOptions& options) {
+  return CreateOnClient(client, std::move(table), layer_id, std::move(weights), options);
+}
+
+absl::StatusOr<std::unique_ptr<EngramLayer>> EngramLayer::Create(Client* client,
+                                                                 std::shared_ptr<const TableHandle> table, int layer_id,
                                                                  kernels::Dsv41Weights weights,
                                                                  const EngramLayerOptions& options) {
-  auto source = ClientSource(client, table.get());
-  if (!source.ok()) return source.status();
-  auto layer = Create(std::move(*source), layer_id, std::move(weights), options);
-  if (layer.ok()) (*layer)->table_ = std::move(table);
-  return layer;
+  return CreateOnClient(client, std::move(table), layer_id, std::move(weights), options);
 }
 
 absl::Status EngramLayer::Hash(absl::Span<const int32_t> token_ids, int batch, int seq_len) {

@@ -26,6 +26,7 @@ import pytest
 sys.path.insert(0, os.environ["ENGRAM_PYTHONPATH"])
 SOURCE = os.environ["ENGRAM_SOURCE_DIR"]
 sys.path.insert(0, os.path.join(SOURCE, "tests", "crosscheck"))
+sys.path.insert(0, os.path.join(SOURCE, "tests", "integration"))
 sys.path.insert(0, os.path.join(SOURCE, "client", "python", "examples"))
 
 import engram  # noqa: E402
@@ -34,23 +35,8 @@ import torch  # noqa: E402
 ENGRAMD, ENGRAMCTL = os.environ["ENGRAMD"], os.environ["ENGRAMCTL"]
 
 
-# ---- the synthetic formula (DESIGN.md), restated with numpy -------------------------------------
-
-def splitmix64(k):
-    with np.errstate(over="ignore"):
-        z = k + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def f16_rows(seed, layer, rows, dim):
-    r = np.asarray(rows, dtype=np.uint64)[:, None]
-    j = np.arange(dim, dtype=np.uint64)[None, :]
-    with np.errstate(over="ignore"):
-        key = np.uint64(seed) ^ (np.uint64(layer) << np.uint64(56)) ^ (r * np.uint64(dim) + j)
-    v = (splitmix64(key) >> np.uint64(40)).astype(np.float64) / 2.0**23 - 1.0
-    return v.astype(np.float32).astype(np.float16)
+# The synthetic formula (DESIGN.md), as the grpcio peer test states it with numpy.
+from python_client_test import synthetic_f16_rows  # noqa: E402
 
 
 class Daemon:
@@ -114,7 +100,7 @@ def expected_rows(manifest, layer, idx):
     head_rows = next(l for l in manifest["layers"] if l["id"] == layer)["head_rows"]
     offsets = np.concatenate([[0], np.cumsum(head_rows)[:-1]]).astype(np.uint64)
     rows = (idx.astype(np.uint64) + offsets[None, :]).reshape(-1)
-    return f16_rows(manifest["synthetic"]["seed"], layer, rows, manifest["row"]["dim"]).tobytes()
+    return synthetic_f16_rows(manifest["synthetic"]["seed"], layer, rows, manifest["row"]["dim"])
 
 
 class DlpackOnly:

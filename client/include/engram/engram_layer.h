@@ -127,6 +127,12 @@ class EngramLayer {
  private:
   EngramLayer() = default;
   static absl::StatusOr<RowSource> ClientSource(Client* client, const TableHandle* table);
+  // Either module's Create on rows through a Client (keeps the table handle alive).
+  template <typename Weights>
+  static absl::StatusOr<std::unique_ptr<EngramLayer>> CreateOnClient(Client* client,
+                                                                     std::shared_ptr<const TableHandle> table,
+                                                                     int layer_id, Weights weights,
+                                                                     const EngramLayerOptions& options);
   // Checks the source and the embedding width; fills source_, layer ids and threads.
   static absl::StatusOr<std::unique_ptr<EngramLayer>> Prepare(RowSource source, int layer_id, int64_t embed,
                                                               const EngramLayerOptions& options);
