@@ -290,7 +290,11 @@ TEST_F(ShmTest, AResidentTableIsMappedReadOnlyAndItsLookupsAreCounted) {
   // Closing the table reports what it served; the daemon's metrics count it.
   mapped->reset();
   const std::string labels = "{table=\"demo\"}";
-  for (int i = 0; i < 100 && MetricValue(daemon_->metrics_port(), "engram_mapped_rows_total" + labels) < 0; ++i) {
+  // The final report reaches the daemon's counters a moment later (a series may exist before it,
+  // from an earlier periodic report): wait, bounded, for the full count.
+  for (int i = 0; i < 100 && MetricValue(daemon_->metrics_port(), "engram_mapped_rows_total" + labels) !=
+                                 static_cast<double>(rows);
+       ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   EXPECT_EQ(MetricValue(daemon_->metrics_port(), "engram_mapped_rows_total" + labels), static_cast<double>(rows));
