@@ -6,6 +6,7 @@
 #include <grp.h>
 #include <pwd.h>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -142,6 +143,16 @@ int Run(int argc, char** argv) {
   if (f.max_batch_rows < 1) {
     std::fprintf(stderr, "--max-batch-rows must be at least 1\n");
     return 2;
+  }
+
+  // Every shared-memory session and metrics connection is a descriptor: take the hard limit,
+  // as daemons do (systemd's default soft limit is 1024).
+  if (rlimit files{}; getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    const rlim_t was = files.rlim_cur;
+    files.rlim_cur = files.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &files) == 0) {
+      LogInfo("open_files_limit_raised", {{"from", absl::StrCat(was)}, {"to", absl::StrCat(files.rlim_cur)}});
+    }
   }
 
   // Signals are taken by sigwait below; block them before any thread starts.

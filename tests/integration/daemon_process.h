@@ -38,7 +38,7 @@ inline std::string ReadFile(const std::string& path) {
   return s.str();
 }
 
-// A plain HTTP/1.1 GET on 127.0.0.1; returns (status code, body).
+// A plain HTTP/1.1 GET on 127.0.0.1; returns (status code, body), or -1 after 20 s without a reply.
 inline std::pair<int, std::string> HttpGet(int port, const std::string& path) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
@@ -49,6 +49,8 @@ inline std::pair<int, std::string> HttpGet(int port, const std::string& path) {
     close(fd);
     return {-1, ""};
   }
+  timeval timeout{20, 0};  // a daemon that never answers fails the test instead of hanging it
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
   const std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
   (void)!write(fd, req.data(), req.size());
   std::string resp;
