@@ -58,6 +58,7 @@ struct DaemonFlags {
   double snapshot_interval_s = 300;
   std::string state_min_free_text = "64M";
   int64_t max_streams = 256, max_streams_per_client = 64, max_clients = 256, grpc_threads = 0;
+  int64_t max_inflight = 256, max_inflight_per_client = 64;
   uint64_t state_min_free = 64ull << 20;
   std::string socket;
   std::vector<std::string> allow_uids, allow_gids;
@@ -100,10 +101,16 @@ int Run(int argc, char** argv) {
             "open gRPC LookupStreams at most (each holds a server thread); beyond: RESOURCE_EXHAUSTED (0: no cap)");
   flags.Int("max-streams-per-client", &f.max_streams_per_client,
             "open gRPC LookupStreams from one client address at most (0: no cap)");
+  flags.Int("max-inflight", &f.max_inflight,
+            "unary gRPC Lookup/LookupTokens/Prefetch calls served at once at most; beyond: RESOURCE_EXHAUSTED\n"
+            "                              (0: no cap)");
+  flags.Int("max-inflight-per-client", &f.max_inflight_per_client,
+            "such calls from one client address at most (0: no cap)");
   flags.Int("max-clients", &f.max_clients,
             "shared-memory sessions at most (each is a thread: the low-latency path); beyond: refused (0: no cap)");
   flags.Int("grpc-threads", &f.grpc_threads,
-            "gRPC server threads at most, however many clients connect (0: --max-streams + 64)");
+            "gRPC server threads at most, however many clients connect (0: --max-streams +\n"
+            "                              --max-inflight + 16)");
   flags.String("state-min-free", &f.state_min_free_text,
                "the state dir must have this much free space (e.g. 64M) before the store is opened or\n"
                "                              written; below it the daemon runs cold / pauses snapshots");
@@ -264,6 +271,8 @@ int Run(int argc, char** argv) {
   EngramGrpcService service(&engine, &metrics);
   service.set_stream_limits(static_cast<int>(std::clamp<int64_t>(f.max_streams, 0, 1 << 20)),
                             static_cast<int>(std::clamp<int64_t>(f.max_streams_per_client, 0, 1 << 20)));
+  service.set_inflight_limits(static_cast<int>(std::clamp<int64_t>(f.max_inflight, 0, 1 << 20)),
+                              static_cast<int>(std::clamp<int64_t>(f.max_inflight_per_client, 0, 1 << 20)));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -276,7 +285,7 @@ int Run(int argc, char** argv) {
   // Server threads stay bounded whatever the clients do (open streams each hold one).
   grpc::ResourceQuota quota("engramd");
   quota.SetMaxThreads(static_cast<int>(
-      std::clamp<int64_t>(f.grpc_threads > 0 ? f.grpc_threads : (f.max_streams > 0 ? f.max_streams + 64 : 4096), 8, 1 << 16)));
+      std::clamp<int64_t>(f.grpc_threads > 0 ? f.grpc_threads : (f.max_streams > 0 && f.max_inflight > 0 ? f.max_streams + f.max_inflight + 16 : 4096), 8, 1 << 16)));
   builder.SetResourceQuota(quota);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || grpc_port == 0) {

@@ -115,46 +115,64 @@ absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request, v1::L
   return absl::OkStatus();
 }
 
-grpc::Status EngramGrpcService::Lookup(grpc::ServerContext*, const v1::LookupRequest* request,
+grpc::Status EngramGrpcService::Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
                                        v1::LookupResponse* response) {
   RequestTimer timer(lookup_metrics_);
-  return timer.Finish(DoLookup(*request, response));
+  return timer.Finish(Admitted(inflight_, context, [&] { return DoLookup(*request, response); }));
 }
 
-absl::Status EngramGrpcService::AdmitStream(const std::string& client) {
-  std::lock_guard<std::mutex> lock(streams_mu_);
-  if (max_streams_ > 0 && open_streams_ >= max_streams_) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(open_streams_, " LookupStreams are open, the limit (--max-streams ", max_streams_, ")"));
+absl::Status ClientCaps::Admit(const std::string& client) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (total_ > 0 && held_ >= total_) {
+    return absl::ResourceExhaustedError(absl::StrCat(held_, " ", what_, ", the limit (", total_flag_, " ", total_, ")"));
   }
-  int& mine = streams_by_client_[client];
-  if (max_streams_per_client_ > 0 && mine >= max_streams_per_client_) {
-    return absl::ResourceExhaustedError(absl::StrCat(client, " has ", mine, " LookupStreams open, the limit per client (--max-streams-per-client ", max_streams_per_client_, ")"));
+  int& mine = by_client_[client];
+  if (per_client_ > 0 && mine >= per_client_) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(client, " has ", mine, " ", what_, ", the limit per client (", per_client_flag_, " ", per_client_, ")"));
   }
   ++mine;
-  ++open_streams_;
+  ++held_;
   return absl::OkStatus();
 }
 
-void EngramGrpcService::ReleaseStream(const std::string& client) {
-  std::lock_guard<std::mutex> lock(streams_mu_);
-  --open_streams_;
-  if (--streams_by_client_[client] <= 0) streams_by_client_.erase(client);
+void ClientCaps::Release(const std::string& client) {
+  std::lock_guard<std::mutex> lock(mu_);
+  --held_;
+  if (--by_client_[client] <= 0) by_client_.erase(client);
 }
 
-grpc::Status EngramGrpcService::LookupStream(
-    grpc::ServerContext* context, grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) {
-  // The client's address without its port: "ipv4:127.0.0.1:5000" -> "ipv4:127.0.0.1".
+namespace {
+
+// The client's address without its port: "ipv4:127.0.0.1:5000" -> "ipv4:127.0.0.1".
+std::string ClientKey(const grpc::ServerContext* context) {
   std::string client = context->peer();
   if (const size_t colon = client.rfind(':'); colon != std::string::npos && colon > client.find(':')) {
     client.resize(colon);
   }
-  if (absl::Status s = AdmitStream(client); !s.ok()) return ToGrpc(s);
+  return client;
+}
+
+}  // namespace
+
+template <typename Call>
+absl::Status EngramGrpcService::Admitted(ClientCaps& caps, grpc::ServerContext* context, Call call) {
+  const std::string client = ClientKey(context);
+  if (absl::Status s = caps.Admit(client); !s.ok()) return s;
+  absl::Status s = call();
+  caps.Release(client);
+  return s;
+}
+
+grpc::Status EngramGrpcService::LookupStream(
+    grpc::ServerContext* context, grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) {
+  const std::string client = ClientKey(context);
+  if (absl::Status s = streams_.Admit(client); !s.ok()) return ToGrpc(s);
   struct Release {
-    EngramGrpcService* self;
+    ClientCaps& caps;
     const std::string& client;
-    ~Release() { self->ReleaseStream(client); }
-  } release{this, client};
+    ~Release() { caps.Release(client); }
+  } release{streams_, client};
   v1::LookupRequest request;
   while (stream->Read(&request)) {
     RequestTimer timer(stream_metrics_);
@@ -213,28 +231,28 @@ absl::Status EngramGrpcService::DoLookupTokens(const v1::LookupTokensRequest& re
   return absl::OkStatus();
 }
 
-grpc::Status EngramGrpcService::LookupTokens(grpc::ServerContext*, const v1::LookupTokensRequest* request,
+grpc::Status EngramGrpcService::LookupTokens(grpc::ServerContext* context, const v1::LookupTokensRequest* request,
                                              v1::LookupTokensResponse* response) {
   RequestTimer timer(tokens_metrics_);
-  return timer.Finish(DoLookupTokens(*request, response));
+  return timer.Finish(Admitted(inflight_, context, [&] { return DoLookupTokens(*request, response); }));
 }
 
-grpc::Status EngramGrpcService::Prefetch(grpc::ServerContext*, const v1::PrefetchRequest* request,
+grpc::Status EngramGrpcService::Prefetch(grpc::ServerContext* context, const v1::PrefetchRequest* request,
                                          v1::PrefetchResponse* response) {
   RequestTimer timer(prefetch_metrics_);
-  if (draining_.load()) return timer.Finish(Draining());
-  const Table* table = engine_->FindTable(request->table());
-  if (table == nullptr) {
-    return timer.Finish(absl::NotFoundError(absl::StrCat("no table named '", request->table(), "'")));
-  }
-  std::vector<uint32_t> indices;
-  if (absl::Status s = DecodeU32(request->indices(), "indices", &indices); !s.ok()) return timer.Finish(s);
-  auto counts = engine_->Prefetch(*table, static_cast<int>(request->layer()), request->num_tokens(), indices);
-  if (!counts.ok()) return timer.Finish(counts.status());
-  response->set_rows_queued(counts->queued);
-  response->set_rows_skipped(counts->skipped);
-  response->set_rows_dropped(counts->dropped);
-  return timer.Finish(absl::OkStatus());
+  return timer.Finish(Admitted(inflight_, context, [&]() -> absl::Status {
+    if (draining_.load()) return Draining();
+    const Table* table = engine_->FindTable(request->table());
+    if (table == nullptr) return absl::NotFoundError(absl::StrCat("no table named '", request->table(), "'"));
+    std::vector<uint32_t> indices;
+    if (absl::Status s = DecodeU32(request->indices(), "indices", &indices); !s.ok()) return s;
+    auto counts = engine_->Prefetch(*table, static_cast<int>(request->layer()), request->num_tokens(), indices);
+    if (!counts.ok()) return counts.status();
+    response->set_rows_queued(counts->queued);
+    response->set_rows_skipped(counts->skipped);
+    response->set_rows_dropped(counts->dropped);
+    return absl::OkStatus();
+  }));
 }
 
 grpc::Status EngramGrpcService::ListTables(grpc::ServerContext*, const v1::ListTablesRequest*,

@@ -18,6 +18,27 @@ namespace engram {
 // Fills `info` with everything a client needs to configure itself for `table`.
 void FillTableInfo(const Table& table, uint64_t max_batch_rows, v1::TableInfo* info);
 
+// What client addresses hold at once (open streams, calls in flight): at most `total` in all and
+// `per_client` from one address; beyond them RESOURCE_EXHAUSTED naming the flag. 0: no cap.
+class ClientCaps {
+ public:
+  ClientCaps(std::string what, std::string total_flag, std::string per_client_flag)
+      : what_(std::move(what)), total_flag_(std::move(total_flag)), per_client_flag_(std::move(per_client_flag)) {}
+  void set_limits(int total, int per_client) {
+    total_ = total;
+    per_client_ = per_client;
+  }
+  absl::Status Admit(const std::string& client);
+  void Release(const std::string& client);
+
+ private:
+  const std::string what_, total_flag_, per_client_flag_;
+  int total_ = 0, per_client_ = 0;
+  std::mutex mu_;
+  int held_ = 0;
+  std::map<std::string, int> by_client_;
+};
+
 class EngramGrpcService final : public v1::Engram::Service {
  public:
   EngramGrpcService(Engine* engine, DaemonMetrics* metrics)
@@ -34,10 +55,9 @@ class EngramGrpcService final : public v1::Engram::Service {
   void set_draining(bool draining) { draining_.store(draining); }
   // Open LookupStreams (each holds a server thread while open): at most `total`, and at most
   // `per_client` from one client address; beyond them RESOURCE_EXHAUSTED naming the limit. 0: none.
-  void set_stream_limits(int total, int per_client) {
-    max_streams_ = total;
-    max_streams_per_client_ = per_client;
-  }
+  void set_stream_limits(int total, int per_client) { streams_.set_limits(total, per_client); }
+  // Unary Lookup, LookupTokens and Prefetch calls being served, likewise.
+  void set_inflight_limits(int total, int per_client) { inflight_.set_limits(total, per_client); }
 
   grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
                       v1::LookupResponse* response) override;
@@ -55,12 +75,11 @@ class EngramGrpcService final : public v1::Engram::Service {
 
  private:
   absl::Status DoLookup(const v1::LookupRequest& request, v1::LookupResponse* response);
-  absl::Status AdmitStream(const std::string& client);
-  void ReleaseStream(const std::string& client);
-  int max_streams_ = 0, max_streams_per_client_ = 0;
-  std::mutex streams_mu_;
-  int open_streams_ = 0;
-  std::map<std::string, int> streams_by_client_;
+  // Runs `call` if the client's address is admitted to `caps`, releasing it afterwards.
+  template <typename Call>
+  absl::Status Admitted(ClientCaps& caps, grpc::ServerContext* context, Call call);
+  ClientCaps streams_{"LookupStreams open", "--max-streams", "--max-streams-per-client"};
+  ClientCaps inflight_{"calls in flight", "--max-inflight", "--max-inflight-per-client"};
   absl::Status DoLookupTokens(const v1::LookupTokensRequest& request, v1::LookupTokensResponse* response);
 
   Engine* engine_;

@@ -635,5 +635,77 @@ TEST(DaemonLimitsTest, StreamsAndSharedMemoryClientsBeyondTheirCapsAreRefusedNam
   EXPECT_TRUE(Client::Connect("unix://" + daemon.socket(), options).ok());
 }
 
+// One client's unary calls in flight are capped: a burst beyond it is refused with the limit named,
+// what was admitted is answered with the formula's rows, and the slots come back.
+TEST(DaemonLimitsTest, UnaryCallsInFlightBeyondThePerClientCapAreRefusedNamingTheLimit) {
+  testing::TempDir dir;
+  ASSERT_EQ(RunCommand(std::string(ENGRAMCTL_PATH) + " pack create --preset demo-v1 --scale 0.002 --quiet --out " +
+                       dir.path() + "/p")
+                .first,
+            0);
+  const PackManifest m = *LoadPackManifest(dir.path() + "/p");
+  Daemon daemon({"--pack", dir.path() + "/p", "--max-inflight-per-client", "2", "--max-batch-rows", "65536"},
+                dir.path());
+  ASSERT_TRUE(daemon.running());
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  auto stub = v1::Engram::NewStub(grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(daemon.grpc_port()),
+                                                            grpc::InsecureChannelCredentials(), args));
+  const int tokens = 4096, heads = 16;
+  std::vector<uint32_t> idx(tokens * heads);
+  const auto& layout = m.FindLayer(1)->layout;
+  for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<uint32_t>((i * 7919) % layout.head_rows[i % heads]);
+  v1::LookupRequest request;
+  request.set_table("demo");
+  request.set_layer(1);
+  request.set_num_tokens(tokens);
+  request.set_indices(reinterpret_cast<const char*>(idx.data()), idx.size() * 4);
+  std::vector<float> scratch(m.row.dim);
+  std::vector<uint8_t> want(m.row.bytes);
+  SyntheticRow(*m.synthetic_seed, 1, layout.head_offset[heads - 1] + idx.back(), m.row.dim, m.row.dtype,
+               scratch.data(), want.data());
+  int refused = 0, answered = 0;
+  std::string message;
+  for (int burst = 0; burst < 20 && refused == 0; ++burst) {  // 32 at once: the daemon serves 2 of them at a time
+    grpc::CompletionQueue cq;
+    struct Call {
+      grpc::ClientContext context;
+      v1::LookupResponse response;
+      grpc::Status status;
+      std::unique_ptr<grpc::ClientAsyncResponseReader<v1::LookupResponse>> reader;
+    };
+    std::vector<std::unique_ptr<Call>> calls;
+    for (int i = 0; i < 32; ++i) {
+      calls.push_back(std::make_unique<Call>());
+      Call* c = calls.back().get();
+      c->reader = stub->AsyncLookup(&c->context, request, &cq);
+      c->reader->Finish(&c->response, &c->status, c);
+    }
+    for (size_t i = 0; i < calls.size(); ++i) {
+      void* tag;
+      bool ok;
+      ASSERT_TRUE(cq.Next(&tag, &ok));
+    }
+    for (const auto& c : calls) {
+      if (c->status.ok()) {
+        ++answered;
+        ASSERT_EQ(c->response.rows().size(), idx.size() * m.row.bytes);
+        EXPECT_EQ(0, std::memcmp(c->response.rows().data() + (idx.size() - 1) * m.row.bytes, want.data(),
+                                 m.row.bytes));
+      } else {
+        ASSERT_EQ(c->status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << c->status.error_message();
+        ++refused;
+        message = c->status.error_message();
+      }
+    }
+  }
+  EXPECT_GT(refused, 0) << "32 calls at once never met the cap of 2";
+  EXPECT_GT(answered, 0);
+  EXPECT_NE(message.find("--max-inflight-per-client 2"), std::string::npos) << message;
+  v1::LookupResponse response;  // the slots are free again
+  grpc::ClientContext context;
+  EXPECT_TRUE(stub->Lookup(&context, request, &response).ok());
+}
+
 }  // namespace
 }  // namespace engram
