@@ -142,6 +142,12 @@ absl::StatusOr<std::unique_ptr<Transport>> MakeGrpcTransport(const std::string& 
   // Replies are megabytes: a fixed wide window rather than BDP probing (bench/RESULTS.md).
   args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
   args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
+  // gRPC's own reconnect backoff (1 s at first by default) would hold a connect attempt made just
+  // before a restarted daemon listens for most of connect_timeout_ms: retry within the attempt
+  // at the client's pace instead.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, std::max(1, options.reconnect_backoff_ms));
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, std::max(1, options.reconnect_backoff_ms));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, std::max(1, options.reconnect_backoff_max_ms));
   auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
   const int connect_ms = std::max(1, std::min(options.timeout_ms, options.connect_timeout_ms));
   if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::milliseconds(connect_ms))) {
