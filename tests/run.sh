@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Sets up what is missing, builds, and runs every test; the exit code is the verdict.
 #   tests/run.sh            everything: unit, integration with a real engramd, the Python grpcio
-#                           peer; then all of it again built with AddressSanitizer + UBSan
+#                           peer; the Debian packages built, installed and removed; then all the
+#                           tests again built with AddressSanitizer + UBSan
 #   tests/run.sh -L unit    pass-through arguments go to ctest (both stages)
-#   ENGRAM_SKIP_ASAN=1      only the first stage
+#   ENGRAM_SKIP_ASAN=1      no sanitizer stage
+#   ENGRAM_SKIP_DEB=1       no Debian package stage (it installs the packages on this machine, as
+#                           root, then removes them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +30,16 @@ if [ -x "$BUILD_DIR/tests/engram_gpu_tests" ]; then
   gpu_rc=$?
   set -e
   if [ "$gpu_rc" = 77 ]; then echo "GPU tests (label gpu) skipped, not passed: ${gpu_out%%$'\n'*}"; fi
+fi
+
+if [ "${ENGRAM_SKIP_DEB:-0}" != "1" ]; then
+  echo "== the Debian packages: build (deploy/make-deb.sh), install, serve, remove"
+  if [ "$(id -u)" != 0 ]; then
+    echo "Debian package test skipped, not passed: it installs packages and needs root"
+  else
+    deploy/make-deb.sh build-deb
+    tests/integration/deb_test.sh build-deb . "$BUILD_DIR"
+  fi
 fi
 
 if [ "${ENGRAM_SKIP_ASAN:-0}" != "1" ]; then
