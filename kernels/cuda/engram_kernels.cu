@@ -4,6 +4,7 @@
 #include "engram/kernels/cuda_kernels.h"
 #include "engram/kernels/engram_math.h"
 #include "engram/kernels/hbm_probe.h"
+#include "engram/kernels/row_copy.h"
 
 namespace engram::kernels::cuda {
 namespace {
@@ -36,57 +37,34 @@ __device__ GateSums BlockReduce(GateSums s) {
   return total;
 }
 
-// One warp per row; 16-byte words when the row allows.
+// One warp per row, in the widest words the rows' alignment allows (row_copy.h).
 __global__ void GatherRowsKernel(const uint8_t* __restrict__ table, int64_t row_bytes, const uint64_t* __restrict__ rows,
-                                 int64_t n, uint8_t* __restrict__ out, bool vector) {
+                                 int64_t n, uint8_t* __restrict__ out, int width) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= n) return;
-  const uint8_t* src = table + rows[warp] * row_bytes;
-  uint8_t* dst = out + warp * row_bytes;
-  if (vector) {
-    const int64_t words = row_bytes / 16;
-    for (int64_t w = lane; w < words; w += 32) {
-      reinterpret_cast<uint4*>(dst)[w] = __ldg(reinterpret_cast<const uint4*>(src) + w);
-    }
-  } else {
-    for (int64_t b = lane; b < row_bytes; b += 32) dst[b] = src[b];
-  }
+  CopyRowLaneAnyWidth(width, table + rows[warp] * row_bytes, out + warp * row_bytes, row_bytes, lane, 32);
 }
 
 __global__ void GatherHbmRowsKernel(const uint8_t* __restrict__ slots, const uint8_t* __restrict__ staged,
                                     int64_t row_bytes, const uint32_t* __restrict__ sources, int64_t n,
-                                    uint8_t* __restrict__ out, bool vector) {
+                                    uint8_t* __restrict__ out, int width) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= n) return;
-  const uint8_t* src = HbmRowSource(sources[warp], slots, staged, row_bytes);
-  uint8_t* dst = out + warp * row_bytes;
-  if (vector) {
-    for (int64_t w = lane; w < row_bytes / 16; w += 32) {
-      reinterpret_cast<uint4*>(dst)[w] = __ldg(reinterpret_cast<const uint4*>(src) + w);
-    }
-  } else {
-    for (int64_t b = lane; b < row_bytes; b += 32) dst[b] = src[b];
-  }
+  CopyRowLaneAnyWidth(width, HbmRowSource(sources[warp], slots, staged, row_bytes), out + warp * row_bytes, row_bytes,
+                      lane, 32);
 }
 
 // The HBM tier's promotions: packed row i goes to slot slots[i]. One warp per row.
 __global__ void ScatterRowsKernel(const uint8_t* __restrict__ packed, int64_t row_bytes,
                                   const uint32_t* __restrict__ slots, int64_t n, uint8_t* __restrict__ dst,
-                                  bool vector) {
+                                  int width) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= n) return;
-  const uint8_t* src = packed + warp * row_bytes;
-  uint8_t* out = dst + static_cast<int64_t>(slots[warp]) * row_bytes;
-  if (vector) {
-    for (int64_t w = lane; w < row_bytes / 16; w += 32) {
-      reinterpret_cast<uint4*>(out)[w] = __ldg(reinterpret_cast<const uint4*>(src) + w);
-    }
-  } else {
-    for (int64_t b = lane; b < row_bytes; b += 32) out[b] = src[b];
-  }
+  CopyRowLaneAnyWidth(width, packed + warp * row_bytes, dst + static_cast<int64_t>(slots[warp]) * row_bytes, row_bytes,
+                      lane, 32);
 }
 
 // The HBM index's changed buckets: keys[buckets[i]] = bucket_keys[i], same for values.
@@ -201,30 +179,28 @@ int Launched() { return static_cast<int>(cudaGetLastError()); }
 
 int GatherRows(const uint8_t* table, int64_t row_bytes, const uint64_t* rows, int64_t n, uint8_t* out, void* stream) {
   if (n == 0) return 0;
-  const bool vector = row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(table) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const int width = RowCopyWidth(row_bytes, reinterpret_cast<uintptr_t>(table) | reinterpret_cast<uintptr_t>(out));
   GatherRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, row_bytes,
-                                                                                                rows, n, out, vector);
+                                                                                                rows, n, out, width);
   return Launched();
 }
 
 int GatherHbmRows(const uint8_t* slots, const uint8_t* staged, int64_t row_bytes, const uint32_t* sources, int64_t n,
                   uint8_t* out, void* stream) {
   if (n == 0) return 0;
-  const bool vector = row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(slots) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(staged) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const int width = RowCopyWidth(row_bytes, reinterpret_cast<uintptr_t>(slots) | reinterpret_cast<uintptr_t>(staged) |
+                                                  reinterpret_cast<uintptr_t>(out));
   GatherHbmRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      slots, staged, row_bytes, sources, n, out, vector);
+      slots, staged, row_bytes, sources, n, out, width);
   return Launched();
 }
 
 int ScatterRows(const uint8_t* packed, int64_t row_bytes, const uint32_t* slots, int64_t n, uint8_t* dst,
                 void* stream) {
   if (n == 0) return 0;
-  const bool vector = row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  const int width = RowCopyWidth(row_bytes, reinterpret_cast<uintptr_t>(packed) | reinterpret_cast<uintptr_t>(dst));
   ScatterRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      packed, row_bytes, slots, n, dst, vector);
+      packed, row_bytes, slots, n, dst, width);
   return Launched();
 }
 

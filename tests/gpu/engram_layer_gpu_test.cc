@@ -1,7 +1,8 @@
 // The CUDA path of EngramLayer against the CPU twin, on a real device: the same rows, weights and
 // hidden states give outputs within 1e-4, for every row dtype and for decode (T=1) and prefill;
 // the V4.1 module likewise (264-byte fp8 rows, dead positions, f32 and bf16 streams);
-// and the gather kernel copies rows (duplicates and the table's first and last rows) exactly.
+// and the gather and scatter kernels copy rows of 1 to 1032 bytes (V4.1's 264 among them), aligned or
+// not, exactly: duplicates, the table's first and last rows.
 // Needs a GPU: without one it prints why and exits 77, which ctest reports as skipped.
 #include <cuda_runtime.h>
 
@@ -162,29 +163,48 @@ void Dsv41MatchesTheTwin(int batch, int seq_len) {
   CHECK(worse == 0, "dsv41 B=%d T=%d: %d bf16 elements more than one step from the twin", batch, seq_len, worse);
 }
 
-void GatherKernelCopiesRowsExactly() {
-  const int64_t row_bytes = 144, rows_in_table = 100;
+// Gather and scatter of rows of every width class (row_copy.h: 1-byte, 8-byte and 16-byte
+// words), from buffers at an aligned and an offset start: the bytes must equal a memcpy's.
+void CopyKernelsCopyRowsExactly(int64_t row_bytes, int64_t offset) {
+  const int64_t rows_in_table = 100;
   std::vector<uint8_t> table(rows_in_table * row_bytes);
   for (size_t i = 0; i < table.size(); ++i) table[i] = static_cast<uint8_t>(i * 31 + 7);
-  const std::vector<uint64_t> picks = {0, 99, 5, 5, 0, 42, 99};
+  const std::vector<uint64_t> picks = {0, 99, 5, 5, 0, 42, 99, 1, 3};
+  const int64_t n = static_cast<int64_t>(picks.size());
   uint8_t *d_table = nullptr, *d_out = nullptr;
   uint64_t* d_rows = nullptr;
-  cudaMalloc(&d_table, table.size());
-  cudaMalloc(&d_out, picks.size() * row_bytes);
-  cudaMalloc(&d_rows, picks.size() * 8);
-  cudaMemcpy(d_table, table.data(), table.size(), cudaMemcpyHostToDevice);
-  cudaMemcpy(d_rows, picks.data(), picks.size() * 8, cudaMemcpyHostToDevice);
-  CHECK(kernels::cuda::GatherRows(d_table, row_bytes, d_rows, static_cast<int64_t>(picks.size()), d_out, nullptr) == 0,
-        "gather launch");
-  std::vector<uint8_t> out(picks.size() * row_bytes);
-  cudaMemcpy(out.data(), d_out, out.size(), cudaMemcpyDeviceToHost);
-  for (size_t i = 0; i < picks.size(); ++i) {
+  uint32_t* d_slots = nullptr;
+  cudaMalloc(&d_table, table.size() + 16);
+  cudaMalloc(&d_out, n * row_bytes + 16);
+  cudaMalloc(&d_rows, n * 8);
+  cudaMemcpy(d_table + offset, table.data(), table.size(), cudaMemcpyHostToDevice);
+  cudaMemcpy(d_rows, picks.data(), n * 8, cudaMemcpyHostToDevice);
+  CHECK(kernels::cuda::GatherRows(d_table + offset, row_bytes, d_rows, n, d_out + offset, nullptr) == 0,
+        "gather launch (%lld-byte rows)", static_cast<long long>(row_bytes));
+  std::vector<uint8_t> out(n * row_bytes);
+  cudaMemcpy(out.data(), d_out + offset, out.size(), cudaMemcpyDeviceToHost);
+  for (int64_t i = 0; i < n; ++i) {
     CHECK(std::memcmp(out.data() + i * row_bytes, table.data() + picks[i] * row_bytes, row_bytes) == 0,
-          "gathered row %zu", i);
+          "gathered row %lld of %lld bytes at offset %lld", static_cast<long long>(i), static_cast<long long>(row_bytes),
+          static_cast<long long>(offset));
+  }
+  // Scatter the gathered rows back to slots in reverse order: slot s holds packed row n-1-s.
+  std::vector<uint32_t> slots(n);
+  for (int64_t i = 0; i < n; ++i) slots[i] = static_cast<uint32_t>(n - 1 - i);
+  cudaMalloc(&d_slots, n * 4);
+  cudaMemcpy(d_slots, slots.data(), n * 4, cudaMemcpyHostToDevice);
+  CHECK(kernels::cuda::ScatterRows(d_out + offset, row_bytes, d_slots, n, d_table + offset, nullptr) == 0,
+        "scatter launch");
+  std::vector<uint8_t> back(n * row_bytes);
+  cudaMemcpy(back.data(), d_table + offset, back.size(), cudaMemcpyDeviceToHost);
+  for (int64_t s = 0; s < n; ++s) {
+    CHECK(std::memcmp(back.data() + s * row_bytes, out.data() + (n - 1 - s) * row_bytes, row_bytes) == 0,
+          "scattered slot %lld of %lld-byte rows", static_cast<long long>(s), static_cast<long long>(row_bytes));
   }
   cudaFree(d_table);
   cudaFree(d_out);
   cudaFree(d_rows);
+  cudaFree(d_slots);
 }
 
 }  // namespace
@@ -198,7 +218,9 @@ int main() {
                 e != cudaSuccess ? cudaGetErrorString(e) : "none found");
     return 77;
   }
-  engram::GatherKernelCopiesRowsExactly();
+  for (int64_t row_bytes : {1, 8, 144, 256, 264, 1032}) {
+    for (int64_t offset : {0, 8, 1}) engram::CopyKernelsCopyRowsExactly(row_bytes, offset);
+  }
   for (engram::RowDtype dtype : {engram::RowDtype::kF32, engram::RowDtype::kBf16, engram::RowDtype::kF16,
                                  engram::RowDtype::kFp8E4m3Ue8m0x32}) {
     engram::LayerMatchesTheTwin(dtype, 1, 1);
