@@ -117,6 +117,12 @@ absl::Status Client::LookupToDevice(const TableHandle& table, int layer, uint32_
     std::lock_guard<std::mutex> lock(mu_);
     // Not through a broken connection: its daemon (and the slots it exported) may be gone.
     MappedTable* mapped = broken_ ? nullptr : transport_->mapped_table(table.name());
+    // A mapped table the GPU reads itself: no CPU gather, no staging copy (misses cross PCIe
+    // once, straight into device_out).
+    if (mapped != nullptr && options_.device_direct_gather) {
+      absl::Status s = staging_->GatherDirect(mapped, layer, num_tokens, indices, device_out, cuda_stream);
+      if (s.code() != absl::StatusCode::kFailedPrecondition) return s;
+    }
     if (mapped != nullptr && mapped->hbm_access() == MappedTable::HbmAccess::kCuda) {
       absl::Status s = staging_->GatherThroughHbm(mapped, layer, num_tokens, indices, device_out, cuda_stream);
       if (s.code() != absl::StatusCode::kFailedPrecondition) return s;
@@ -151,7 +157,10 @@ void Client::ReconnectLoop() {
     if (transport.ok() && !stopping_) {
       // Device work queued against the old transport's mapped tables (HBM pin callbacks) runs
       // before they go away.
-      if (staging_ != nullptr) staging_->Quiesce();
+      if (staging_ != nullptr) {
+        staging_->Quiesce();
+        staging_->ForgetMappings();  // registered with CUDA; unmapped with the old transport
+      }
       transport_ = std::move(*transport);
       broken_ = false;
       last_error_.clear();

@@ -33,6 +33,15 @@ class DeviceStaging {
   virtual void Quiesce() = 0;
   virtual absl::Status GatherThroughHbm(MappedTable* table, int layer, uint32_t num_tokens,
                                         absl::Span<const uint32_t> indices, void* device_out, void* stream) = 0;
+  // Rows of a mapped table with no CPU gather: the mapping is registered with CUDA (read-only,
+  // once), and one kernel on `stream` reads each row from its HBM slot (when the layer has a GPU
+  // tier on this device) or from host memory over PCIe (MappedTable::SplitForDeviceDirect).
+  // FailedPrecondition when the host cannot register it (no read-only registration, refused):
+  // use another path; remembered per mapping.
+  virtual absl::Status GatherDirect(MappedTable* table, int layer, uint32_t num_tokens,
+                                    absl::Span<const uint32_t> indices, void* device_out, void* stream) = 0;
+  // Unregisters every mapping registered here (after Quiesce), before the mappings go away.
+  virtual void ForgetMappings() = 0;
 };
 
 }  // namespace engram

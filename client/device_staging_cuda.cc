@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <map>
+#include <set>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -24,6 +25,7 @@ class PinnedStaging final : public DeviceStaging {
     if (buffer_ != nullptr) cudaFreeHost(buffer_);
     if (scratch_ != nullptr) cudaFree(scratch_);
     for (const auto& [handle, pointer] : opened_) cudaIpcCloseMemHandle(pointer);
+    for (const auto& [base, device] : registered_) cudaHostUnregister(const_cast<uint8_t*>(base));
     if (done_ != nullptr) cudaEventDestroy(done_);
   }
   absl::Status Init() { return CudaStatus(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "cudaEventCreate"); }
@@ -58,28 +60,9 @@ class PinnedStaging final : public DeviceStaging {
     if (hbm == nullptr || hbm->kind != static_cast<uint32_t>(shm::HbmKind::kCuda)) {
       return absl::FailedPreconditionError("no GPU HBM tier on this layer");
     }
-    int device = -1;
-    if (absl::Status s = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !s.ok()) return s;
-    if (device != hbm->device) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("the HBM tier is on GPU ", hbm->device, ", this thread's device is ", device));
-    }
-    // The tier's slots, mapped into this process once per export.
-    const std::string key(hbm->ipc_slots, sizeof(hbm->ipc_slots));
+    if (absl::Status s = OnTiersDevice(*hbm); !s.ok()) return s;
     void* slots = nullptr;
-    if (auto it = opened_.find(key); it != opened_.end()) {
-      slots = it->second;
-    } else {
-      cudaIpcMemHandle_t handle;
-      static_assert(sizeof(handle) == sizeof(hbm->ipc_slots));
-      std::memcpy(&handle, hbm->ipc_slots, sizeof(handle));
-      if (absl::Status s = CudaStatus(cudaIpcOpenMemHandle(&slots, handle, cudaIpcMemLazyEnablePeerAccess),
-                                      "opening the HBM tier's slots");
-          !s.ok()) {
-        return absl::FailedPreconditionError(s.message());
-      }
-      opened_[key] = slots;
-    }
+    if (absl::Status s = OpenSlots(*hbm, &slots); !s.ok()) return s;
     // Pinned: [sources: n uint32, padded to 256 bytes][staged rows]; the same layout on the device.
     const uint64_t n = indices.size();
     const uint64_t row_bytes = hbm->row_bytes;
@@ -121,7 +104,119 @@ class PinnedStaging final : public DeviceStaging {
     return CudaStatus(cudaEventRecord(done_, s), "cudaEventRecord");
   }
 
+  absl::Status GatherDirect(MappedTable* table, int layer, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                            void* device_out, void* stream) override {
+    const absl::Span<const uint8_t> rows = table->layer_rows(layer);
+    if (rows.empty()) return absl::NotFoundError(absl::StrCat("layer ", layer, " is not mapped"));
+    const uint8_t* host_rows = nullptr;
+    if (absl::Status s = Registered(rows, &host_rows); !s.ok()) return s;
+    // The tier's slots when it runs on this GPU; otherwise every row comes from host memory.
+    const shm::HbmLayer* hbm = table->hbm_layer(layer);
+    void* slots = nullptr;
+    const bool use_hbm = hbm != nullptr && hbm->kind == static_cast<uint32_t>(shm::HbmKind::kCuda) &&
+                         OnTiersDevice(*hbm).ok() && OpenSlots(*hbm, &slots).ok();
+    const uint64_t n = indices.size();
+    auto buffer = Acquire(n * 8);  // the sources, pinned
+    if (!buffer.ok()) return buffer.status();
+    if (n * 8 > scratch_bytes_) {
+      if (scratch_ != nullptr) cudaFree(scratch_);
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+      if (absl::Status s = CudaStatus(cudaMalloc(&scratch_, n * 8), "cudaMalloc"); !s.ok()) return s;
+      scratch_bytes_ = n * 8;
+    }
+    auto* sources = reinterpret_cast<uint64_t*>(buffer->data());
+    auto pin = table->SplitForDeviceDirect(layer, num_tokens, indices, use_hbm, sources);
+    if (!pin.ok()) return pin.status();
+    const auto s = static_cast<cudaStream_t>(stream);
+    absl::Status status =
+        CudaStatus(cudaMemcpyAsync(scratch_, sources, n * 8, cudaMemcpyHostToDevice, s), "copying the row sources");
+    if (status.ok()) {
+      status = CudaStatus(static_cast<cudaError_t>(kernels::cuda::GatherDirectRows(
+                              static_cast<const uint8_t*>(slots), host_rows, static_cast<int64_t>(table->row_bytes()),
+                              static_cast<const uint64_t*>(scratch_), static_cast<int64_t>(n),
+                              static_cast<uint8_t*>(device_out), stream)),
+                          "launching the direct gather");
+    }
+    if (pin->pinned) {  // released once the kernel that reads the slots has run
+      auto* release = new std::pair<MappedTable*, MappedTable::DevicePin>(table, *pin);
+      const cudaError_t queued = status.ok() ? cudaLaunchHostFunc(s, ReleasePin, release) : cudaErrorNotReady;
+      if (queued != cudaSuccess) {
+        if (status.ok()) cudaStreamSynchronize(s);
+        ReleasePin(release);
+        if (status.ok()) status = CudaStatus(queued, "cudaLaunchHostFunc");
+        return status;
+      }
+    }
+    if (!status.ok()) return status;
+    return CudaStatus(cudaEventRecord(done_, s), "cudaEventRecord");
+  }
+
+  void ForgetMappings() override {
+    cudaEventSynchronize(done_);
+    for (const auto& [base, device] : registered_) cudaHostUnregister(const_cast<uint8_t*>(base));
+    registered_.clear();
+    refused_.clear();
+  }
+
  private:
+  absl::Status OnTiersDevice(const shm::HbmLayer& hbm) {
+    int device = -1;
+    if (absl::Status s = CudaStatus(cudaGetDevice(&device), "cudaGetDevice"); !s.ok()) return s;
+    if (device != hbm.device) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the HBM tier is on GPU ", hbm.device, ", this thread's device is ", device));
+    }
+    return absl::OkStatus();
+  }
+
+  // The tier's slots, mapped into this process once per export (CUDA IPC).
+  absl::Status OpenSlots(const shm::HbmLayer& hbm, void** slots) {
+    const std::string key(hbm.ipc_slots, sizeof(hbm.ipc_slots));
+    if (auto it = opened_.find(key); it != opened_.end()) {
+      *slots = it->second;
+      return absl::OkStatus();
+    }
+    cudaIpcMemHandle_t handle;
+    static_assert(sizeof(handle) == sizeof(hbm.ipc_slots));
+    std::memcpy(&handle, hbm.ipc_slots, sizeof(handle));
+    if (absl::Status s = CudaStatus(cudaIpcOpenMemHandle(slots, handle, cudaIpcMemLazyEnablePeerAccess),
+                                    "opening the HBM tier's slots");
+        !s.ok()) {
+      return absl::FailedPreconditionError(s.message());
+    }
+    opened_[key] = *slots;
+    return absl::OkStatus();
+  }
+
+  // `rows` (a read-only mapping) registered with CUDA once; its device pointer.
+  absl::Status Registered(absl::Span<const uint8_t> rows, const uint8_t** device) {
+    if (auto it = registered_.find(rows.data()); it != registered_.end()) {
+      *device = it->second;
+      return absl::OkStatus();
+    }
+    if (refused_.count(rows.data()) != 0) return absl::FailedPreconditionError("this mapping cannot be registered");
+    int dev = 0, read_only = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&read_only, cudaDevAttrHostRegisterReadOnlySupported, dev);
+    if (read_only == 0) {
+      refused_.insert(rows.data());
+      return absl::FailedPreconditionError("this device cannot register read-only host memory");
+    }
+    void* base = const_cast<uint8_t*>(rows.data());
+    cudaError_t e = cudaHostRegister(base, rows.size(), cudaHostRegisterMapped | cudaHostRegisterReadOnly);
+    void* mapped = nullptr;
+    if (e == cudaSuccess) e = cudaHostGetDevicePointer(&mapped, base, 0);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // not sticky: the staged paths still work
+      refused_.insert(rows.data());
+      return absl::FailedPreconditionError(absl::StrCat("cudaHostRegister of the mapping: ", cudaGetErrorString(e)));
+    }
+    registered_[rows.data()] = static_cast<const uint8_t*>(mapped);
+    *device = static_cast<const uint8_t*>(mapped);
+    return absl::OkStatus();
+  }
+
   static void CUDART_CB ReleasePin(void* data) {
     auto* release = static_cast<std::pair<MappedTable*, MappedTable::DevicePin>*>(data);
     release->first->ReleaseDevicePin(release->second);
@@ -133,6 +228,8 @@ class PinnedStaging final : public DeviceStaging {
   void* scratch_ = nullptr;
   uint64_t scratch_bytes_ = 0;
   std::map<std::string, void*> opened_;  // IPC handle bytes -> this process's pointer
+  std::map<const uint8_t*, const uint8_t*> registered_;  // mapping -> its device pointer
+  std::set<const uint8_t*> refused_;                     // mappings CUDA would not register
   cudaEvent_t done_ = nullptr;
 };
 

@@ -186,7 +186,63 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   return pin;
 }
 
+absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDeviceDirect(int layer_id, uint32_t num_tokens,
+                                                                         absl::Span<const uint32_t> indices,
+                                                                         bool use_hbm, uint64_t* sources) {
+  if (NowNs() - last_report_ns_.load(std::memory_order_relaxed) >= report_interval_ns_) {
+    if (absl::Status s = ReportCounters(); !s.ok()) return s;
+  }
+  thread_local std::vector<uint64_t> rows;
+  thread_local std::vector<uint32_t> slots;
+  auto resolved = ResolveRows(layer_id, num_tokens, indices, uint64_t{num_tokens} * table_.heads * row_bytes_, &rows);
+  if (!resolved.ok()) return resolved.status();
+  Layer* layer = *resolved;
+  slots.resize(rows.size());  // before any pin: nothing may throw while it is held
+  DevicePin pin{layer_id, 0, 0, false};
+  uint64_t hits = 0;
+  if (use_hbm && layer->hbm_index != nullptr) {
+    std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
+    if (link_->arena == nullptr) return absl::FailedPreconditionError("the connection to engramd is closed");
+    uint64_t g = 0;
+    const int k = AcquirePin(layer, &g);
+    if (k >= 0) {  // detached or every pin busy: all rows from host memory, still exact
+      const kernels::HbmIndexHeader* h = layer->hbm_index;
+      const auto* base = reinterpret_cast<const uint8_t*>(h);
+      const int b = static_cast<int>(g & 1);
+      kernels::HbmProbeMany(reinterpret_cast<const uint64_t*>(base + h->keys_offset[b]),
+                            reinterpret_cast<const uint32_t*>(base + h->values_offset[b]), h->bucket_mask, rows.data(),
+                            rows.size(), slots.data());
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const bool hit = slots[i] < layer->hbm_slot_count;
+        sources[i] = hit ? slots[i] : (kernels::kDirectFromHost | rows[i]);
+        hits += hit ? 1 : 0;
+      }
+      pin.pin = static_cast<uint32_t>(k);
+      pin.pinned = true;
+      link_->device_pins.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+  if (!pin.pinned) {
+    for (size_t i = 0; i < rows.size(); ++i) sources[i] = kernels::kDirectFromHost | rows[i];
+  }
+  pin.staged_rows = rows.size() - hits;
+  layer->hbm_rows.fetch_add(hits, std::memory_order_relaxed);
+  layer->hbm_rows_total.fetch_add(hits, std::memory_order_relaxed);
+  layer->rows.fetch_add(pin.staged_rows, std::memory_order_relaxed);
+  layer->lookups.fetch_add(1, std::memory_order_relaxed);
+  Sample(layer, rows);
+  return pin;
+}
+
+absl::Span<const uint8_t> MappedTable::layer_rows(int layer_id) const {
+  for (const auto& layer : layers_) {
+    if (layer->id == layer_id) return absl::Span<const uint8_t>(layer->base, layer->total_rows * row_bytes_);
+  }
+  return {};
+}
+
 void MappedTable::ReleaseDevicePin(const DevicePin& pin) {
+  if (!pin.pinned) return;
   for (const auto& layer : layers_) {
     if (layer->id != pin.layer_id || pin.pin >= shm::kPinsPerHbmLayer) continue;
     {

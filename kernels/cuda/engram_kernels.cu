@@ -56,6 +56,16 @@ __global__ void GatherHbmRowsKernel(const uint8_t* __restrict__ slots, const uin
                       lane, 32);
 }
 
+__global__ void GatherDirectRowsKernel(const uint8_t* __restrict__ slots, const uint8_t* __restrict__ host_rows,
+                                       int64_t row_bytes, const uint64_t* __restrict__ sources, int64_t n,
+                                       uint8_t* __restrict__ out, int width) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= n) return;
+  CopyRowLaneAnyWidth(width, DirectRowSource(sources[warp], slots, host_rows, row_bytes), out + warp * row_bytes,
+                      row_bytes, lane, 32);
+}
+
 // The HBM tier's promotions: packed row i goes to slot slots[i]. One warp per row.
 __global__ void ScatterRowsKernel(const uint8_t* __restrict__ packed, int64_t row_bytes,
                                   const uint32_t* __restrict__ slots, int64_t n, uint8_t* __restrict__ dst,
@@ -192,6 +202,16 @@ int GatherHbmRows(const uint8_t* slots, const uint8_t* staged, int64_t row_bytes
                                                   reinterpret_cast<uintptr_t>(out));
   GatherHbmRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       slots, staged, row_bytes, sources, n, out, width);
+  return Launched();
+}
+
+int GatherDirectRows(const uint8_t* slots, const uint8_t* host_rows, int64_t row_bytes, const uint64_t* sources,
+                     int64_t n, uint8_t* out, void* stream) {
+  if (n == 0) return 0;
+  const int width = RowCopyWidth(row_bytes, reinterpret_cast<uintptr_t>(slots) | reinterpret_cast<uintptr_t>(host_rows) |
+                                                  reinterpret_cast<uintptr_t>(out));
+  GatherDirectRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      slots, host_rows, row_bytes, sources, n, out, width);
   return Launched();
 }
 

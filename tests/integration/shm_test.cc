@@ -745,6 +745,83 @@ TEST_F(ShmTest, HbmDeviceSplitNamesTheRightSourceForEveryRow) {
   EXPECT_TRUE(m.SplitForDevice(15, 1, idx, sources.data(), staged.data()).ok());
 }
 
+// The direct device path's host half (LookupToDevice gathering misses from the registered mapping
+// itself): every row is named either by its slot or by its row in the layer's mapping, and the
+// bytes there are the formula's; without the tier, or with every pin busy, all rows come from the
+// mapping and nothing is pinned.
+TEST_F(ShmTest, HbmDirectDeviceSplitNamesASlotOrAMappedRowForEveryRow) {
+  StartHbmDaemon();
+  std::unique_ptr<ShmConnection> c;
+  std::unique_ptr<MappedTable> mapped;
+  ConnectAndMap(&c, &mapped);
+  if (HasFatalFailure()) return;
+  MappedTable& m = *mapped;
+  const uint64_t row_bytes = manifest_->row.bytes;
+  const uint8_t* slots = m.hbm_host_slots(15);
+  const absl::Span<const uint8_t> host_rows = m.layer_rows(15);
+  ASSERT_NE(slots, nullptr);
+  ASSERT_EQ(host_rows.size(), manifest_->FindLayer(15)->layout.total_rows * row_bytes);
+  EXPECT_TRUE(m.layer_rows(99).empty());
+  auto gather = [&](const std::vector<uint64_t>& sources, std::vector<uint8_t>* out) {
+    for (size_t r = 0; r < sources.size(); ++r) {
+      std::memcpy(out->data() + r * row_bytes,
+                  kernels::DirectRowSource(sources[r], slots, host_rows.data(), static_cast<int64_t>(row_bytes)),
+                  row_bytes);
+    }
+  };
+  uint64_t from_slots = 0, from_host = 0;
+  for (int i = 0; i < 2000 && (from_slots < 5000 || from_host < 1000); ++i) {
+    const auto idx = HotIndices(*manifest_, 15, 32, 700, i);
+    std::vector<uint64_t> sources(idx.size());
+    std::vector<uint8_t> out(idx.size() * row_bytes);
+    auto pin = m.SplitForDeviceDirect(15, 32, idx, /*use_hbm=*/true, sources.data());
+    ASSERT_TRUE(pin.ok()) << pin.status();
+    gather(sources, &out);
+    m.ReleaseDevicePin(*pin);
+    CheckRows(15, idx, out);
+    const auto host = static_cast<uint64_t>(
+        std::count_if(sources.begin(), sources.end(), [](uint64_t s) { return (s & kernels::kDirectFromHost) != 0; }));
+    EXPECT_EQ(pin->staged_rows, host);
+    from_host += host;
+    from_slots += sources.size() - host;
+    if (i % 50 == 49) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  EXPECT_GE(from_slots, 5000u) << "the hot rows should have been promoted";
+  EXPECT_GE(from_host, 1000u) << "the cold rows should come from the mapping";
+  // Without the tier: every row from the mapping, no pin.
+  const auto idx = HotIndices(*manifest_, 15, 8, 700, 5);
+  std::vector<uint64_t> sources(idx.size());
+  std::vector<uint8_t> out(idx.size() * row_bytes);
+  auto plain = m.SplitForDeviceDirect(15, 8, idx, /*use_hbm=*/false, sources.data());
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_FALSE(plain->pinned);
+  EXPECT_TRUE(std::all_of(sources.begin(), sources.end(), [](uint64_t s) { return (s & kernels::kDirectFromHost) != 0; }));
+  gather(sources, &out);
+  CheckRows(15, idx, out);
+  // Every pin held: still served, from the mapping, and nothing more is pinned.
+  std::vector<uint32_t> narrow(idx.size());
+  std::vector<uint8_t> staged(idx.size() * row_bytes);
+  std::vector<MappedTable::DevicePin> held;
+  for (uint32_t k = 0; k < shm::kPinsPerHbmLayer; ++k) {
+    auto pin = m.SplitForDevice(15, 8, idx, narrow.data(), staged.data());
+    ASSERT_TRUE(pin.ok()) << pin.status();
+    held.push_back(*pin);
+  }
+  auto busy = m.SplitForDeviceDirect(15, 8, idx, /*use_hbm=*/true, sources.data());
+  ASSERT_TRUE(busy.ok()) << busy.status();
+  EXPECT_FALSE(busy->pinned);
+  std::fill(out.begin(), out.end(), 0);
+  gather(sources, &out);
+  CheckRows(15, idx, out);
+  for (const auto& pin : held) m.ReleaseDevicePin(pin);
+  // Bad input is refused.
+  auto bad = HotIndices(*manifest_, 15, 1, 0, 1);
+  bad[3] = 0xffffffffu;
+  EXPECT_EQ(m.SplitForDeviceDirect(15, 1, bad, true, sources.data()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(m.SplitForDeviceDirect(99, 1, bad, true, sources.data()).status().code(), absl::StatusCode::kNotFound);
+}
+
 // Lookups the daemon serves itself (ring, gRPC) are sampled for the promoter too.
 TEST_F(ShmTest, HbmTierPromotesRowsTheDaemonServes) {
   StartHbmDaemon();

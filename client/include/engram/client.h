@@ -46,6 +46,11 @@ struct ClientOptions {
   // unix://: map tables the daemon holds resident (read-only) and gather from them here, with no
   // round trip; the daemon still counts them (the client reports about once a second).
   bool map_tables = true;
+  // LookupToDevice over a mapped table: register the mapping with CUDA (read-only) and let one
+  // kernel read the rows the HBM tier lacks straight from host memory, as engines do with their
+  // pinned tables. False, or where the device cannot: the rows are gathered here into pinned
+  // staging and copied.
+  bool device_direct_gather = true;
   // How often a mapped table reports its counts, which is also how soon it notices the daemon
   // went away (then UNAVAILABLE and a reconnect, like any other call).
   int mapped_report_interval_ms = 1000;

@@ -61,10 +61,23 @@ class MappedTable {
   struct DevicePin {
     int layer_id = 0;
     uint32_t pin = 0;
-    uint64_t staged_rows = 0;  // rows written to `staged`
+    uint64_t staged_rows = 0;  // rows written to `staged` (SplitForDeviceDirect: rows from host memory)
+    bool pinned = true;        // false: no HBM pin was taken (ReleaseDevicePin does nothing)
   };
   absl::StatusOr<DevicePin> SplitForDevice(int layer_id, uint32_t num_tokens, absl::Span<const uint32_t> indices,
                                            uint32_t* sources, uint8_t* staged);
+  // The device path with no staging: the GPU reads the rows the tier lacks straight from this
+  // mapping (registered with CUDA by the caller) over PCIe. For every row, `sources` gets its HBM
+  // slot when `use_hbm` and the layer's index holds it (under a pin, released as above), else
+  // kernels::kDirectFromHost | its row in layer_rows(layer_id). Without an HBM tier, or with every
+  // pin busy, every row comes from host memory and nothing is pinned. Checks the request like
+  // Lookup.
+  absl::StatusOr<DevicePin> SplitForDeviceDirect(int layer_id, uint32_t num_tokens, absl::Span<const uint32_t> indices,
+                                                 bool use_hbm, uint64_t* sources);
+  // The layer's rows as mapped here (read-only; empty for an unknown layer): what the direct
+  // device path registers with CUDA.
+  absl::Span<const uint8_t> layer_rows(int layer_id) const;
+  uint64_t row_bytes() const { return row_bytes_; }
   void ReleaseDevicePin(const DevicePin& pin);
   // The layer's HBM tier as the daemon described it (kind, slots, CUDA IPC handles), or nullptr.
   const shm::HbmLayer* hbm_layer(int layer_id) const;

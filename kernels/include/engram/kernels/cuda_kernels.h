@@ -14,13 +14,19 @@
 namespace engram::kernels::cuda {
 
 // out[i] = table row rows[i], for i in [0, n). `table` may be device slots or mapped pinned host
-// memory (cudaHostRegister'ed, cudaHostGetDevicePointer). 16-byte loads when rows allow it.
+// memory (cudaHostRegister'ed, cudaHostGetDevicePointer). In the widest words rows allow (row_copy.h).
 int GatherRows(const uint8_t* table, int64_t row_bytes, const uint64_t* rows, int64_t n, uint8_t* out, void* stream);
 
 // out[i] = the row sources[i] names (hbm_probe.h: HbmRowSource): a slot of an HBM tier's `slots`
 // or a row of `staged`. Both are device memory (the slots usually mapped from engramd by CUDA IPC).
 int GatherHbmRows(const uint8_t* slots, const uint8_t* staged, int64_t row_bytes, const uint32_t* sources, int64_t n,
                   uint8_t* out, void* stream);
+
+// out[i] = the row sources[i] names (hbm_probe.h: DirectRowSource): a slot of `slots` (device
+// memory; may be null when no source names one) or a row of `host_rows`, host memory the GPU
+// reads over PCIe (a cudaHostRegister'ed mapping, its device pointer).
+int GatherDirectRows(const uint8_t* slots, const uint8_t* host_rows, int64_t row_bytes, const uint64_t* sources,
+                     int64_t n, uint8_t* out, void* stream);
 
 // The HBM tier's writes (engramd): packed row i (device memory) -> dst slot slots[i]; and the
 // index's changed buckets, keys[buckets[i]] = bucket_keys[i], values[buckets[i]] = bucket_values[i].

@@ -47,6 +47,17 @@ ENGRAM_HD inline const uint8_t* HbmRowSource(uint32_t source, const uint8_t* slo
                                          : slots + static_cast<int64_t>(source) * row_bytes;
 }
 
+// The direct device gather (LookupToDevice over a mapped table the GPU reads in place): per
+// output row a 64-bit source, a slot of the tier or (with this bit) a row of the layer's mapping
+// in host memory, which the kernel reads over PCIe through the mapping's CUDA registration.
+inline constexpr uint64_t kDirectFromHost = 0x8000000000000000ull;
+
+ENGRAM_HD inline const uint8_t* DirectRowSource(uint64_t source, const uint8_t* slots, const uint8_t* host_rows,
+                                                int64_t row_bytes) {
+  return (source & kDirectFromHost) != 0 ? host_rows + static_cast<int64_t>(source & ~kDirectFromHost) * row_bytes
+                                          : slots + static_cast<int64_t>(source) * row_bytes;
+}
+
 #ifndef __CUDACC__
 // HbmProbe for many rows on the host: the buckets of the rows a little ahead are requested before
 // they are probed, so the index's cache misses overlap instead of coming one after another (the
