@@ -705,6 +705,7 @@ int Main(int argc, char** argv) {
   };
   // Step mode: one timed call is a whole step; the time spent inside lookups is the stall.
   std::vector<double> stall_us(concurrency, 0), compute_us(concurrency, 0);
+  std::vector<std::vector<double>> layer_stall_us(concurrency, std::vector<double>(num_layers, 0.0));
   const size_t steps = batches->size() / num_layers;
   auto run_step = [&](int t, uint64_t i) -> absl::Status {
     const size_t first = (i % steps) * num_layers;
@@ -716,7 +717,9 @@ int Main(int argc, char** argv) {
     for (int l = 0; l < num_layers; ++l) {
       const auto t0 = Clock::now();
       if (absl::Status s = driver->Lookup(t, (*batches)[first + l], &outs[t]); !s.ok()) return s;
-      stall_us[t] += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+      const double waited = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+      stall_us[t] += waited;
+      layer_stall_us[t][l] += waited;
       const auto c0 = Clock::now();
       std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(compute_window_us));
       compute_us[t] += std::chrono::duration<double, std::micro>(Clock::now() - c0).count();
@@ -728,6 +731,7 @@ int Main(int argc, char** argv) {
     if (step_mode) {
       warm = RunTimed(static_cast<int>(concurrency), warmup, rows_per_request * num_layers, run_step);
       std::fill(stall_us.begin(), stall_us.end(), 0.0);
+      for (auto& per_layer : layer_stall_us) std::fill(per_layer.begin(), per_layer.end(), 0.0);
       std::fill(compute_us.begin(), compute_us.end(), 0.0);
     } else {
       warm = RunTimed(static_cast<int>(concurrency), warmup, rows_per_request,
@@ -853,6 +857,14 @@ int Main(int argc, char** argv) {
     out["prefetch_layers"] = prefetch_layers;
     out["stall_fraction"] = stall + compute > 0 ? stall / (stall + compute) : 0;
     out["stall_us_per_step"] = run.requests ? stall / run.requests : 0;
+    // Which layer stalls: each step's position l is batch (first + l)'s layer.
+    nlohmann::json by_layer = nlohmann::json::object();
+    for (int l = 0; l < num_layers; ++l) {
+      double sum = 0;
+      for (int t = 0; t < concurrency; ++t) sum += layer_stall_us[t][l];
+      by_layer[std::to_string((*batches)[l].layer_id)] = run.requests ? sum / run.requests : 0;
+    }
+    out["stall_us_per_step_by_layer"] = by_layer;
   }
   if (!run.first_error.empty()) out["first_error"] = run.first_error;
   if (json) {
@@ -881,6 +893,9 @@ int Main(int argc, char** argv) {
                   prefetch_layers ? "on" : "off");
       std::printf("  stall fraction %.3f (waiting for rows %.0f us per step; latencies above are per step)\n",
                   out["stall_fraction"].get<double>(), out["stall_us_per_step"].get<double>());
+      for (const auto& [layer, us] : out["stall_us_per_step_by_layer"].items()) {
+        std::printf("    layer %s waits %.0f us per step\n", layer.c_str(), us.get<double>());
+      }
     }
     if (out.contains("hbm")) {
       std::printf("  HBM tier mapped: %s; rows taken from its slots: %.1f%%\n", out["hbm"].get<std::string>().c_str(),
