@@ -121,11 +121,14 @@ absl::Status Client::LookupToDevice(const TableHandle& table, int layer, uint32_
     // once, straight into device_out).
     if (mapped != nullptr && options_.device_direct_gather) {
       absl::Status s = staging_->GatherDirect(mapped, layer, num_tokens, indices, device_out, cuda_stream);
-      if (s.code() != absl::StatusCode::kFailedPrecondition) return s;
+      // UNAVAILABLE (the daemon is gone, seen at a report) goes the staged way too: its Lookup
+      // marks the connection broken and starts the reconnect.
+      if (s.code() != absl::StatusCode::kFailedPrecondition && s.code() != absl::StatusCode::kUnavailable) return s;
+      mapped = s.code() == absl::StatusCode::kUnavailable ? nullptr : mapped;
     }
     if (mapped != nullptr && mapped->hbm_access() == MappedTable::HbmAccess::kCuda) {
       absl::Status s = staging_->GatherThroughHbm(mapped, layer, num_tokens, indices, device_out, cuda_stream);
-      if (s.code() != absl::StatusCode::kFailedPrecondition) return s;
+      if (s.code() != absl::StatusCode::kFailedPrecondition && s.code() != absl::StatusCode::kUnavailable) return s;
     }
   }
   auto buffer = staging_->Acquire(bytes);

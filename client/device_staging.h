@@ -40,7 +40,8 @@ class DeviceStaging {
   // use another path; remembered per mapping.
   virtual absl::Status GatherDirect(MappedTable* table, int layer, uint32_t num_tokens,
                                     absl::Span<const uint32_t> indices, void* device_out, void* stream) = 0;
-  // Unregisters every mapping registered here (after Quiesce), before the mappings go away.
+  // Unregisters every mapping registered here and closes the HBM slots opened by CUDA IPC (after
+  // Quiesce), before the mappings and the daemon that exported them go away (a reconnect).
   virtual void ForgetMappings() = 0;
 };
 

@@ -157,6 +157,9 @@ class PinnedStaging final : public DeviceStaging {
     for (const auto& [base, device] : registered_) cudaHostUnregister(const_cast<uint8_t*>(base));
     registered_.clear();
     refused_.clear();
+    // The old daemon's HBM slots too: open handles would keep its GPU memory alive.
+    for (const auto& [handle, pointer] : opened_) cudaIpcCloseMemHandle(pointer);
+    opened_.clear();
   }
 
  private:
@@ -204,7 +207,9 @@ class PinnedStaging final : public DeviceStaging {
       return absl::FailedPreconditionError("this device cannot register read-only host memory");
     }
     void* base = const_cast<uint8_t*>(rows.data());
-    cudaError_t e = cudaHostRegister(base, rows.size(), cudaHostRegisterMapped | cudaHostRegisterReadOnly);
+    // Portable: a client may call from threads on several GPUs.
+    cudaError_t e = cudaHostRegister(base, rows.size(),
+                                     cudaHostRegisterMapped | cudaHostRegisterReadOnly | cudaHostRegisterPortable);
     void* mapped = nullptr;
     if (e == cudaSuccess) e = cudaHostGetDevicePointer(&mapped, base, 0);
     if (e != cudaSuccess) {

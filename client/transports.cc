@@ -23,8 +23,9 @@ class ShmTransport final : public Transport {
   absl::StatusOr<std::string> OpenTable(const std::string& name) override {
     auto table = connection_->OpenTable(name);
     if (!table.ok()) return table.status();
-    mapped_.erase(name);
-    if (map_tables_) {
+    // Opened again on the same connection: the same table, so the mapping stays (device work may
+    // still read it: HBM pins, CUDA registrations).
+    if (map_tables_ && mapped_.count(name) == 0) {
       // Not resident, not shared, or not mappable here (address space, map count): lookups go
       // through the ring instead. Only a daemon that went away is an error.
       auto mapped = connection_->MapTable(*table);

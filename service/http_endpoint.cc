@@ -128,6 +128,7 @@ class HttpEndpoint::Guard {
     Wake();
     loop_.join();
     for (auto& [fd, conn] : conns_) close(fd);
+    open_->Set(0);
     close(listen_fd_);
     close(event_fd_);
     close(epoll_fd_);
@@ -151,10 +152,12 @@ class HttpEndpoint::Guard {
     std::string request;
   };
 
-  void Watch(int fd, uint32_t events, int op) {
+  // Events carry the descriptor and its connection's id (low 32 bits): an event for a connection
+  // closed earlier in the same batch must not reach a new one that took its descriptor.
+  void Watch(int fd, uint32_t events, int op, uint64_t id = 0) {
     epoll_event ev{};
     ev.events = events;
-    ev.data.fd = fd;
+    ev.data.u64 = (id << 32) | static_cast<uint32_t>(fd);
     epoll_ctl(epoll_fd_, op, fd, &ev);
   }
 
@@ -173,13 +176,13 @@ class HttpEndpoint::Guard {
         if (stopping_) return;
       }
       for (int i = 0; i < n; ++i) {
-        const int fd = events[i].data.fd;
+        const int fd = static_cast<int>(events[i].data.u64 & 0xffffffffu);
         if (fd == listen_fd_) {
           AcceptAll();
         } else if (fd == event_fd_) {
           TakeProxyReplies();
         } else {
-          OnConnection(fd, events[i].events);
+          OnConnection(fd, static_cast<uint32_t>(events[i].data.u64 >> 32), events[i].events);
         }
       }
       const Clock::time_point now = Clock::now();
@@ -190,8 +193,10 @@ class HttpEndpoint::Guard {
     }
   }
 
+  // At most 64 connections per wakeup: a flood that keeps the backlog full must not keep this
+  // thread from reading and answering the connections it holds.
   void AcceptAll() {
-    for (;;) {
+    for (int taken = 0; taken < 64; ++taken) {
       sockaddr_storage ss{};
       socklen_t len = sizeof(ss);
       const int fd = accept4(listen_fd_, reinterpret_cast<sockaddr*>(&ss), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -208,8 +213,11 @@ class HttpEndpoint::Guard {
             if (dropped >= 0) close(dropped);
             reserve_fd_ = open("/dev/null", O_RDONLY | O_CLOEXEC);
             closed_["fd_limit"]->Add();
-            continue;
+            if (dropped >= 0 && reserve_fd_ >= 0) continue;
           }
+          // Nothing to shed and no reserve: stop listening until the next sweep rather than spin.
+          epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, listen_fd_, nullptr);
+          listener_paused_ = true;
         }
         return;  // EAGAIN, or an error accept cannot get past now
       }
@@ -223,7 +231,7 @@ class HttpEndpoint::Guard {
       conn.deadline = Clock::now() + std::chrono::milliseconds(options_.header_timeout_ms);
       ++per_address_[conn.address];
       open_->Add(1);
-      Watch(fd, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_ADD);
+      Watch(fd, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_ADD, conn.id);
     }
   }
 
@@ -274,9 +282,9 @@ class HttpEndpoint::Guard {
     open_->Add(-1);
   }
 
-  void OnConnection(int fd, uint32_t events) {
+  void OnConnection(int fd, uint32_t id, uint32_t events) {
     auto it = conns_.find(fd);
-    if (it == conns_.end()) return;
+    if (it == conns_.end() || static_cast<uint32_t>(it->second.id) != id) return;
     Conn& conn = it->second;
     if (events & (EPOLLERR | EPOLLHUP)) {
       Close(fd);  // a reply still coming from civetweb for it finds no connection and is dropped
@@ -363,7 +371,7 @@ class HttpEndpoint::Guard {
     }
     requests_["proxied"]->Add();
     conn.state = State::kProxying;
-    Watch(fd, 0, EPOLL_CTL_MOD);
+    Watch(fd, 0, EPOLL_CTL_MOD, conn.id);
     ++pending_proxy_;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -379,7 +387,7 @@ class HttpEndpoint::Guard {
     conn.out_done = 0;
     conn.state = State::kWriting;
     conn.deadline = Clock::now() + std::chrono::milliseconds(options_.write_timeout_ms);
-    Watch(fd, EPOLLOUT, EPOLL_CTL_MOD);
+    Watch(fd, EPOLLOUT, EPOLL_CTL_MOD, conn.id);
     Flush(fd, conn);
   }
 
@@ -404,10 +412,15 @@ class HttpEndpoint::Guard {
     conn.out.shrink_to_fit();
     conn.state = State::kDraining;
     conn.deadline = Clock::now() + std::chrono::seconds(1);
-    Watch(fd, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_MOD);
+    Watch(fd, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_MOD, conn.id);
   }
 
   void Sweep(Clock::time_point now) {
+    if (listener_paused_) {
+      if (reserve_fd_ < 0) reserve_fd_ = open("/dev/null", O_RDONLY | O_CLOEXEC);
+      Watch(listen_fd_, EPOLLIN, EPOLL_CTL_ADD);
+      listener_paused_ = false;
+    }
     std::vector<std::pair<int, const char*>> expired;
     for (const auto& [fd, conn] : conns_) {
       if (conn.state == State::kProxying || now < conn.deadline) continue;
@@ -508,6 +521,7 @@ class HttpEndpoint::Guard {
   std::unordered_map<std::string, int> per_address_;
   uint64_t next_id_ = 0;
   int pending_proxy_ = 0;
+  bool listener_paused_ = false;
   uint64_t shed_since_log_ = 0;
   Clock::time_point last_shed_log_{};
   std::unordered_map<std::string, Counter*> closed_;

@@ -64,6 +64,10 @@ start_daemon() {  # NAME ARGS...: starts engramd, waits until ready; 0 when it i
     kill -0 "$DAEMON" 2>/dev/null || { DAEMON=""; return 1; }
     sleep 0.1
   done
+  echo "device_check: engramd was not ready after 60 s" >>"$OUT/$name.log"
+  kill -KILL "$DAEMON" 2>/dev/null
+  wait "$DAEMON" 2>/dev/null
+  DAEMON=""
   return 1
 }
 stop_daemon() {

@@ -60,6 +60,12 @@ WRAP
   chmod +x "$B/bin/$name"
 done
 [ -f "$B/lib/ld-linux-x86-64.so.2" ] || { echo "make_bundle: no loader collected" >&2; exit 1; }
+# The rest of this glibc, which the programs no longer name (glibc 2.34 folded them into libc) but
+# the host's libcuda and cuBLAS do: from the host they would mix two glibcs.
+libc_dir=$(dirname "$(ldd "${PROGRAMS[0]}" | sed -nE 's/.*libc\.so\.6 => (\/[^ ]+) .*/\1/p')")
+for lib in libdl.so.2 libpthread.so.0 librt.so.1 libm.so.6; do
+  [ -f "$B/lib/$lib" ] || cp -L "$libc_dir/$lib" "$B/lib/$lib"
+done
 cp tiering/data/deepseek_v3_compress_lut.i32 "$B/share/engram/"
 cp tests/gpu/device_check.sh "$B/"
 git -C "$SRC" rev-parse HEAD >"$B/COMMIT" 2>/dev/null || echo unknown >"$B/COMMIT"

@@ -14,7 +14,7 @@ SRC=$(cd "$2" && pwd)
 BUILD=$(cd "$3" && pwd)
 [ "$(id -u)" = 0 ] || { echo "deb_test: skipped: needs root to install packages"; exit 77; }
 command -v apt-get >/dev/null || { echo "deb_test: skipped: no apt-get"; exit 77; }
-if dpkg-query -W -f='${Status}' engramd 2>/dev/null | grep -q installed; then
+if dpkg-query -W -f='${Status}' engramd 2>/dev/null | grep -q 'ok installed'; then
   echo "deb_test: engramd is already installed here; not touching it"
   exit 1
 fi
@@ -80,8 +80,10 @@ else
   [ -f /run/engram/ports.json ] || { echo "deb_test: engramd did not start"; cat "$T/engramd.log"; exit 1; }
   METRICS=127.0.0.1:$(sed -E 's/.*"metrics_port": ([0-9]+).*/\1/' /run/engram/ports.json)
 fi
-curl -sf "http://$METRICS/readyz" | grep -q ready || { echo "deb_test: /readyz is not ready"; exit 1; }
-curl -sf "http://$METRICS/metrics" | grep -q '^engram_ready 1' || { echo "deb_test: /metrics says not ready"; exit 1; }
+curl -sf "http://$METRICS/readyz" >"$T/readyz.txt" && grep -q ready "$T/readyz.txt" ||
+  { echo "deb_test: /readyz is not ready"; exit 1; }
+curl -sf "http://$METRICS/metrics" >"$T/metrics.txt" && grep -q '^engram_ready 1' "$T/metrics.txt" ||
+  { echo "deb_test: /metrics says not ready"; exit 1; }
 step "engramd serves, /readyz and /metrics answer"
 
 # A worker in group engram reads rows; a user outside it is refused (peer credentials).
@@ -93,10 +95,20 @@ r = json.load(open(sys.argv[1]))
 assert r["errors"] == 0 and r["rows_per_s"] > 0, r
 print("deb_test: installed engram-bench as a worker in group engram: %.3g rows/s, 0 errors" % r["rows_per_s"])
 PY
+# Outside group engram: /run/engram (0750) keeps it from the socket; opened up for a moment, the
+# daemon's own peer-credential check must refuse it too.
 if runuser -u nobody -- /usr/bin/engram-bench --target "unix://$SOCK" --table demo --duration 1 >/dev/null 2>&1; then
   echo "deb_test: user nobody (not in group engram) was served"; exit 1
 fi
-step "user nobody, outside group engram, is refused"
+chmod o+x /run/engram
+set +e
+runuser -u nobody -- /usr/bin/engram-bench --target "unix://$SOCK" --table demo --duration 1 >"$T/nobody.txt" 2>&1
+nobody_rc=$?
+set -e
+chmod o-x /run/engram
+[ "$nobody_rc" != 0 ] && grep -qi "refused\|not allowed\|permission" "$T/nobody.txt" ||
+  { echo "deb_test: with the socket reachable, user nobody was not refused by engramd:"; cat "$T/nobody.txt"; exit 1; }
+step "user nobody, outside group engram, is refused (by the directory, and by engramd's credential check)"
 
 # An engine built against the installed headers and CMake package, run as the worker: the same
 # checksums as the example built in the source tree.
@@ -112,11 +124,13 @@ target_link_libraries(consumer PRIVATE engram::engram_client)
 CMAKE
 cmake -S "$T/consumer" -B "$T/consumer/build" -G Ninja >/dev/null
 cmake --build "$T/consumer/build" >/dev/null
+# The worker cannot be assumed to reach the source and build trees (a clone under /root):
+# everything it runs or reads is copied here first.
+cp "$SRC/tests/data/fortunes.deepseek_v3.i32" "$T/tokens.i32"
+cp "$BUILD/client/engram-example-engine" "$T/source-engine"
 chmod -R a+rX "$T"
-TOKENS="$SRC/tests/data/fortunes.deepseek_v3.i32"
-cp "$TOKENS" "$T/tokens.i32" && chmod a+r "$T/tokens.i32"
 runuser -u "$WORKER" -- "$T/consumer/build/consumer" "unix://$SOCK" demo "$T/tokens.i32" 2 64 >"$T/installed.txt"
-runuser -u "$WORKER" -- "$BUILD/client/engram-example-engine" "unix://$SOCK" demo "$T/tokens.i32" 2 64 >"$T/source.txt"
+runuser -u "$WORKER" -- "$T/source-engine" "unix://$SOCK" demo "$T/tokens.i32" 2 64 >"$T/source.txt"
 grep -q "checksum" "$T/installed.txt" || { echo "deb_test: the installed-header engine printed no checksums"; exit 1; }
 diff "$T/installed.txt" "$T/source.txt" || { echo "deb_test: installed and source-tree engines differ"; exit 1; }
 step "an engine built with find_package(engram) from /usr reads the same rows as the source tree's"
