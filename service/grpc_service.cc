@@ -21,7 +21,7 @@ absl::Status DecodeU32(const std::string& bytes, const char* field, std::vector<
         absl::StrCat(field, " holds ", bytes.size(), " bytes, not a whole number of 4-byte values"));
   }
   out->resize(bytes.size() / 4);
-  std::memcpy(out->data(), bytes.data(), bytes.size());
+  if (!bytes.empty()) std::memcpy(out->data(), bytes.data(), bytes.size());  // an empty vector's data() may be null
   return absl::OkStatus();
 }
 
@@ -199,7 +199,7 @@ absl::Status EngramGrpcService::DoLookupTokens(const v1::LookupTokensRequest& re
                                                    " bytes, not a whole number of int32 ids"));
   }
   std::vector<int32_t> tokens(request.token_ids().size() / 4);
-  std::memcpy(tokens.data(), request.token_ids().data(), request.token_ids().size());
+  if (!tokens.empty()) std::memcpy(tokens.data(), request.token_ids().data(), request.token_ids().size());
   std::vector<int> layers(request.layers().begin(), request.layers().end());
   if (layers.empty()) layers = table->manifest().layer_ids();
   // batch x seq_len fits 64 bits (two 32-bit fields); times heads it may not, so divide instead.

@@ -261,7 +261,8 @@ void ShmSession::Serve() {
       s = shape;  // nothing is copied out of a request before its size is known to be sane
     } else {
       indices.resize(d.indices_bytes / 4);
-      std::memcpy(indices.data(), index_bytes, d.indices_bytes);  // copied: the client cannot change them now
+      // Copied: the client cannot change them now (none to copy for an empty request).
+      if (d.indices_bytes > 0) std::memcpy(indices.data(), index_bytes, d.indices_bytes);
       if (d.op == static_cast<uint32_t>(shm::Op::kPrefetch)) {
         s = ctx_.engine->Prefetch(*table, static_cast<int>(d.layer), d.num_tokens, indices).status();
       } else {

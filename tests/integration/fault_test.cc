@@ -560,6 +560,7 @@ TEST(RequestFuzzTest, EveryRpcsFieldsAtTheirEdgesAndRandomBytesGetAStatusAndNeve
   std::printf("%d requests answered (%d lookups with their rows checked), %d refused with a status, %d unparsable\n",
               ok, rows_checked, refused, unparsable);
   for (const auto& b : bad) ADD_FAILURE() << b;
+  if (!bad.empty() || !daemon.running()) ADD_FAILURE() << "engramd's log:\n" << daemon.log();
   EXPECT_GT(rows_checked, 100);
   EXPECT_GT(refused, 100);
   ASSERT_TRUE(daemon.running());
