@@ -10,11 +10,22 @@
 
 #include "gtest/gtest.h"
 #include "tiering/layout/manifest.h"
+#include "tiering/layout/synthetic.h"
 #include "tiering/pack_writer.h"
 
 namespace engram::testing {
 
 inline std::string TestDataPath(const std::string& file) { return std::string(ENGRAM_TEST_DATA_DIR) + "/" + file; }
+
+// What a synthetic pack holds at head-local index `idx` of head `h` of `layer_id`: the formula's row.
+inline std::vector<uint8_t> FormulaRow(const PackManifest& m, int layer_id, int h, uint32_t idx) {
+  const auto& layout = m.FindLayer(layer_id)->layout;
+  std::vector<float> scratch(m.row.dim);
+  std::vector<uint8_t> row(m.row.bytes);
+  SyntheticRow(*m.synthetic_seed, layer_id, layout.head_offset[h] + idx, m.row.dim, m.row.dtype, scratch.data(),
+               row.data());
+  return row;
+}
 
 // A fresh directory under $TMPDIR, removed when the object goes away.
 class TempDir {

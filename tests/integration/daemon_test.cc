@@ -60,13 +60,7 @@ class DaemonTest : public ::testing::Test {
   static std::string pack_dir() { return dir_->path() + "/pack"; }
 
   static std::vector<uint8_t> ExpectedRow(int layer_id, int h, uint32_t idx) {
-    const auto& m = *manifest_;
-    const auto& layout = m.FindLayer(layer_id)->layout;
-    std::vector<float> scratch(m.row.dim);
-    std::vector<uint8_t> row(m.row.bytes);
-    SyntheticRow(*m.synthetic_seed, layer_id, layout.head_offset[h] + idx, m.row.dim, m.row.dtype, scratch.data(),
-                 row.data());
-    return row;
+    return testing::FormulaRow(*manifest_, layer_id, h, idx);
   }
 
   static grpc::Status Lookup(int layer, uint32_t tokens, const std::vector<uint32_t>& indices,

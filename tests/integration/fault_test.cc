@@ -47,21 +47,12 @@ using Clock = std::chrono::steady_clock;
 
 double MsSince(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
 
-std::vector<uint8_t> ExpectedRow(const PackManifest& m, int layer_id, int h, uint32_t idx) {
-  const auto& layout = m.FindLayer(layer_id)->layout;
-  std::vector<float> scratch(m.row.dim);
-  std::vector<uint8_t> row(m.row.bytes);
-  SyntheticRow(*m.synthetic_seed, layer_id, layout.head_offset[h] + idx, m.row.dim, m.row.dtype, scratch.data(),
-               row.data());
-  return row;
-}
-
 // Rows of `tokens` x heads indices, all checked against the formula; the count that differ.
 int CountWrongRows(const PackManifest& m, int layer_id, const std::vector<uint32_t>& idx, const uint8_t* rows) {
   const int heads = static_cast<int>(m.FindLayer(layer_id)->layout.head_rows.size());
   int wrong = 0;
   for (size_t i = 0; i < idx.size(); ++i) {
-    const auto want = ExpectedRow(m, layer_id, static_cast<int>(i % heads), idx[i]);
+    const auto want = testing::FormulaRow(m, layer_id, static_cast<int>(i % heads), idx[i]);
     if (std::memcmp(rows + i * m.row.bytes, want.data(), m.row.bytes) != 0) ++wrong;
   }
   return wrong;
