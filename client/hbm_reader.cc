@@ -173,9 +173,13 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
     missed.push_back(i);
   }
   pin.staged_rows = missed.size();
+  // Through plain pointers (the vectors are thread_local: see MappedTable::Lookup).
+  const uint64_t* row_ids = rows.data();
+  const uint64_t* missed_at = missed.data();
+  const uint64_t row_bytes = row_bytes_;
   kernels::GatherRowsHost(
-      layer->base, row_bytes_, missed.size(), [&](size_t j) { return rows[missed[j]]; },
-      [&](size_t j) { return staged + j * row_bytes_; });
+      layer->base, row_bytes, missed.size(), [row_ids, missed_at](size_t j) { return row_ids[missed_at[j]]; },
+      [staged, row_bytes](size_t j) { return staged + j * row_bytes; });
   const uint64_t hits = rows.size() - pin.staged_rows;
   layer->hbm_rows.fetch_add(hits, std::memory_order_relaxed);
   layer->hbm_rows_total.fetch_add(hits, std::memory_order_relaxed);
@@ -329,11 +333,17 @@ bool MappedTable::GatherWithHbm(Layer* layer, absl::Span<const uint64_t> rows, a
   uint64_t hits = 0;
   const uint8_t* hbm = layer->hbm_slots;
   const uint32_t slot_count = layer->hbm_slot_count;
-  auto source = [&](size_t i) {
-    return slots[i] < slot_count ? hbm + uint64_t{slots[i]} * row_bytes_ : layer->base + rows[i] * row_bytes_;
+  // Through plain pointers (`slots` is thread_local: see MappedTable::Lookup).
+  const uint32_t* slot_of = slots.data();
+  const uint64_t* row_ids = rows.data();
+  const uint8_t* dram = layer->base;
+  const uint64_t row_bytes = row_bytes_;
+  auto source = [=](size_t i) {
+    return slot_of[i] < slot_count ? hbm + uint64_t{slot_of[i]} * row_bytes : dram + row_ids[i] * row_bytes;
   };
-  for (size_t i = 0; i < rows.size(); ++i) hits += slots[i] < slot_count ? 1 : 0;
-  kernels::GatherFromHost(row_bytes_, rows.size(), source, [&](size_t i) { return out.data() + i * row_bytes_; });
+  for (size_t i = 0; i < rows.size(); ++i) hits += slot_of[i] < slot_count ? 1 : 0;
+  uint8_t* dest = out.data();
+  kernels::GatherFromHost(row_bytes, rows.size(), source, [dest, row_bytes](size_t i) { return dest + i * row_bytes; });
   UnpinLocked(layer, k);
   layer->hbm_rows.fetch_add(hits, std::memory_order_relaxed);
   layer->hbm_rows_total.fetch_add(hits, std::memory_order_relaxed);

@@ -146,9 +146,14 @@ absl::Status MappedTable::Lookup(int layer_id, uint32_t num_tokens, absl::Span<c
   const bool hbm = hbm_access_ == HbmAccess::kHost && layer->hbm_index != nullptr &&
                    GatherWithHbm(layer, absl::MakeConstSpan(rows), out);
   if (!hbm) {
+    // Through plain pointers: `rows` is thread_local, and in a shared object (the Python module)
+    // each use of it per row would be a __tls_get_addr call.
+    const uint64_t* row_ids = rows.data();
+    uint8_t* dest = out.data();
+    const uint64_t row_bytes = row_bytes_;
     kernels::GatherRowsHost(
-        layer->base, row_bytes_, total, [&](size_t i) { return rows[i]; },
-        [&](size_t i) { return out.data() + i * row_bytes_; });
+        layer->base, row_bytes, total, [row_ids](size_t i) { return row_ids[i]; },
+        [dest, row_bytes](size_t i) { return dest + i * row_bytes; });
     layer->rows.fetch_add(total, std::memory_order_relaxed);
   }
   if (layer->hbm_index != nullptr) Sample(layer, rows);

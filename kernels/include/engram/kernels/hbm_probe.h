@@ -10,6 +10,8 @@
 #include "engram/kernels/row_dtype.h"
 #ifndef __CUDACC__
 #include <atomic>
+
+#include "engram/kernels/prefetch.h"
 #endif
 
 namespace engram::kernels {
@@ -55,7 +57,7 @@ inline constexpr uint64_t kDirectFromHost = 0x8000000000000000ull;
 ENGRAM_HD inline const uint8_t* DirectRowSource(uint64_t source, const uint8_t* slots, const uint8_t* host_rows,
                                                 int64_t row_bytes) {
   return (source & kDirectFromHost) != 0 ? host_rows + static_cast<int64_t>(source & ~kDirectFromHost) * row_bytes
-                                          : slots + static_cast<int64_t>(source) * row_bytes;
+                                         : slots + static_cast<int64_t>(source) * row_bytes;
 }
 
 #ifndef __CUDACC__
@@ -63,16 +65,17 @@ ENGRAM_HD inline const uint8_t* DirectRowSource(uint64_t source, const uint8_t* 
 // they are probed, so the index's cache misses overlap instead of coming one after another (the
 // index is far bigger than the caches). out_slots[i] = HbmProbe(..., rows[i]).
 inline constexpr size_t kHbmProbeAhead = 16;
+// See prefetch.h for why not __builtin_prefetch.
+inline void HbmPrefetchBucket(const uint64_t* keys, const uint32_t* slots, uint64_t bucket_mask, uint64_t row) {
+  const uint64_t b = HbmBucketOf(row, bucket_mask);
+  PrefetchForRead(keys + b);
+  PrefetchForRead(slots + b);
+}
 inline void HbmProbeMany(const uint64_t* keys, const uint32_t* slots, uint64_t bucket_mask, const uint64_t* rows,
                          size_t n, uint32_t* out_slots) {
-  auto touch = [&](size_t i) {
-    const uint64_t b = HbmBucketOf(rows[i], bucket_mask);
-    __builtin_prefetch(keys + b);
-    __builtin_prefetch(slots + b);
-  };
-  for (size_t i = 0; i < n && i < kHbmProbeAhead; ++i) touch(i);
+  for (size_t i = 0; i < n && i < kHbmProbeAhead; ++i) HbmPrefetchBucket(keys, slots, bucket_mask, rows[i]);
   for (size_t i = 0; i < n; ++i) {
-    if (i + kHbmProbeAhead < n) touch(i + kHbmProbeAhead);
+    if (i + kHbmProbeAhead < n) HbmPrefetchBucket(keys, slots, bucket_mask, rows[i + kHbmProbeAhead]);
     out_slots[i] = HbmProbe(keys, slots, bucket_mask, rows[i]);
   }
 }
@@ -94,10 +97,10 @@ inline constexpr uint32_t kHbmIndexVersion = 1;
 struct alignas(64) HbmIndexHeader {
   uint32_t magic;
   uint32_t version;
-  uint32_t slots;         // rows the slot arena holds
+  uint32_t slots;  // rows the slot arena holds
   uint32_t reserved;
   uint64_t row_bytes;
-  uint64_t bucket_mask;   // each buffer has bucket_mask + 1 buckets
+  uint64_t bucket_mask;       // each buffer has bucket_mask + 1 buckets
   uint64_t keys_offset[2];    // from the start of the mapping: uint64 row + 1 (0 = empty)
   uint64_t values_offset[2];  // uint32 slot numbers
   uint64_t total_bytes;
