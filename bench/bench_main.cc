@@ -22,6 +22,7 @@
 #include "engram/client.h"
 #include "engram/shm_client.h"
 #include "bench/simulate.h"
+#include "bench/socket_ceiling.h"
 #include "engram/kernels/cpu_twin.h"
 #include "bench/workload.h"
 #include "engram/v1/engram.grpc.pb.h"
@@ -47,6 +48,7 @@ constexpr char kUsage[] =
     "  engram-bench simulate --pack DIR --tokens FILE.i32 [--policy P ...] [--capacity 1%|10%|BYTES]\n"
     "  engram-bench module [--batch B --seq-len T --branches G --hidden D --embed M --threads N]\n"
     "  engram-bench health --metrics HOST:PORT [--idle N --path /readyz]\n"
+    "  engram-bench socket [--bytes N --duration S]   (loopback TCP: the ceiling for gRPC replies)\n"
     "\n"
     "Each request is one batch: --batch-tokens tokens of one layer (layers taken in turn). The\n"
     "batches are generated before timing. With --target inproc the same engine engramd runs is\n"
@@ -568,6 +570,7 @@ int Main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "module") return Module(argc, argv);
   if (argc > 1 && std::string(argv[1]) == "compare") return Compare(argc, argv);
   if (argc > 1 && std::string(argv[1]) == "health") return HealthBench(argc, argv);
+  if (argc > 1 && std::string(argv[1]) == "socket") return SocketCeiling(argc, argv);
   std::string target = "inproc", table_name, pack, workload_text = "zipf:1.0";
   int64_t batch_tokens = 4096, concurrency = 1, worker_threads = -1, seed = 1, max_batches = 64;
   double duration = 5;

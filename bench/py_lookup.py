@@ -20,10 +20,13 @@ sys.path.insert(0, os.environ.get("ENGRAM_PYTHONPATH", os.path.join(os.path.dirn
 import engram  # noqa: E402
 
 
-def zipf_indices(table, layer_rows, tokens, rng, alpha=1.0):
-    """Per-head Zipf(alpha) over each head's rows (rank r -> row r; alpha 0: uniform), like
-    engram-bench's zipf:ALPHA workload."""
+def zipf_indices(table, layer_id, layer_rows, tokens, rng, alpha=1.0):
+    """Per-head Zipf(alpha) over each head's rows (alpha 0: uniform), as engram-bench's zipf:ALPHA
+    workload draws them (bench/workload.cc): rank r goes to row (r * a + b) mod rows, with the same
+    a and b per head and layer, so the hot rows are scattered over the head as hashed n-grams are
+    (hot rows side by side would share pages and cache lines, and flatter the gather)."""
     out = np.empty((tokens, table.heads), dtype=np.uint32)
+    m64 = (1 << 64) - 1
     for h, rows in enumerate(layer_rows):
         if alpha == 0:
             out[:, h] = rng.integers(0, rows, size=tokens)
@@ -31,7 +34,11 @@ def zipf_indices(table, layer_rows, tokens, rng, alpha=1.0):
         ranks = np.arange(1, rows + 1, dtype=np.float64)
         p = ranks ** -alpha
         p /= p.sum()
-        out[:, h] = rng.choice(rows, size=tokens, p=p)
+        rank = rng.choice(rows, size=tokens, p=p).astype(np.uint64)
+        a = 1 + ((0x9E3779B97F4A7C15 * (h + 1) + layer_id) & m64) % (rows - 1)
+        b = ((0xBF58476D1CE4E5B9 * (h + 7)) & m64) % rows
+        # rank, a, b < rows < 2**32: rank * a + b fits in 64 bits.
+        out[:, h] = ((rank * np.uint64(a) + np.uint64(b)) % np.uint64(rows)).astype(np.uint32)
     return out
 
 
@@ -64,7 +71,8 @@ def main():
             p.error("--workload must be zipf:ALPHA")
         alpha = float(a.workload[5:])
         batches = [(layers[i % len(layers)],
-                    zipf_indices(table, head_rows[layers[i % len(layers)]], a.batch_tokens, rng, alpha))
+                    zipf_indices(table, layers[i % len(layers)], head_rows[layers[i % len(layers)]], a.batch_tokens,
+                                 rng, alpha))
                    for i in range(a.batches)]
         if a.out == "torch":
             import torch

@@ -1,10 +1,13 @@
 // Shared-memory and gRPC transports for Client.
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/impl/client_unary_call.h>
+#include <grpcpp/impl/rpc_method.h>
 
 #include <chrono>
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "client/grpc_reply.h"
 #include "client/transport.h"
 #include "engram/shm_client.h"
 #include "engram/v1/engram.grpc.pb.h"
@@ -73,7 +76,11 @@ class ShmTransport final : public Transport {
 
 class GrpcTransport final : public Transport {
  public:
-  GrpcTransport(std::unique_ptr<v1::Engram::Stub> stub, int timeout_ms) : stub_(std::move(stub)), timeout_ms_(timeout_ms) {}
+  GrpcTransport(const std::shared_ptr<grpc::Channel>& channel, int timeout_ms)
+      : channel_(channel),
+        stub_(v1::Engram::NewStub(channel)),
+        lookup_method_("/engram.v1.Engram/Lookup", grpc::internal::RpcMethod::NORMAL_RPC, channel),
+        timeout_ms_(timeout_ms) {}
   absl::StatusOr<std::string> OpenTable(const std::string& name) override {
     v1::GetTableRequest request;
     request.set_table(name);
@@ -90,18 +97,19 @@ class GrpcTransport final : public Transport {
     request.set_layer(static_cast<uint32_t>(layer));
     request.set_num_tokens(num_tokens);
     request.set_indices(reinterpret_cast<const char*>(indices.data()), indices.size() * 4);
-    v1::LookupResponse response;
+    // The reply stays in gRPC's buffers: the rows are copied once from there into `out`.
+    grpc::ByteBuffer reply;
     grpc::ClientContext context;
     SetDeadline(&context);
-    if (absl::Status s = FromGrpc(stub_->Lookup(&context, request, &response)); !s.ok()) return s;
-    if (response.rows().size() != out.size()) {
-      return absl::InternalError(absl::StrCat("engramd sent ", response.rows().size(), " bytes of rows, ", out.size(),
-                                              " expected"));
+    if (absl::Status s = FromGrpc(grpc::internal::BlockingUnaryCall<v1::LookupRequest, grpc::ByteBuffer,
+                                                                    grpc::protobuf::MessageLite, grpc::ByteBuffer>(
+            channel_.get(), lookup_method_, &context, request, &reply));
+        !s.ok()) {
+      return s;
     }
-    std::memcpy(out.data(), response.rows().data(), out.size());
-    if (stats != nullptr) {
-      *stats = {response.stats().rows_read(), response.stats().dram_rows(), response.stats().nvme_rows()};
-    }
+    v1::LookupStats reply_stats;
+    if (absl::Status s = ReadLookupReply(&reply, out, &reply_stats); !s.ok()) return s;
+    if (stats != nullptr) *stats = {reply_stats.rows_read(), reply_stats.dram_rows(), reply_stats.nvme_rows()};
     return absl::OkStatus();
   }
   absl::Status Prefetch(const std::string& table, int layer, uint32_t num_tokens,
@@ -119,15 +127,19 @@ class GrpcTransport final : public Transport {
 
  private:
   void SetDeadline(grpc::ClientContext* context) const {
-    context->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(CallTimeout::Effective(timeout_ms_)));
+    context->set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(CallTimeout::Effective(timeout_ms_)));
   }
+  std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Engram::Stub> stub_;
+  grpc::internal::RpcMethod lookup_method_;  // Lookup with its reply left as bytes
   int timeout_ms_;
 };
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Transport>> MakeShmTransport(const std::string& socket_path, const ClientOptions& options) {
+absl::StatusOr<std::unique_ptr<Transport>> MakeShmTransport(const std::string& socket_path,
+                                                            const ClientOptions& options) {
   ShmConnectOptions shm_options;
   shm_options.data_bytes = options.shm_data_bytes;
   shm_options.timeout_ms = options.timeout_ms;
@@ -154,7 +166,7 @@ absl::StatusOr<std::unique_ptr<Transport>> MakeGrpcTransport(const std::string& 
   if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::milliseconds(connect_ms))) {
     return absl::UnavailableError(absl::StrCat("cannot connect to engramd at grpc://", address));
   }
-  return std::unique_ptr<Transport>(new GrpcTransport(v1::Engram::NewStub(channel), options.timeout_ms));
+  return std::unique_ptr<Transport>(new GrpcTransport(channel, options.timeout_ms));
 }
 
 }  // namespace engram

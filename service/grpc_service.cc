@@ -1,7 +1,13 @@
 #include "service/grpc_service.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -29,8 +35,7 @@ class RequestTimer {
  public:
   explicit RequestTimer(RequestMetrics* metrics) : metrics_(metrics), start_(std::chrono::steady_clock::now()) {}
   grpc::Status Finish(const absl::Status& s) {
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     metrics_->Record(s.code(), seconds);
     return ToGrpc(s);
   }
@@ -82,7 +87,26 @@ void FillTableInfo(const Table& table, uint64_t max_batch_rows, v1::TableInfo* i
   }
 }
 
-absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request, v1::LookupResponse* response) {
+EngramGrpcService::EngramGrpcService(Engine* engine, DaemonMetrics* metrics)
+    : engine_(engine),
+      metrics_(metrics),
+      lookup_metrics_(metrics->Requests("grpc", "Lookup")),
+      stream_metrics_(metrics->Requests("grpc", "LookupStream")),
+      tokens_metrics_(metrics->Requests("grpc", "LookupTokens")),
+      prefetch_metrics_(metrics->Requests("grpc", "Prefetch")),
+      list_metrics_(metrics->Requests("grpc", "ListTables")),
+      get_metrics_(metrics->Requests("grpc", "GetTable")) {
+  // Method 0 is Lookup (the order of engram.proto). Served as a "streamed unary" call: one request
+  // read, one reply written, on the same sync threads, but the reply is a ByteBuffer of our slices.
+  MarkMethodStreamed(0, new grpc::internal::StreamedUnaryHandler<v1::LookupRequest, grpc::ByteBuffer>(
+                            [this](grpc::ServerContext* context,
+                                   grpc::ServerUnaryStreamer<v1::LookupRequest, grpc::ByteBuffer>* stream) {
+                              return LookupBytes(context, stream);
+                            }));
+}
+
+absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request,
+                                         const std::function<uint8_t*(uint64_t)>& rows_buffer, v1::LookupStats* ps) {
   if (draining_.load()) return Draining();
   const Table* table = engine_->FindTable(request.table());
   if (table == nullptr) return absl::NotFoundError(absl::StrCat("no table named '", request.table(), "'"));
@@ -90,28 +114,84 @@ absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request, v1::L
   if (absl::Status s = DecodeU32(request.indices(), "indices", &indices); !s.ok()) return s;
   const uint64_t rows = static_cast<uint64_t>(request.num_tokens()) * table->heads();
   if (rows > engine_->options().max_batch_rows) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        request.num_tokens(), " tokens x ", table->heads(), " heads = ", rows,
-        " rows exceeds --max-batch-rows ", engine_->options().max_batch_rows));
+    return absl::ResourceExhaustedError(absl::StrCat(request.num_tokens(), " tokens x ", table->heads(),
+                                                     " heads = ", rows, " rows exceeds --max-batch-rows ",
+                                                     engine_->options().max_batch_rows));
   }
-  response->set_request_id(request.request_id());
-  std::string* out = response->mutable_rows();
-  out->resize(indices.size() == rows ? rows * table->row_bytes() : 0);
+  // A count that does not match gets an empty buffer, and the engine's error naming both.
+  const uint64_t bytes = indices.size() == rows ? rows * table->row_bytes() : 0;
+  uint8_t* out = rows_buffer(bytes);
   LookupStats stats;
   absl::Status s = engine_->Lookup(*table, static_cast<int>(request.layer()), request.num_tokens(), indices,
-                                   absl::MakeSpan(reinterpret_cast<uint8_t*>(out->data()), out->size()),
-                                   &stats);
-  if (!s.ok()) {
-    response->clear_rows();
-    return s;
-  }
+                                   absl::MakeSpan(out, bytes), &stats);
+  if (!s.ok()) return s;
   metrics_->RecordLookup(*table, stats);
-  v1::LookupStats* ps = response->mutable_stats();
   ps->set_rows_requested(stats.rows_requested);
   ps->set_rows_read(stats.rows_read);
   ps->set_hbm_rows(stats.tiers.rows[static_cast<int>(TierKind::kHbm)]);
   ps->set_dram_rows(stats.tiers.rows[static_cast<int>(TierKind::kDram)]);
   ps->set_nvme_rows(stats.tiers.rows[static_cast<int>(TierKind::kNvme)]);
+  return absl::OkStatus();
+}
+
+absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request, v1::LookupResponse* response) {
+  response->set_request_id(request.request_id());
+  std::string* out = response->mutable_rows();
+  absl::Status s = DoLookup(
+      request,
+      [out](uint64_t bytes) {
+        out->resize(bytes);
+        return reinterpret_cast<uint8_t*>(out->data());
+      },
+      response->mutable_stats());
+  if (!s.ok()) response->Clear();
+  return s;
+}
+
+namespace {
+
+void FreeRows(void* p) { std::free(p); }
+
+// Appends `value` as a protobuf varint.
+void PutVarint(uint64_t value, std::string* out) {
+  while (value >= 0x80) {
+    out->push_back(static_cast<char>((value & 0x7f) | 0x80));
+    value >>= 7;
+  }
+  out->push_back(static_cast<char>(value));
+}
+
+}  // namespace
+
+absl::Status EngramGrpcService::DoLookupBytes(const v1::LookupRequest& request, grpc::ByteBuffer* reply) {
+  // Freed by gRPC once the bytes are sent (or by us, if the lookup fails first).
+  std::unique_ptr<uint8_t, void (*)(void*)> rows(nullptr, FreeRows);
+  uint64_t rows_bytes = 0;
+  v1::LookupResponse head;  // every field but rows
+  head.set_request_id(request.request_id());
+  absl::Status s = DoLookup(
+      request,
+      [&](uint64_t bytes) {
+        rows.reset(static_cast<uint8_t*>(std::malloc(std::max<uint64_t>(bytes, 1))));
+        if (rows == nullptr) throw std::bad_alloc();
+        rows_bytes = bytes;
+        return rows.get();
+      },
+      head.mutable_stats());
+  if (!s.ok()) return s;
+  // A LookupResponse on the wire is its fields in any order: the small ones, then rows as field 2
+  // (tag, length, bytes). proto3 leaves an empty bytes field out.
+  std::string prefix = head.SerializeAsString();
+  std::vector<grpc::Slice> slices;
+  if (rows_bytes > 0) {
+    prefix.push_back(static_cast<char>((v1::LookupResponse::kRowsFieldNumber << 3) | 2));
+    PutVarint(rows_bytes, &prefix);
+    slices.emplace_back(prefix);
+    slices.emplace_back(rows.release(), rows_bytes, FreeRows);
+  } else {
+    slices.emplace_back(prefix);
+  }
+  *reply = grpc::ByteBuffer(slices.data(), slices.size());
   return absl::OkStatus();
 }
 
@@ -121,15 +201,33 @@ grpc::Status EngramGrpcService::Lookup(grpc::ServerContext* context, const v1::L
   return timer.Finish(Admitted(inflight_, context, [&] { return DoLookup(*request, response); }));
 }
 
+grpc::Status EngramGrpcService::LookupBytes(grpc::ServerContext* context,
+                                            grpc::ServerUnaryStreamer<v1::LookupRequest, grpc::ByteBuffer>* stream) {
+  RequestTimer timer(lookup_metrics_);
+  v1::LookupRequest request;
+  if (!stream->Read(&request)) {
+    // INTERNAL, as gRPC itself answers a request that does not parse on the other methods.
+    return timer.Finish(absl::InternalError("the Lookup request could not be read or is not a LookupRequest"));
+  }
+  grpc::ByteBuffer reply;
+  const absl::Status s = Admitted(inflight_, context, [&] { return DoLookupBytes(request, &reply); });
+  // The reply goes out with the status, in one write.
+  if (s.ok() && !stream->Write(reply, grpc::WriteOptions().set_last_message())) {
+    return timer.Finish(absl::CancelledError("the client went away before the reply was sent"));
+  }
+  return timer.Finish(s);
+}
+
 absl::Status ClientCaps::Admit(const std::string& client) {
   std::lock_guard<std::mutex> lock(mu_);
   if (total_ > 0 && held_ >= total_) {
-    return absl::ResourceExhaustedError(absl::StrCat(held_, " ", what_, ", the limit (", total_flag_, " ", total_, ")"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(held_, " ", what_, ", the limit (", total_flag_, " ", total_, ")"));
   }
   int& mine = by_client_[client];
   if (per_client_ > 0 && mine >= per_client_) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(client, " has ", mine, " ", what_, ", the limit per client (", per_client_flag_, " ", per_client_, ")"));
+    return absl::ResourceExhaustedError(absl::StrCat(client, " has ", mine, " ", what_, ", the limit per client (",
+                                                     per_client_flag_, " ", per_client_, ")"));
   }
   ++mine;
   ++held_;
@@ -164,8 +262,8 @@ absl::Status EngramGrpcService::Admitted(ClientCaps& caps, grpc::ServerContext* 
   return s;
 }
 
-grpc::Status EngramGrpcService::LookupStream(
-    grpc::ServerContext* context, grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) {
+grpc::Status EngramGrpcService::LookupStream(grpc::ServerContext* context,
+                                             grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) {
   const std::string client = ClientKey(context);
   if (absl::Status s = streams_.Admit(client); !s.ok()) return ToGrpc(s);
   struct Release {
@@ -195,8 +293,8 @@ absl::Status EngramGrpcService::DoLookupTokens(const v1::LookupTokensRequest& re
   const Table* table = engine_->FindTable(request.table());
   if (table == nullptr) return absl::NotFoundError(absl::StrCat("no table named '", request.table(), "'"));
   if (request.token_ids().size() % 4 != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("token_ids holds ", request.token_ids().size(),
-                                                   " bytes, not a whole number of int32 ids"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("token_ids holds ", request.token_ids().size(), " bytes, not a whole number of int32 ids"));
   }
   std::vector<int32_t> tokens(request.token_ids().size() / 4);
   if (!tokens.empty()) std::memcpy(tokens.data(), request.token_ids().data(), request.token_ids().size());
@@ -205,9 +303,9 @@ absl::Status EngramGrpcService::DoLookupTokens(const v1::LookupTokensRequest& re
   // batch x seq_len fits 64 bits (two 32-bit fields); times heads it may not, so divide instead.
   const uint64_t tokens_count = static_cast<uint64_t>(request.batch()) * request.seq_len();
   if (tokens_count > engine_->options().max_batch_rows / std::max<uint64_t>(1, table->heads())) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        request.batch(), " x ", request.seq_len(), " tokens x ", table->heads(), " heads exceeds --max-batch-rows ",
-        engine_->options().max_batch_rows));
+    return absl::ResourceExhaustedError(absl::StrCat(request.batch(), " x ", request.seq_len(), " tokens x ",
+                                                     table->heads(), " heads exceeds --max-batch-rows ",
+                                                     engine_->options().max_batch_rows));
   }
   std::vector<uint32_t> indices;
   for (int layer : layers) {
@@ -219,8 +317,7 @@ absl::Status EngramGrpcService::DoLookupTokens(const v1::LookupTokensRequest& re
     out->resize(indices.size() * table->row_bytes());
     LookupStats stats;
     absl::Status s = engine_->Lookup(*table, layer, static_cast<uint32_t>(tokens_count), indices,
-                                     absl::MakeSpan(reinterpret_cast<uint8_t*>(out->data()), out->size()),
-                                     &stats);
+                                     absl::MakeSpan(reinterpret_cast<uint8_t*>(out->data()), out->size()), &stats);
     if (!s.ok()) {
       response->Clear();
       return s;

@@ -5,6 +5,7 @@
 #define ENGRAM_SERVICE_GRPC_SERVICE_H_
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
@@ -41,15 +42,7 @@ class ClientCaps {
 
 class EngramGrpcService final : public v1::Engram::Service {
  public:
-  EngramGrpcService(Engine* engine, DaemonMetrics* metrics)
-      : engine_(engine),
-        metrics_(metrics),
-        lookup_metrics_(metrics->Requests("grpc", "Lookup")),
-        stream_metrics_(metrics->Requests("grpc", "LookupStream")),
-        tokens_metrics_(metrics->Requests("grpc", "LookupTokens")),
-        prefetch_metrics_(metrics->Requests("grpc", "Prefetch")),
-        list_metrics_(metrics->Requests("grpc", "ListTables")),
-        get_metrics_(metrics->Requests("grpc", "GetTable")) {}
+  EngramGrpcService(Engine* engine, DaemonMetrics* metrics);
 
   // While draining, new requests get UNAVAILABLE.
   void set_draining(bool draining) { draining_.store(draining); }
@@ -59,11 +52,12 @@ class EngramGrpcService final : public v1::Engram::Service {
   // Unary Lookup, LookupTokens and Prefetch calls being served, likewise.
   void set_inflight_limits(int total, int per_client) { inflight_.set_limits(total, per_client); }
 
+  // Lookup's reply is built as slices, not as a LookupResponse (see LookupBytes); gRPC never calls
+  // this one.
   grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
                       v1::LookupResponse* response) override;
-  grpc::Status LookupStream(
-      grpc::ServerContext* context,
-      grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) override;
+  grpc::Status LookupStream(grpc::ServerContext* context,
+                            grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) override;
   grpc::Status LookupTokens(grpc::ServerContext* context, const v1::LookupTokensRequest* request,
                             v1::LookupTokensResponse* response) override;
   grpc::Status Prefetch(grpc::ServerContext* context, const v1::PrefetchRequest* request,
@@ -74,7 +68,16 @@ class EngramGrpcService final : public v1::Engram::Service {
                         v1::TableInfo* response) override;
 
  private:
+  // Lookup as gRPC serves it: the reply, a serialized LookupResponse, goes out as three slices (its
+  // small fields, the rows field's tag and length, and the rows gathered into a buffer of their own
+  // that gRPC frees once sent), so its megabytes are neither zero-filled nor copied by protobuf.
+  grpc::Status LookupBytes(grpc::ServerContext* context,
+                           grpc::ServerUnaryStreamer<v1::LookupRequest, grpc::ByteBuffer>* stream);
+  // Checks `request` and gathers its rows into the buffer `rows_buffer(bytes)` returns.
+  absl::Status DoLookup(const v1::LookupRequest& request, const std::function<uint8_t*(uint64_t)>& rows_buffer,
+                        v1::LookupStats* stats);
   absl::Status DoLookup(const v1::LookupRequest& request, v1::LookupResponse* response);
+  absl::Status DoLookupBytes(const v1::LookupRequest& request, grpc::ByteBuffer* reply);
   // Runs `call` if the client's address is admitted to `caps`, releasing it afterwards.
   template <typename Call>
   absl::Status Admitted(ClientCaps& caps, grpc::ServerContext* context, Call call);

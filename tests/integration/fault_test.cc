@@ -525,8 +525,9 @@ TEST(RequestFuzzTest, EveryRpcsFieldsAtTheirEdgesAndRandomBytesGetAStatusAndNeve
                         [&done](grpc::Status st) { done.set_value(st); });
       s = done.get_future().get();
       what = "random bytes to " + method;
-      // Bytes that are no request message at all are refused by gRPC itself, before the daemon
-      // sees them, with INTERNAL and no message (its protobuf deserializer's answer).
+      // Bytes that are no request message at all are refused with INTERNAL: by gRPC itself, before
+      // the daemon sees them (its protobuf deserializer's answer), and by engramd's Lookup, which
+      // reads its request itself.
       std::unique_ptr<google::protobuf::Message> parsed;
       if (method == "Lookup") parsed = std::make_unique<v1::LookupRequest>();
       if (method == "LookupTokens") parsed = std::make_unique<v1::LookupTokensRequest>();
