@@ -523,13 +523,16 @@ class PyClient {
     if (out.device) RaiseInvalid("lookup_async writes host memory; for a CUDA tensor use lookup() on its stream");
     py::object future = py::module_::import("concurrent.futures").attr("Future")();
     future.attr("set_running_or_notify_cancel")();
-    // Owned by the callback; released (with the GIL) when it has run.
+    // Owned by the callback once the lookup is queued; released (with the GIL) when it has run.
+    // Should queueing it throw (out of memory), this frame still owns it and frees it with the
+    // GIL held.
     struct Pending {
       py::object future, result, keep_out;
       py::array keep_indices;
       std::shared_ptr<Py_buffer> keep_export;
     };
-    auto* pending = new Pending{future, out.result, out.keep, idx.array, out.export_};
+    auto owned = std::make_unique<Pending>(Pending{future, out.result, out.keep, idx.array, out.export_});
+    Pending* pending = owned.get();
     const size_t need = idx.count * table->row_bytes();
     {
       py::gil_scoped_release release;
@@ -550,6 +553,7 @@ class PyClient {
                             }
                           });
     }
+    owned.release();  // queued: the callback owns it now
     return future;
   }
 
