@@ -10,7 +10,9 @@
 #   3. io_uring: engramd serving a table from its pack file with --nvme-io io_uring;
 #   4. engramd with --hbm-store cuda on the GPU and engram_device_check beside it:
 #      LookupToDevice (1 and 4096 tokens) checked against the formula while the hot set churns,
-#      capabilities, and the copy figures beside their ceilings.
+#      capabilities, and the copy figures beside their ceilings;
+#   5. engram_device_check --module: DeepSeek-V4.1's module on the GPU, tokens/s at 4096 and 64
+#      tokens beside cuBLAS's SGEMM of its projection.
 set -uo pipefail
 B=$(cd "$(dirname "$0")" && pwd)
 OUT=${1:?usage: device_check.sh OUT_DIR}
@@ -122,6 +124,20 @@ else
   else
     fail "engramd --hbm-store cuda did not start: $(tail -2 "$OUT/hbm_cuda.log" | tr '\n' ' ')"
   fi
+fi
+
+# 5. DeepSeek-V4.1's module on the GPU (no daemon): tokens/s beside the projection's SGEMM.
+if [ "$NO_DEVICE" = 1 ]; then
+  say "SKIP engram_device_check --module: no CUDA device here"
+else
+  timeout 120 "$B/bin/engram_device_check" --module 3 >"$OUT/module.log" 2>&1
+  rc=$?
+  case $rc in
+    0) pass "engram_device_check --module: the V4.1 module ran on the GPU, output finite, figures below" ;;
+    77) say "SKIP engram_device_check --module: $(head -1 "$OUT/module.log")" ;;
+    124) fail "engram_device_check --module: timed out after 120 s" ;;
+    *) fail "engram_device_check --module: exit $rc: $(grep -m3 '^FAILED' "$OUT/module.log" | tr '\n' ' ')" ;;
+  esac
 fi
 
 say ""

@@ -8,19 +8,27 @@
 //   - copy figures, each beside its ceiling in the same run: the gather kernel reading rows from
 //     pinned host memory over PCIe vs one large cudaMemcpy H2D; from device memory vs a
 //     device-to-device cudaMemcpy.
+// With --module instead (no daemon): DeepSeek-V4.1's module on the GPU (EngramLayer's CUDA path,
+// V4.1-Flash's sizes, 264-byte fp8 rows staged from host memory, f32 streams in device memory),
+// tokens/s at a prefill of 4096 tokens and a decode batch of 64, each beside cuBLAS's SGEMM of the
+// module's projection alone (the part no module can skip), and its output checked to be finite.
 // Lines: "CAPABILITY name value", "FIGURE name value unit", "FAILED what". Exit 0, 1 on a
 // failure, 77 without a device.
 //   engram_device_check PACK_DIR URI [SECONDS]
+//   engram_device_check --module [SECONDS]
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "client/engram_layer_cuda.h"
 #include "engram/client.h"
 #include "engram/kernels/cuda_kernels.h"
 #include "tiering/layout/manifest.h"
@@ -186,12 +194,126 @@ void LookupToDeviceChecks(const std::string& pack_dir, const std::string& uri, d
   }
 }
 
+// Median seconds of `call` (a CUDA call sequence on `stream`), run until `seconds` have passed (at
+// least 3 times), after one untimed run.
+template <typename Call>
+double MedianSeconds(cudaStream_t stream, double seconds, Call call) {
+  call();
+  cudaStreamSynchronize(stream);
+  std::vector<double> times;
+  const auto start = Clock::now();
+  while (Seconds(start) < seconds || times.size() < 3) {
+    const auto t0 = Clock::now();
+    call();
+    cudaStreamSynchronize(stream);
+    times.push_back(Seconds(t0));
+  }
+  return Percentile(times, 0.5);
+}
+
+void ModuleFigures(double seconds) {
+  constexpr int kStreams = 4, kHidden = 5120, kHeads = 24, kRowDim = 256, kEmbed = kHeads * kRowDim;
+  const int64_t row_bytes = RowBytesFor(RowDtype::kFp8E4m3Ue8m0x32, kRowDim);  // 264
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  kernels::Dsv41Weights w;
+  w.streams = kStreams;
+  w.hidden = kHidden;
+  w.embed = kEmbed;
+  w.eps = 1e-6f;
+  w.wkv.resize(static_cast<size_t>(kStreams + 1) * kHidden * kEmbed);
+  for (float& x : w.wkv) x = normal(rng) / std::sqrt(static_cast<float>(kEmbed));
+  w.q_weight.assign(static_cast<size_t>(kStreams) * kHidden, 1.0f);
+  w.k_weight.assign(static_cast<size_t>(kStreams) * kHidden, 1.0f);
+  auto layer = EngramLayerCuda::CreateDsv41(w, RowDtype::kFp8E4m3Ue8m0x32, kRowDim);
+  if (!layer.ok()) {
+    Fail("EngramLayerCuda::CreateDsv41: " + std::string(layer.status().message()));
+    return;
+  }
+  cudaStream_t stream = nullptr;
+  cudaStreamCreate(&stream);
+  cublasHandle_t blas = nullptr;
+  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) {
+    Fail("cublasCreate");
+    return;
+  }
+  cublasSetStream(blas, stream);
+  const int width = (kStreams + 1) * kHidden;
+  float *d_wkv = nullptr, *d_e = nullptr, *d_proj = nullptr;
+  for (const int tokens : {4096, 64}) {
+    // Rows: fp8 values of modest size (no NaN codes) and a scale of 2^0 per block of 32.
+    std::vector<uint8_t> rows(static_cast<size_t>(tokens) * kHeads * row_bytes);
+    for (size_t r = 0; r < rows.size() / row_bytes; ++r) {
+      uint8_t* row = rows.data() + r * row_bytes;
+      for (int i = 0; i < kRowDim; ++i) row[i] = static_cast<uint8_t>(rng() % 0x70) | (rng() & 0x80);
+      for (int b = kRowDim; b < row_bytes; ++b) row[b] = 127;
+    }
+    const std::vector<uint8_t> dead(static_cast<size_t>(tokens), 0);
+    const size_t values = static_cast<size_t>(tokens) * kStreams * kHidden;
+    std::vector<float> hidden(values);
+    for (float& x : hidden) x = normal(rng);
+    float *d_hidden = nullptr, *d_out = nullptr;
+    cudaMalloc(&d_hidden, values * sizeof(float));
+    cudaMalloc(&d_out, values * sizeof(float));
+    cudaMemcpy(d_hidden, hidden.data(), values * sizeof(float), cudaMemcpyHostToDevice);
+    absl::Status status;
+    const double module = MedianSeconds(stream, seconds, [&] {
+      status = (*layer)->ForwardDsv41(rows, tokens * kHeads, dead, d_hidden, d_out, values, /*bf16_streams=*/false,
+                                      stream, /*host_buffers=*/false);
+    });
+    if (!status.ok()) {
+      Fail("ForwardDsv41 on the GPU: " + std::string(status.message()));
+    } else {
+      std::vector<float> out(values);
+      cudaMemcpy(out.data(), d_out, values * sizeof(float), cudaMemcpyDeviceToHost);
+      if (!std::all_of(out.begin(), out.end(), [](float x) { return std::isfinite(x); })) {
+        Fail("ForwardDsv41 on the GPU wrote a value that is not finite");
+      }
+    }
+    // The projection alone, [tokens][M] x [M][(K+1)D], as the module calls it.
+    cudaMalloc(&d_wkv, w.wkv.size() * sizeof(float));
+    cudaMalloc(&d_e, static_cast<size_t>(tokens) * kEmbed * sizeof(float));
+    cudaMalloc(&d_proj, static_cast<size_t>(tokens) * width * sizeof(float));
+    cudaMemset(d_e, 0, static_cast<size_t>(tokens) * kEmbed * sizeof(float));
+    cudaMemcpy(d_wkv, w.wkv.data(), w.wkv.size() * sizeof(float), cudaMemcpyHostToDevice);
+    const float one = 1.0f, zero = 0.0f;
+    const double gemm = MedianSeconds(stream, seconds, [&] {
+      cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, width, tokens, kEmbed, &one, d_wkv, kEmbed, d_e, kEmbed, &zero,
+                  d_proj, width);
+    });
+    std::printf("FIGURE module_dsv41_%d_tokens_gpu %.4g tokens/s (%.3f ms per call)\n", tokens, tokens / module,
+                module * 1e3);
+    std::printf("FIGURE module_dsv41_%d_tokens_projection_sgemm %.4g tokens/s (%.3f ms, %.1f TFLOP/s)\n", tokens,
+                tokens / gemm, gemm * 1e3, 2.0 * tokens * kEmbed * width / gemm / 1e12);
+    std::printf("FIGURE module_dsv41_%d_tokens_vs_projection %.2f x\n", tokens, gemm / module);
+    cudaFree(d_hidden);
+    cudaFree(d_out);
+    cudaFree(d_wkv);
+    cudaFree(d_e);
+    cudaFree(d_proj);
+    d_wkv = d_e = d_proj = nullptr;
+  }
+  if (cudaGetLastError() != cudaSuccess) Fail("module figures: a CUDA error");
+  cublasDestroy(blas);
+  cudaStreamDestroy(stream);
+}
+
 }  // namespace
 }  // namespace engram
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "--module") {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+      std::printf("SKIP: no CUDA device\n");
+      return 77;
+    }
+    engram::ModuleFigures(argc > 2 ? std::atof(argv[2]) : 3.0);
+    std::printf("%s\n", engram::failures == 0 ? "module checks passed" : "module checks FAILED");
+    return engram::failures == 0 ? 0 : 1;
+  }
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s PACK_DIR URI [SECONDS]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s PACK_DIR URI [SECONDS] | --module [SECONDS]\n", argv[0]);
     return 2;
   }
   int devices = 0;
