@@ -36,8 +36,9 @@ class DeviceStaging {
   // Rows of a mapped table with no CPU gather: the mapping is registered with CUDA (read-only,
   // once), and one kernel on `stream` reads each row from its HBM slot (when the layer has a GPU
   // tier on this device) or from host memory over PCIe (MappedTable::SplitForDeviceDirect).
-  // FailedPrecondition when the host cannot register it (no read-only registration, refused):
-  // use another path; remembered per mapping.
+  // FailedPrecondition while the mapping is being registered (on a thread of its own, started by
+  // the first call: pinning ~100 GB takes seconds) and when the host cannot register it (no
+  // read-only registration, refused; remembered per mapping): use another path.
   virtual absl::Status GatherDirect(MappedTable* table, int layer, uint32_t num_tokens,
                                     absl::Span<const uint32_t> indices, void* device_out, void* stream) = 0;
   // Unregisters every mapping registered here and closes the HBM slots opened by CUDA IPC (after

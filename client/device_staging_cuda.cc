@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "client/background_once.h"
 #include "client/device_staging.h"
 #include "engram/kernels/cuda_kernels.h"
 #include "engram/shm_client.h"
@@ -25,7 +26,7 @@ class PinnedStaging final : public DeviceStaging {
     if (buffer_ != nullptr) cudaFreeHost(buffer_);
     if (scratch_ != nullptr) cudaFree(scratch_);
     for (const auto& [handle, pointer] : opened_) cudaIpcCloseMemHandle(pointer);
-    for (const auto& [base, device] : registered_) cudaHostUnregister(const_cast<uint8_t*>(base));
+    registered_.Clear(Unregister);  // waits for a registration still running
     if (done_ != nullptr) cudaEventDestroy(done_);
   }
   absl::Status Init() { return CudaStatus(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "cudaEventCreate"); }
@@ -154,9 +155,7 @@ class PinnedStaging final : public DeviceStaging {
 
   void ForgetMappings() override {
     cudaEventSynchronize(done_);
-    for (const auto& [base, device] : registered_) cudaHostUnregister(const_cast<uint8_t*>(base));
-    registered_.clear();
-    refused_.clear();
+    registered_.Clear(Unregister);  // waits for a registration still running
     // The old daemon's HBM slots too: open handles would keep its GPU memory alive.
     for (const auto& [handle, pointer] : opened_) cudaIpcCloseMemHandle(pointer);
     opened_.clear();
@@ -192,34 +191,44 @@ class PinnedStaging final : public DeviceStaging {
     return absl::OkStatus();
   }
 
-  // `rows` (a read-only mapping) registered with CUDA once; its device pointer.
+  // `rows` (a read-only mapping) registered with CUDA once, on a thread of its own: it pins every
+  // page, seconds for a V4.1 layer, which the caller's lookup (and its client) must not wait for.
+  // FailedPrecondition until that is done (the caller stages the rows meanwhile) or when CUDA
+  // refused it (for good); then the mapping's device pointer.
   absl::Status Registered(absl::Span<const uint8_t> rows, const uint8_t** device) {
-    if (auto it = registered_.find(rows.data()); it != registered_.end()) {
-      *device = it->second;
-      return absl::OkStatus();
-    }
-    if (refused_.count(rows.data()) != 0) return absl::FailedPreconditionError("this mapping cannot be registered");
-    int dev = 0, read_only = 0;
+    int dev = 0;
     cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&read_only, cudaDevAttrHostRegisterReadOnlySupported, dev);
-    if (read_only == 0) {
-      refused_.insert(rows.data());
-      return absl::FailedPreconditionError("this device cannot register read-only host memory");
-    }
-    void* base = const_cast<uint8_t*>(rows.data());
-    // Portable: a client may call from threads on several GPUs.
-    cudaError_t e = cudaHostRegister(base, rows.size(),
-                                     cudaHostRegisterMapped | cudaHostRegisterReadOnly | cudaHostRegisterPortable);
-    void* mapped = nullptr;
-    if (e == cudaSuccess) e = cudaHostGetDevicePointer(&mapped, base, 0);
-    if (e != cudaSuccess) {
-      cudaGetLastError();  // not sticky: the staged paths still work
-      refused_.insert(rows.data());
-      return absl::FailedPreconditionError(absl::StrCat("cudaHostRegister of the mapping: ", cudaGetErrorString(e)));
-    }
-    registered_[rows.data()] = static_cast<const uint8_t*>(mapped);
-    *device = static_cast<const uint8_t*>(mapped);
+    const uint8_t* base = rows.data();
+    const size_t bytes = rows.size();
+    auto mapped = registered_.Get(
+        base, absl::StrCat("registering the ", bytes >> 20, " MiB mapping with CUDA"),
+        [base, bytes, dev]() -> absl::StatusOr<const uint8_t*> {
+          cudaSetDevice(dev);
+          int read_only = 0;
+          cudaDeviceGetAttribute(&read_only, cudaDevAttrHostRegisterReadOnlySupported, dev);
+          if (read_only == 0) return absl::FailedPreconditionError("this device cannot register read-only host memory");
+          void* p = const_cast<uint8_t*>(base);
+          // Portable: a client may call from threads on several GPUs.
+          cudaError_t e =
+              cudaHostRegister(p, bytes, cudaHostRegisterMapped | cudaHostRegisterReadOnly | cudaHostRegisterPortable);
+          const bool pinned = e == cudaSuccess;
+          void* mapped = nullptr;
+          if (pinned) e = cudaHostGetDevicePointer(&mapped, p, 0);
+          if (e != cudaSuccess) {
+            cudaGetLastError();  // not sticky: the staged paths still work
+            if (pinned) cudaHostUnregister(p);
+            return absl::FailedPreconditionError(
+                absl::StrCat("cudaHostRegister of the mapping: ", cudaGetErrorString(e)));
+          }
+          return static_cast<const uint8_t*>(mapped);
+        });
+    if (!mapped.ok()) return mapped.status();
+    *device = *mapped;
     return absl::OkStatus();
+  }
+
+  static void Unregister(const uint8_t* const& base, const uint8_t* const&) {
+    cudaHostUnregister(const_cast<uint8_t*>(base));
   }
 
   static void CUDART_CB ReleasePin(void* data) {
@@ -233,8 +242,7 @@ class PinnedStaging final : public DeviceStaging {
   void* scratch_ = nullptr;
   uint64_t scratch_bytes_ = 0;
   std::map<std::string, void*> opened_;  // IPC handle bytes -> this process's pointer
-  std::map<const uint8_t*, const uint8_t*> registered_;  // mapping -> its device pointer
-  std::set<const uint8_t*> refused_;                     // mappings CUDA would not register
+  BackgroundOnce<const uint8_t*, const uint8_t*> registered_;  // mapping -> its device pointer
   cudaEvent_t done_ = nullptr;
 };
 
