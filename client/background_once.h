@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -37,14 +38,20 @@ class BackgroundOnce {
     auto it = entries_.find(key);
     if (it == entries_.end()) {
       auto entry = std::make_shared<Entry>();
-      entries_[key] = entry;
-      // The thread owns a reference: the entry outlives a Clear that is waiting for it.
-      entry->thread = std::thread([this, entry, job = std::move(job)] {
-        absl::StatusOr<Value> result = job();
-        std::lock_guard<std::mutex> done(mu_);
-        entry->result = std::move(result);
-        entry->done = true;
-      });
+      // In the map before the thread starts (nothing may throw once it runs); the thread owns a
+      // reference, so the entry outlives a Clear that is waiting for it.
+      const auto placed = entries_.emplace(key, entry).first;
+      try {
+        entry->thread = std::thread([this, entry, job = std::move(job)] {
+          absl::StatusOr<Value> result = job();
+          std::lock_guard<std::mutex> done(mu_);
+          entry->result = std::move(result);
+          entry->done = true;
+        });
+      } catch (const std::system_error& e) {  // no thread to be had: not now, maybe on a later call
+        entries_.erase(placed);
+        return absl::FailedPreconditionError(absl::StrCat(what, ": cannot start a thread (", e.what(), ")"));
+      }
       return absl::FailedPreconditionError(absl::StrCat(what, ": started in the background"));
     }
     const Entry& entry = *it->second;
