@@ -103,6 +103,14 @@ EngramGrpcService::EngramGrpcService(Engine* engine, DaemonMetrics* metrics)
                                    grpc::ServerUnaryStreamer<v1::LookupRequest, grpc::ByteBuffer>* stream) {
                               return LookupBytes(context, stream);
                             }));
+  // Method 1 is LookupStream, a stream already: only its reply type changes.
+  MarkMethodStreamed(1,
+                     new grpc::internal::BidiStreamingHandler<EngramGrpcService, v1::LookupRequest, grpc::ByteBuffer>(
+                         [](EngramGrpcService* service, grpc::ServerContext* context,
+                            grpc::ServerReaderWriter<grpc::ByteBuffer, v1::LookupRequest>* stream) {
+                           return service->LookupStreamBytes(context, stream);
+                         },
+                         this));
 }
 
 absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request,
@@ -132,20 +140,6 @@ absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request,
   ps->set_dram_rows(stats.tiers.rows[static_cast<int>(TierKind::kDram)]);
   ps->set_nvme_rows(stats.tiers.rows[static_cast<int>(TierKind::kNvme)]);
   return absl::OkStatus();
-}
-
-absl::Status EngramGrpcService::DoLookup(const v1::LookupRequest& request, v1::LookupResponse* response) {
-  response->set_request_id(request.request_id());
-  std::string* out = response->mutable_rows();
-  absl::Status s = DoLookup(
-      request,
-      [out](uint64_t bytes) {
-        out->resize(bytes);
-        return reinterpret_cast<uint8_t*>(out->data());
-      },
-      response->mutable_stats());
-  if (!s.ok()) response->Clear();
-  return s;
 }
 
 namespace {
@@ -193,12 +187,6 @@ absl::Status EngramGrpcService::DoLookupBytes(const v1::LookupRequest& request, 
   }
   *reply = grpc::ByteBuffer(slices.data(), slices.size());
   return absl::OkStatus();
-}
-
-grpc::Status EngramGrpcService::Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
-                                       v1::LookupResponse* response) {
-  RequestTimer timer(lookup_metrics_);
-  return timer.Finish(Admitted(inflight_, context, [&] { return DoLookup(*request, response); }));
 }
 
 grpc::Status EngramGrpcService::LookupBytes(grpc::ServerContext* context,
@@ -262,8 +250,8 @@ absl::Status EngramGrpcService::Admitted(ClientCaps& caps, grpc::ServerContext* 
   return s;
 }
 
-grpc::Status EngramGrpcService::LookupStream(grpc::ServerContext* context,
-                                             grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) {
+grpc::Status EngramGrpcService::LookupStreamBytes(
+    grpc::ServerContext* context, grpc::ServerReaderWriter<grpc::ByteBuffer, v1::LookupRequest>* stream) {
   const std::string client = ClientKey(context);
   if (absl::Status s = streams_.Admit(client); !s.ok()) return ToGrpc(s);
   struct Release {
@@ -274,15 +262,15 @@ grpc::Status EngramGrpcService::LookupStream(grpc::ServerContext* context,
   v1::LookupRequest request;
   while (stream->Read(&request)) {
     RequestTimer timer(stream_metrics_);
-    v1::LookupResponse response;
-    const absl::Status s = DoLookup(request, &response);
+    grpc::ByteBuffer reply;
+    const absl::Status s = DoLookupBytes(request, &reply);
     timer.Finish(s);
     // A bad message ends the stream with its status: the client learns which request failed
     // from the request_id in the message.
     if (!s.ok()) {
       return ToGrpc(absl::Status(s.code(), absl::StrCat("request_id ", request.request_id(), ": ", s.message())));
     }
-    if (!stream->Write(response)) break;
+    if (!stream->Write(reply)) break;
   }
   return grpc::Status::OK;
 }

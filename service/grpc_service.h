@@ -52,12 +52,8 @@ class EngramGrpcService final : public v1::Engram::Service {
   // Unary Lookup, LookupTokens and Prefetch calls being served, likewise.
   void set_inflight_limits(int total, int per_client) { inflight_.set_limits(total, per_client); }
 
-  // Lookup's reply is built as slices, not as a LookupResponse (see LookupBytes); gRPC never calls
-  // this one.
-  grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
-                      v1::LookupResponse* response) override;
-  grpc::Status LookupStream(grpc::ServerContext* context,
-                            grpc::ServerReaderWriter<v1::LookupResponse, v1::LookupRequest>* stream) override;
+  // Lookup and LookupStream are served by LookupBytes and LookupStreamBytes (registered in the
+  // constructor), whose replies are slices rather than LookupResponse messages.
   grpc::Status LookupTokens(grpc::ServerContext* context, const v1::LookupTokensRequest* request,
                             v1::LookupTokensResponse* response) override;
   grpc::Status Prefetch(grpc::ServerContext* context, const v1::PrefetchRequest* request,
@@ -73,10 +69,12 @@ class EngramGrpcService final : public v1::Engram::Service {
   // that gRPC frees once sent), so its megabytes are neither zero-filled nor copied by protobuf.
   grpc::Status LookupBytes(grpc::ServerContext* context,
                            grpc::ServerUnaryStreamer<v1::LookupRequest, grpc::ByteBuffer>* stream);
+  // LookupStream the same way: each reply a serialized LookupResponse in slices, in request order.
+  grpc::Status LookupStreamBytes(grpc::ServerContext* context,
+                                 grpc::ServerReaderWriter<grpc::ByteBuffer, v1::LookupRequest>* stream);
   // Checks `request` and gathers its rows into the buffer `rows_buffer(bytes)` returns.
   absl::Status DoLookup(const v1::LookupRequest& request, const std::function<uint8_t*(uint64_t)>& rows_buffer,
                         v1::LookupStats* stats);
-  absl::Status DoLookup(const v1::LookupRequest& request, v1::LookupResponse* response);
   absl::Status DoLookupBytes(const v1::LookupRequest& request, grpc::ByteBuffer* reply);
   // Runs `call` if the client's address is admitted to `caps`, releasing it afterwards.
   template <typename Call>
