@@ -18,6 +18,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "bench/health.h"
+#include "bench/percentile.h"
 #include "bench/rocksdb_baseline.h"
 #include "engram/client.h"
 #include "engram/shm_client.h"
@@ -235,12 +236,6 @@ RunResult RunTimed(int threads, double duration_s, uint64_t rows_per_request,
   result.rows = result.requests * rows_per_request;
   result.errors = errors.load();
   return result;
-}
-
-double Percentile(const std::vector<double>& sorted, double q) {
-  if (sorted.empty()) return 0;
-  const size_t i = std::min(sorted.size() - 1, static_cast<size_t>(q * static_cast<double>(sorted.size())));
-  return sorted[i];
 }
 
 std::string CpuModel() {
@@ -824,10 +819,10 @@ int Main(int argc, char** argv) {
       {"rows_per_s", rows_per_s},
       {"bytes_per_s", rows_per_s * row_bytes},
       {"tokens_per_s", rows_per_s / heads},
-      {"p50_us", Percentile(run.latencies_us, 0.50)},
-      {"p90_us", Percentile(run.latencies_us, 0.90)},
-      {"p99_us", Percentile(run.latencies_us, 0.99)},
-      {"p999_us", Percentile(run.latencies_us, 0.999)},
+      {"p50_us", PercentileOfSorted(run.latencies_us, 0.50)},
+      {"p90_us", PercentileOfSorted(run.latencies_us, 0.90)},
+      {"p99_us", PercentileOfSorted(run.latencies_us, 0.99)},
+      {"p999_us", PercentileOfSorted(run.latencies_us, 0.999)},
       {"cpus", std::thread::hardware_concurrency()},
       {"cpu_model", CpuModel()},
   };
@@ -840,7 +835,7 @@ int Main(int argc, char** argv) {
   }
   if (measure_ceiling) {
     out["ceiling_rows_per_s"] = ceiling_run.rows / ceiling_run.seconds;
-    out["ceiling_p99_us"] = Percentile(ceiling_run.latencies_us, 0.99);
+    out["ceiling_p99_us"] = PercentileOfSorted(ceiling_run.latencies_us, 0.99);
     out["ratio_to_ceiling"] = rows_per_s / (ceiling_run.rows / ceiling_run.seconds);
     out["memcpy_same_rows_per_s"] = same_rows_run.rows / same_rows_run.seconds;
     out["ratio_to_memcpy_same_rows"] = rows_per_s / (same_rows_run.rows / same_rows_run.seconds);
@@ -882,8 +877,8 @@ int Main(int argc, char** argv) {
     std::printf("  rows/s   %.4g    bytes/s %.4g    tokens/s %.4g\n", rows_per_s, rows_per_s * row_bytes,
                 rows_per_s / heads);
     std::printf("  latency per batch (us): p50 %.1f  p90 %.1f  p99 %.1f  p999 %.1f\n",
-                Percentile(run.latencies_us, 0.5), Percentile(run.latencies_us, 0.9),
-                Percentile(run.latencies_us, 0.99), Percentile(run.latencies_us, 0.999));
+                PercentileOfSorted(run.latencies_us, 0.5), PercentileOfSorted(run.latencies_us, 0.9),
+                PercentileOfSorted(run.latencies_us, 0.99), PercentileOfSorted(run.latencies_us, 0.999));
     if (measure_ceiling) {
       std::printf("  memcpy ceiling (uniform random rows): rows/s %.4g  -> engine at %.0f%% of it\n",
                   out["ceiling_rows_per_s"].get<double>(), 100 * out["ratio_to_ceiling"].get<double>());

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/percentile.h"
 #include "nlohmann/json.hpp"
 #include "service/cli_flags.h"
 #include "service/http_endpoint.h"
@@ -119,12 +120,6 @@ struct Held {
     }
   }
 };
-
-double Percentile(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
-}
 
 }  // namespace
 

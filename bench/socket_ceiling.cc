@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/percentile.h"
 #include "nlohmann/json.hpp"
 #include "service/cli_flags.h"
 
@@ -42,12 +43,6 @@ bool ReadAll(int fd, uint8_t* p, size_t n) {
     n -= static_cast<size_t>(r);
   }
   return true;
-}
-
-double Percentile(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
 }
 
 }  // namespace

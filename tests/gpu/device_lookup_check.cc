@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/percentile.h"
 #include "client/engram_layer_cuda.h"
 #include "engram/client.h"
 #include "engram/kernels/cuda_kernels.h"
@@ -46,12 +47,6 @@ void Fail(const std::string& what) {
 }
 
 double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-double Percentile(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
-}
 
 void Capabilities() {
   int read_only = 0;
