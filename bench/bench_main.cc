@@ -250,8 +250,8 @@ std::string CpuModel() {
 int Simulate(int argc, char** argv) {
   std::string pack, tokens_path, capacity = "10%";
   std::vector<std::string> policies;
-  int64_t seq_len = 4096, shards = 16;
-  bool json = false;
+  int64_t seq_len = 4096, shards = 16, replays = 1;
+  bool json = false, reuse = false;
   FlagSet flags("engram-bench simulate",
                 "engram-bench simulate: replays a token trace through the table's hashing and the daemon's own\n"
                 "cache code, and prints each policy's hit ratio (share of row accesses served from the cache)\n"
@@ -259,14 +259,19 @@ int Simulate(int argc, char** argv) {
                 "(optimal replacement with bypass). Policies: lru, s3fifo (the daemon's default), tinylfu\n"
                 "(TinyLFU admission in front of S3-FIFO), hbm (the HBM tier's residency planner: decayed\n"
                 "counts, a batch of promotions every 65,536 accesses), hbm-1inN (the same, counting about one\n"
-                "access in N, as engramd does above its sample budget), static-topk, belady; 'all' runs every one\n"
-                "(hbm-1in64 for the sampled planner).");
+                "access in N, as engramd does above its sample budget), static-topk, belady, oracle-admission\n"
+                "(the default policy, but rows never used again are not admitted: what perfect admission is\n"
+                "worth); 'all' runs every one (hbm-1in64 for the sampled planner). --reuse adds where the\n"
+                "trace's reuse comes from: per n-gram order, reuses within a sequence and reuses of a row by a\n"
+                "different n-gram (hash collisions, which only hindsight can foresee).");
   flags.String("pack", &pack, "pack directory (its manifest gives the layout; rows are not read)");
   flags.String("tokens", &tokens_path, "raw token ids, little-endian int32");
   flags.StringList("policy", &policies, "policy to simulate (default: the daemon's, s3fifo)");
   flags.String("capacity", &capacity, "cache size: N% of each layer's rows, or bytes for the table (e.g. 512M)");
   flags.Int("seq-len", &seq_len, "the trace is hashed as sequences of this many tokens");
   flags.Int("shards", &shards, "cache shards, as in the daemon");
+  flags.Int("replays", &replays, "play the hashed trace this many times in a row, as one long trace (1..64)");
+  flags.Bool("reuse", &reuse, "also print the trace's reuse breakdown per n-gram order");
   flags.Bool("json", &json, "print one JSON object on one line");
   ParseOrExit(flags, argc, argv, 2, nullptr);
   auto fail = [](const absl::Status& st) {
@@ -276,7 +281,7 @@ int Simulate(int argc, char** argv) {
   if (pack.empty() || tokens_path.empty()) return fail(absl::InvalidArgumentError("--pack and --tokens are required"));
   if (policies.empty()) policies = {std::string(kDefaultPolicy)};
   if (policies.size() == 1 && policies[0] == "all") {
-    policies = {"lru", "s3fifo", "tinylfu", "hbm", "hbm-1in64", "static-topk", "belady"};
+    policies = {"lru", "s3fifo", "tinylfu", "hbm", "hbm-1in64", "static-topk", "oracle-admission", "belady"};
   }
   auto manifest = LoadPackManifest(pack);
   if (!manifest.ok()) return fail(manifest.status());
@@ -287,17 +292,25 @@ int Simulate(int argc, char** argv) {
   options.capacity = capacity;
   options.seq_len = static_cast<uint32_t>(std::max<int64_t>(1, seq_len));
   options.shards = static_cast<int>(shards);
+  options.replays = static_cast<int>(replays);
+  options.reuse_breakdown = reuse;
   auto report = SimulateCache(*manifest, *tokens, options);
   if (!report.ok()) return fail(report.status());
   nlohmann::json out = {{"tool", "engram-bench"}, {"mode", "simulate"}, {"table", manifest->name},
                         {"trace", tokens_path}, {"tokens", tokens->size()}, {"capacity", capacity},
                         {"capacity_rows", report->capacity_rows}, {"table_rows", report->table_rows},
-                        {"accesses", report->accesses}, {"shards", shards}, {"seq_len", seq_len}};
+                        {"accesses", report->accesses}, {"shards", shards}, {"seq_len", seq_len},
+                        {"replays", replays}};
   if (report->results.size() == 1) {
     out["policy"] = report->results[0].policy;
     out["hit_ratio"] = report->results[0].hit_ratio();
   } else {
     for (const auto& r : report->results) out["hit_ratio"][r.policy] = r.hit_ratio();
+  }
+  for (const ReuseBreakdown& r : report->reuse) {
+    out["reuse"].push_back({{"order", r.order}, {"accesses", r.accesses}, {"reuses", r.reuses},
+                            {"in_sequence", r.in_sequence}, {"other_ngram", r.other_ngram},
+                            {"first_reuses", r.first_reuses}, {"first_other_ngram", r.first_other_ngram}});
   }
   if (json) {
     std::printf("%s\n", out.dump().c_str());
@@ -307,8 +320,21 @@ int Simulate(int argc, char** argv) {
               manifest->name.c_str(), tokens_path.c_str(), tokens->size(), capacity.c_str(),
               static_cast<unsigned long long>(report->capacity_rows), static_cast<unsigned long long>(report->table_rows),
               100.0 * report->capacity_rows / report->table_rows);
-  std::printf("  %-12s %s\n", "policy", "hit ratio (of row accesses)");
-  for (const auto& r : report->results) std::printf("  %-12s %.4f\n", r.policy.c_str(), r.hit_ratio());
+  if (replays > 1) std::printf("  the hashed trace played %lld times in a row\n", static_cast<long long>(replays));
+  std::printf("  %-16s %s\n", "policy", "hit ratio (of row accesses)");
+  for (const auto& r : report->results) std::printf("  %-16s %.4f\n", r.policy.c_str(), r.hit_ratio());
+  if (!report->reuse.empty()) {
+    std::printf("  reuse (one pass): an access is a reuse when its row was accessed before\n");
+    std::printf("  %-6s %10s %10s %22s %18s %s\n", "order", "accesses", "reuses", "in the same sequence",
+                "by another n-gram", "second accesses (by another n-gram)");
+    auto share = [](uint64_t part, uint64_t whole) { return whole ? 100.0 * part / whole : 0.0; };
+    for (const ReuseBreakdown& r : report->reuse) {
+      std::printf("  %-6d %10llu %10llu %21.1f%% %17.1f%% %llu (%.1f%%)\n", r.order,
+                  static_cast<unsigned long long>(r.accesses), static_cast<unsigned long long>(r.reuses),
+                  share(r.in_sequence, r.reuses), share(r.other_ngram, r.reuses),
+                  static_cast<unsigned long long>(r.first_reuses), share(r.first_other_ngram, r.first_reuses));
+    }
+  }
   return 0;
 }
 

@@ -77,6 +77,75 @@ uint64_t BeladyHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
   return hits;
 }
 
+// The default DRAM policy (the daemon's RowCache) behind a hindsight filter: a miss whose row is
+// never used again is not admitted. What perfect admission alone would be worth.
+uint64_t OracleAdmissionHits(const std::vector<uint64_t>& stream, uint64_t capacity, int shards) {
+  auto spec = ParsePolicy(kDefaultPolicy);
+  auto cache = RowCache::Create(capacity, /*row_bytes=*/0, *spec, shards);
+  if (!cache.ok()) return 0;
+  absl::flat_hash_map<uint64_t, uint32_t> remaining;
+  for (uint64_t k : stream) ++remaining[k];
+  uint64_t hits = 0;
+  for (uint64_t key : stream) {
+    const bool again = --remaining[key] > 0;
+    if ((*cache)->Lookup(key, nullptr)) {
+      ++hits;
+    } else if (again) {
+      (*cache)->Insert(key, nullptr);
+    }
+  }
+  return hits;
+}
+
+// A 64-bit identity of the n-gram of `order` ending at position t of a sequence (left positions
+// before the start padded, as the hash pads them).
+uint64_t NgramIdentity(const int64_t* seq, size_t t, int order, int64_t pad) {
+  uint64_t h = static_cast<uint64_t>(order);
+  for (int k = 0; k < order; ++k) {
+    const int64_t id = t >= static_cast<size_t>(k) ? seq[t - k] : pad;
+    h = kernels::HbmMix64(h ^ (static_cast<uint64_t>(id) + 0x9E3779B97F4A7C15ULL * (k + 1)));
+  }
+  return h;
+}
+
+void AddReuseBreakdown(const std::vector<int64_t>& compressed, uint32_t seq_len, int heads_per_ngram,
+                       int max_ngram, int64_t pad, const std::vector<uint64_t>& stream,
+                       std::vector<ReuseBreakdown>* out) {
+  const int heads = (max_ngram - 1) * heads_per_ngram;
+  if (out->empty()) {
+    for (int n = 2; n <= max_ngram; ++n) out->push_back({.order = n});
+  }
+  struct Last {
+    uint64_t ngram;
+    uint32_t sequence;
+    uint32_t uses;
+  };
+  absl::flat_hash_map<uint64_t, Last> last;
+  for (size_t i = 0; i < stream.size(); ++i) {
+    const size_t token = i / heads;
+    const int order = 2 + static_cast<int>(i % heads) / heads_per_ngram;
+    const size_t start = token / seq_len * seq_len;
+    const uint64_t ngram = NgramIdentity(compressed.data() + start, token - start, order, pad);
+    const auto sequence = static_cast<uint32_t>(token / seq_len);
+    ReuseBreakdown& r = (*out)[order - 2];
+    ++r.accesses;
+    auto [it, first] = last.try_emplace(stream[i], Last{ngram, sequence, 0});
+    if (!first) {
+      ++r.reuses;
+      const bool other = it->second.ngram != ngram;
+      r.in_sequence += it->second.sequence == sequence;
+      r.other_ngram += other;
+      if (it->second.uses == 1) {
+        ++r.first_reuses;
+        r.first_other_ngram += other;
+      }
+      it->second.ngram = ngram;
+      it->second.sequence = sequence;
+    }
+    ++it->second.uses;
+  }
+}
+
 // The HBM tier's residency planning (HbmResidency, the daemon's code, with HbmTierOptions'
 // decay): accesses counted as they come, and every kHbmPlanEvery accesses one batched plan of at
 // most kHbmMovesPerPlan promotions applied, as the promoter would between steps. A hit is an
@@ -130,9 +199,21 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
 
   std::vector<int64_t> compressed(tokens.size());
   if (absl::Status s = (*hasher)->Compress(tokens, absl::MakeSpan(compressed)); !s.ok()) return s;
+  if (options.replays < 1 || options.replays > 64) {
+    return absl::InvalidArgumentError(absl::StrCat("--replays ", options.replays, ": 1..64"));
+  }
   for (size_t li = 0; li < manifest.layers.size(); ++li) {
     const LayerHashLayout& layout = manifest.layers[li].layout;
-    const std::vector<uint64_t> stream = (*hasher)->TraceRows(compressed, options.seq_len, static_cast<int>(li));
+    std::vector<uint64_t> stream = (*hasher)->TraceRows(compressed, options.seq_len, static_cast<int>(li));
+    if (options.reuse_breakdown) {
+      AddReuseBreakdown(compressed, std::max<uint32_t>(1, options.seq_len), manifest.hash.heads_per_ngram,
+                        manifest.hash.max_ngram, (*hasher)->compressed_pad(), stream, &report.reuse);
+    }
+    if (options.replays > 1) {
+      const size_t once = stream.size();
+      stream.reserve(once * options.replays);
+      for (int r = 1; r < options.replays; ++r) stream.insert(stream.end(), stream.begin(), stream.begin() + once);
+    }
     auto capacity = CapacityRows(options.capacity, layout.total_rows, report.table_rows, manifest.row.bytes);
     if (!capacity.ok()) return capacity.status();
     report.capacity_rows += *capacity;
@@ -141,6 +222,8 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
       result.accesses += stream.size();
       if (result.policy == "belady") {
         result.hits += BeladyHits(stream, *capacity);
+      } else if (result.policy == "oracle-admission") {
+        result.hits += OracleAdmissionHits(stream, *capacity, options.shards);
       } else if (result.policy == "static-topk") {
         result.hits += StaticTopKHits(stream, *capacity);
       } else if (result.policy == "hbm") {

@@ -16,10 +16,13 @@ namespace engram {
 
 struct SimulationOptions {
   std::vector<std::string> policies;  // lru, s3fifo, tinylfu, hbm (the HBM tier's batched planner),
-                                      // static-topk (hindsight), belady
+                                      // static-topk, belady, oracle-admission (hindsight)
   std::string capacity = "10%";       // N% of each layer's rows, or a byte budget split by rows
   uint32_t seq_len = 4096;            // the trace is cut into sequences of this many tokens
   int shards = 16;                    // as the daemon's cache
+  int replays = 1;                    // the hashed trace is played this many times in a row, as one
+                                      // long trace (for estimators that need more accesses to settle)
+  bool reuse_breakdown = false;       // fill SimulationReport::reuse
 };
 
 struct PolicyResult {
@@ -28,11 +31,25 @@ struct PolicyResult {
   double hit_ratio() const { return accesses ? static_cast<double>(hits) / accesses : 0; }
 };
 
+// Where the trace's reuse comes from, per n-gram order: an access is a reuse when its row was
+// accessed before. Hindsight caches (Belady) harvest every kind; an online one cannot foresee a
+// row reused by a different n-gram (a hash collision: random, given the table's size).
+struct ReuseBreakdown {
+  int order = 0;
+  uint64_t accesses = 0;
+  uint64_t reuses = 0;             // the row was accessed before
+  uint64_t in_sequence = 0;        // ... last within the same sequence
+  uint64_t other_ngram = 0;        // ... last by a different n-gram (hash collision)
+  uint64_t first_reuses = 0;       // the row's second access
+  uint64_t first_other_ngram = 0;  // ... by a different n-gram than the first
+};
+
 struct SimulationReport {
   uint64_t capacity_rows = 0;  // over all layers
   uint64_t table_rows = 0;
   uint64_t accesses = 0;
   std::vector<PolicyResult> results;
+  std::vector<ReuseBreakdown> reuse;  // one per order, when asked for
 };
 
 absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, const std::vector<int32_t>& tokens,

@@ -143,6 +143,61 @@ TEST(SimulatorTest, HindsightReferencesBoundTheOnlinePolicies) {
   EXPECT_GT(r[3].hit_ratio(), 0.05);
   EXPECT_EQ(r[0].accesses, tokens.size() * 2 * m.hash.heads_per_layer());
   EXPECT_FALSE(SimulateCache(m, tokens, {.policies = {"fifo"}}).ok());
+
+  // Perfect admission (a hindsight filter in front of the default) is still bounded by Belady.
+  auto oracle = SimulateCache(m, tokens, {.policies = {"oracle-admission", "belady"}, .capacity = "5%"});
+  ASSERT_TRUE(oracle.ok()) << oracle.status();
+  EXPECT_GT(oracle->results[0].hit_ratio(), 0.05);
+  EXPECT_LE(oracle->results[0].hit_ratio(), oracle->results[1].hit_ratio() + 1e-9);
+}
+
+TEST(SimulatorTest, ReplaysPlayTheTraceAgainIntoTheSameCache) {
+  const PackManifest m = testing::SmallManifest(RowDtype::kBf16, 32, /*vocab=*/3000);
+  std::vector<int32_t> tokens(3000);
+  std::mt19937 rng(2);
+  for (auto& t : tokens) t = static_cast<int32_t>(rng() % 900);
+  // Room for every row: the second pass hits on every access the first pass missed, too.
+  SimulationOptions once{.policies = {"s3fifo"}, .capacity = "100%", .shards = 1};
+  SimulationOptions twice = once;
+  twice.replays = 2;
+  auto a = SimulateCache(m, tokens, once);
+  auto b = SimulateCache(m, tokens, twice);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(b->results[0].accesses, 2 * a->results[0].accesses);
+  EXPECT_EQ(b->results[0].hits, a->results[0].hits + a->results[0].accesses);
+  twice.replays = 0;
+  EXPECT_FALSE(SimulateCache(m, tokens, twice).ok());
+}
+
+TEST(SimulatorTest, ReuseBreakdownTellsRepeatedTextFromHashCollisions) {
+  // A passage read twice, in two sequences, over tables far larger than its n-grams: nearly every
+  // reuse is the same n-gram again, in the other sequence.
+  const PackManifest big = testing::SmallManifest(RowDtype::kBf16, 32, /*vocab=*/200003);
+  std::vector<int32_t> passage(500);
+  std::mt19937 rng(3);
+  for (auto& t : passage) t = static_cast<int32_t>(rng() % 1000);
+  std::vector<int32_t> twice = passage;
+  twice.insert(twice.end(), passage.begin(), passage.end());
+  auto repeated = SimulateCache(big, twice, {.policies = {"lru"}, .seq_len = 500, .reuse_breakdown = true});
+  ASSERT_TRUE(repeated.ok()) << repeated.status();
+  ASSERT_EQ(repeated->reuse.size(), 2u);  // orders 2 and 3
+  for (const ReuseBreakdown& r : repeated->reuse) {
+    EXPECT_EQ(r.accesses, 2u * 2 * 1000);  // 2 layers x 2 heads x 1000 tokens
+    EXPECT_GE(r.reuses, r.accesses / 2) << r.order;  // the second reading reuses every row
+    EXPECT_LT(r.other_ngram, r.reuses / 20) << r.order;
+    EXPECT_LT(r.in_sequence, r.reuses / 10) << r.order;
+  }
+  // Random tokens over tiny tables: rows are shared by unrelated n-grams, so most reuse is that.
+  const PackManifest tiny = testing::SmallManifest(RowDtype::kBf16, 32, /*vocab=*/97);
+  std::vector<int32_t> noise(5000);
+  for (auto& t : noise) t = static_cast<int32_t>(rng() % 1000);
+  auto collided = SimulateCache(tiny, noise, {.policies = {"lru"}, .seq_len = 5000, .reuse_breakdown = true});
+  ASSERT_TRUE(collided.ok()) << collided.status();
+  for (const ReuseBreakdown& r : collided->reuse) {
+    EXPECT_GT(r.reuses, r.accesses / 2) << r.order;
+    EXPECT_GT(r.other_ngram, r.reuses * 9 / 10) << r.order;
+    EXPECT_EQ(r.in_sequence, r.reuses) << r.order;  // one sequence
+  }
 }
 
 }  // namespace

@@ -69,6 +69,7 @@ class NgramHasher {
   const HashConfig& config() const { return config_; }
   const std::vector<LayerHashLayout>& layers() const { return layers_; }
   int heads_per_layer() const { return config_.heads_per_layer(); }
+  int64_t compressed_pad() const { return compressed_pad_; }  // the pad id after compression
   // Index into layers() of the layer with this id, or -1.
   int LayerIndex(int layer_id) const;
 
