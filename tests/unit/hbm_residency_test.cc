@@ -80,6 +80,20 @@ TEST(HbmResidencyTest, PlansAreBoundedAndDecayLetsANewHotSetTakeOver) {
   for (uint64_t row = 0; row < 100; ++row) EXPECT_EQ(r.SlotOf(row), kernels::kNoSlot) << row;
 }
 
+TEST(HbmResidencyTest, SampledCountsDecayMoreSlowly) {
+  // The same 64,000 accesses, counted one by one and as 1-in-64 samples: sampled counts halve
+  // 4x less often (each row needs more samples to be ranked), lightly sampled ones as often.
+  HbmResidency exact(10, /*decay_every=*/1000), sampled(10, 1000), light(10, 1000);
+  for (int i = 0; i < 64000; ++i) exact.RecordAccess(i % 50);
+  for (int i = 0; i < 1000; ++i) sampled.RecordAccess(i % 50, 64);
+  for (int i = 0; i < 16000; ++i) light.RecordAccess(i % 50, 4);
+  EXPECT_EQ(exact.decays(), 64u);
+  EXPECT_EQ(sampled.decays(), 16u);
+  EXPECT_EQ(light.decays(), 64u);
+  EXPECT_EQ(HbmResidency::DecayPeriod(1000, 1), 1000u);
+  EXPECT_EQ(HbmResidency::DecayPeriod(1000, 64), 4000u);
+}
+
 TEST(HbmResidencyTest, FlatIndexFindsEveryResidentRowAndNothingElse) {
   HbmResidency r(5000);
   for (uint64_t row = 0; row < 5000; ++row) Touch(&r, row * 7919 + 3, 1 + static_cast<int>(row % 5));

@@ -1,6 +1,7 @@
 #include "tiering/hbm/hbm_residency.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/container/flat_hash_set.h"
 
@@ -39,7 +40,8 @@ void HbmResidency::RecordAccessLocked(uint64_t row, uint32_t weight) {
   if (heat >= admit_heat_ && !row_slot_.contains(row)) candidates_.insert(row);
   recorded_ += weight;
   if (recorded_ < next_decay_) return;
-  next_decay_ = recorded_ + decay_every_;
+  next_decay_ = recorded_ + DecayPeriod(decay_every_, weight);
+  ++decays_;
   // Halve everything; forget rows that went cold (keeps the map near the working set).
   admit_heat_ *= 0.5;
   for (auto it = heat_.begin(); it != heat_.end();) {
@@ -50,6 +52,16 @@ void HbmResidency::RecordAccessLocked(uint64_t row, uint32_t weight) {
       ++it;
     }
   }
+}
+
+uint64_t HbmResidency::DecayPeriod(uint64_t decay_every, uint32_t weight) {
+  const double stretch = std::max(1.0, std::sqrt(static_cast<double>(weight)) / 2);
+  return static_cast<uint64_t>(static_cast<double>(decay_every) * stretch);
+}
+
+uint64_t HbmResidency::decays() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return decays_;
 }
 
 double HbmResidency::HeatLocked(uint64_t row) const {

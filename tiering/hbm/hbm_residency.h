@@ -38,8 +38,12 @@ void HbmIndexErase(uint64_t* keys, uint32_t* slots, uint64_t bucket_mask, uint64
 
 class HbmResidency {
  public:
-  // `slots`: rows the arena holds. Counts halve every `decay_every` recorded accesses.
+  // `slots`: rows the arena holds. Counts halve every `decay_every` recorded accesses; while
+  // accesses are sampled (weight w > 4: one record stands for w accesses), every
+  // decay_every x sqrt(w) / 2 instead, so that a row's count still rests on enough samples to
+  // rank it (1 in 64: 4x longer; measured in bench/RESULTS.md, issue 15).
   explicit HbmResidency(uint32_t slots, uint64_t decay_every = 1u << 23);
+  static uint64_t DecayPeriod(uint64_t decay_every, uint32_t weight);
 
   // `weight`: the accesses one record stands for (a sample of one access in N records weight N).
   void RecordAccess(uint64_t row, uint32_t weight = 1);
@@ -60,6 +64,7 @@ class HbmResidency {
   uint64_t buckets() const { return bucket_mask_ + 1; }  // fixed at construction: BucketsFor(capacity())
   static uint64_t BucketsFor(uint32_t slots);  // a power of two, at least twice `slots`
   size_t resident() const;
+  uint64_t decays() const;  // times every count was halved
   // The flat index, for upload to the device: bucket_mask() + 1 keys (row + 1, 0 = empty) and slots.
   void CopyIndex(std::vector<uint64_t>* keys, std::vector<uint32_t>* slots, uint64_t* bucket_mask) const;
 
@@ -85,6 +90,7 @@ class HbmResidency {
   std::vector<uint32_t> free_slots_;
   uint64_t recorded_ = 0;     // accesses recorded (weighted)
   uint64_t next_decay_ = 0;   // recorded_ at which counts halve next
+  uint64_t decays_ = 0;
   uint32_t last_weight_ = 1;  // a row whose count fell below a quarter of one record is forgotten
   std::vector<uint64_t> index_keys_;
   std::vector<uint32_t> index_slots_;
