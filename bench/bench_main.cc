@@ -248,7 +248,7 @@ std::string CpuModel() {
 }
 
 int Simulate(int argc, char** argv) {
-  std::string pack, tokens_path, capacity = "10%";
+  std::string pack, tokens_path, capacity = "10%", warm_path;
   std::vector<std::string> policies;
   int64_t seq_len = 4096, shards = 16, replays = 1;
   bool json = false, reuse = false;
@@ -272,6 +272,9 @@ int Simulate(int argc, char** argv) {
   flags.Int("shards", &shards, "cache shards, as in the daemon");
   flags.Int("replays", &replays, "play the hashed trace this many times in a row, as one long trace (1..64)");
   flags.Bool("reuse", &reuse, "also print the trace's reuse breakdown per n-gram order");
+  flags.String("warm-trace", &warm_path,
+               "warm each DRAM cache first with the most used rows of this other trace (int32 ids), as\n"
+               "engramd --warm-from a profile of that corpus would; hindsight references and hbm are not warmed");
   flags.Bool("json", &json, "print one JSON object on one line");
   ParseOrExit(flags, argc, argv, 2, nullptr);
   auto fail = [](const absl::Status& st) {
@@ -294,6 +297,11 @@ int Simulate(int argc, char** argv) {
   options.shards = static_cast<int>(shards);
   options.replays = static_cast<int>(replays);
   options.reuse_breakdown = reuse;
+  if (!warm_path.empty()) {
+    auto warm_tokens = ReadInt32File(warm_path);
+    if (!warm_tokens.ok()) return fail(warm_tokens.status());
+    options.warm_tokens = std::move(*warm_tokens);
+  }
   auto report = SimulateCache(*manifest, *tokens, options);
   if (!report.ok()) return fail(report.status());
   nlohmann::json out = {{"tool", "engram-bench"}, {"mode", "simulate"}, {"table", manifest->name},
@@ -301,6 +309,7 @@ int Simulate(int argc, char** argv) {
                         {"capacity_rows", report->capacity_rows}, {"table_rows", report->table_rows},
                         {"accesses", report->accesses}, {"shards", shards}, {"seq_len", seq_len},
                         {"replays", replays}};
+  if (!warm_path.empty()) out["warm_trace"] = warm_path;
   if (report->results.size() == 1) {
     out["policy"] = report->results[0].policy;
     out["hit_ratio"] = report->results[0].hit_ratio();
@@ -321,6 +330,7 @@ int Simulate(int argc, char** argv) {
               static_cast<unsigned long long>(report->capacity_rows), static_cast<unsigned long long>(report->table_rows),
               100.0 * report->capacity_rows / report->table_rows);
   if (replays > 1) std::printf("  the hashed trace played %lld times in a row\n", static_cast<long long>(replays));
+  if (!warm_path.empty()) std::printf("  DRAM caches warmed first from the most used rows of %s\n", warm_path.c_str());
   std::printf("  %-16s %s\n", "policy", "hit ratio (of row accesses)");
   for (const auto& r : report->results) std::printf("  %-16s %.4f\n", r.policy.c_str(), r.hit_ratio());
   if (!report->reuse.empty()) {

@@ -14,6 +14,7 @@
 #include "tiering/hbm/hbm_residency.h"
 #include "tiering/hbm/hbm_sampler.h"
 #include "tiering/hbm/hbm_tier.h"
+#include "tiering/hot_set.h"
 
 namespace engram {
 namespace {
@@ -79,10 +80,18 @@ uint64_t BeladyHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
 
 // The default DRAM policy (the daemon's RowCache) behind a hindsight filter: a miss whose row is
 // never used again is not admitted. What perfect admission alone would be worth.
-uint64_t OracleAdmissionHits(const std::vector<uint64_t>& stream, uint64_t capacity, int shards) {
+// Fills `cache` from a profile's rows, hottest first, as the daemon warms from a hot set.
+void WarmFrom(const LayerHotSet* hot, RowCache& cache) {
+  if (hot == nullptr) return;
+  for (const auto& [row, count] : hot->rows) cache.Warm(row, nullptr, count);
+}
+
+uint64_t OracleAdmissionHits(const std::vector<uint64_t>& stream, uint64_t capacity, int shards,
+                             const LayerHotSet* warm) {
   auto spec = ParsePolicy(kDefaultPolicy);
   auto cache = RowCache::Create(capacity, /*row_bytes=*/0, *spec, shards);
   if (!cache.ok()) return 0;
+  WarmFrom(warm, **cache);
   absl::flat_hash_map<uint64_t, uint32_t> remaining;
   for (uint64_t k : stream) ++remaining[k];
   uint64_t hits = 0;
@@ -199,11 +208,18 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
 
   std::vector<int64_t> compressed(tokens.size());
   if (absl::Status s = (*hasher)->Compress(tokens, absl::MakeSpan(compressed)); !s.ok()) return s;
+  HotSet warm;
+  if (!options.warm_tokens.empty()) {
+    auto profiled = ProfileTokens(manifest, options.warm_tokens, std::max<uint32_t>(1, options.seq_len), 1.0);
+    if (!profiled.ok()) return profiled.status();
+    warm = std::move(*profiled);
+  }
   if (options.replays < 1 || options.replays > 64) {
     return absl::InvalidArgumentError(absl::StrCat("--replays ", options.replays, ": 1..64"));
   }
   for (size_t li = 0; li < manifest.layers.size(); ++li) {
     const LayerHashLayout& layout = manifest.layers[li].layout;
+    const LayerHotSet* warm_layer = options.warm_tokens.empty() ? nullptr : warm.FindLayer(manifest.layers[li].id);
     std::vector<uint64_t> stream = (*hasher)->TraceRows(compressed, options.seq_len, static_cast<int>(li));
     if (options.reuse_breakdown) {
       AddReuseBreakdown(compressed, std::max<uint32_t>(1, options.seq_len), manifest.hash.heads_per_ngram,
@@ -223,7 +239,7 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
       if (result.policy == "belady") {
         result.hits += BeladyHits(stream, *capacity);
       } else if (result.policy == "oracle-admission") {
-        result.hits += OracleAdmissionHits(stream, *capacity, options.shards);
+        result.hits += OracleAdmissionHits(stream, *capacity, options.shards, warm_layer);
       } else if (result.policy == "static-topk") {
         result.hits += StaticTopKHits(stream, *capacity);
       } else if (result.policy == "hbm") {
@@ -240,6 +256,7 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
         if (!spec.ok()) return spec.status();
         auto cache = RowCache::Create(*capacity, /*row_bytes=*/0, *spec, options.shards);
         if (!cache.ok()) return cache.status();
+        if (spec->eviction != PolicySpec::Eviction::kPinned) WarmFrom(warm_layer, **cache);
         for (uint64_t key : stream) {
           if ((*cache)->Lookup(key, nullptr)) {
             ++result.hits;

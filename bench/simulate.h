@@ -23,6 +23,10 @@ struct SimulationOptions {
   int replays = 1;                    // the hashed trace is played this many times in a row, as one
                                       // long trace (for estimators that need more accesses to settle)
   bool reuse_breakdown = false;       // fill SimulationReport::reuse
+  // When not empty: each DRAM cache (lru, s3fifo, tinylfu, oracle-admission) is first warmed with
+  // the most used rows of this other trace, hottest first, as engramd --warm-from a profile of
+  // that corpus (`engramctl profile`) does. The hindsight references and hbm are not warmed.
+  std::vector<int32_t> warm_tokens;
 };
 
 struct PolicyResult {

@@ -169,6 +169,22 @@ TEST(SimulatorTest, ReplaysPlayTheTraceAgainIntoTheSameCache) {
   EXPECT_FALSE(SimulateCache(m, tokens, twice).ok());
 }
 
+TEST(SimulatorTest, WarmingFromAProfileFillsTheCacheBeforeTheFirstAccess) {
+  const PackManifest m = testing::SmallManifest(RowDtype::kBf16, 32, /*vocab=*/3000);
+  std::vector<int32_t> tokens(3000);
+  std::mt19937 rng(4);
+  for (auto& t : tokens) t = static_cast<int32_t>(rng() % 900);
+  SimulationOptions cold{.policies = {"s3fifo", "belady"}, .capacity = "100%", .shards = 1};
+  SimulationOptions warmed = cold;
+  warmed.warm_tokens = tokens;  // a profile of this very trace: every row is there from the start
+  auto a = SimulateCache(m, tokens, cold);
+  auto b = SimulateCache(m, tokens, warmed);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_LT(a->results[0].hit_ratio(), 1.0);  // cold: every row's first access misses
+  EXPECT_EQ(b->results[0].hits, b->results[0].accesses);
+  EXPECT_EQ(b->results[1].hits, a->results[1].hits);  // the hindsight reference is not warmed
+}
+
 TEST(SimulatorTest, ReuseBreakdownTellsRepeatedTextFromHashCollisions) {
   // A passage read twice, in two sequences, over tables far larger than its n-grams: nearly every
   // reuse is the same n-gram again, in the other sequence.
