@@ -78,13 +78,14 @@ uint64_t BeladyHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
   return hits;
 }
 
-// The default DRAM policy (the daemon's RowCache) behind a hindsight filter: a miss whose row is
-// never used again is not admitted. What perfect admission alone would be worth.
 // Fills `cache` from a profile's rows, hottest first, as the daemon warms from a hot set.
 void WarmFrom(const LayerHotSet* hot, RowCache& cache) {
   if (hot == nullptr) return;
   for (const auto& [row, count] : hot->rows) cache.Warm(row, nullptr, count);
 }
+
+// The default DRAM policy (the daemon's RowCache) behind a hindsight filter: a miss whose row is
+// never used again is not admitted. What perfect admission alone would be worth.
 
 uint64_t OracleAdmissionHits(const std::vector<uint64_t>& stream, uint64_t capacity, int shards,
                              const LayerHotSet* warm) {
@@ -227,8 +228,8 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
     }
     if (options.replays > 1) {
       const size_t once = stream.size();
-      stream.reserve(once * options.replays);
-      for (int r = 1; r < options.replays; ++r) stream.insert(stream.end(), stream.begin(), stream.begin() + once);
+      stream.resize(once * options.replays);
+      for (int r = 1; r < options.replays; ++r) std::copy_n(stream.begin(), once, stream.begin() + r * once);
     }
     auto capacity = CapacityRows(options.capacity, layout.total_rows, report.table_rows, manifest.row.bytes);
     if (!capacity.ok()) return capacity.status();
@@ -237,6 +238,11 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
     for (PolicyResult& result : report.results) {
       result.accesses += stream.size();
       if (result.policy == "belady") {
+        if (stream.size() >= kNever) {  // it numbers accesses in 32 bits
+          return absl::InvalidArgumentError(absl::StrCat("belady: ", stream.size(),
+                                                         " accesses in a layer is too many (at most 4,294,967,294); "
+                                                         "fewer --replays or a shorter trace"));
+        }
         result.hits += BeladyHits(stream, *capacity);
       } else if (result.policy == "oracle-admission") {
         result.hits += OracleAdmissionHits(stream, *capacity, options.shards, warm_layer);
