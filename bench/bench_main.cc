@@ -263,7 +263,8 @@ int Simulate(int argc, char** argv) {
                 "(the default policy, but rows never used again are not admitted: what perfect admission is\n"
                 "worth); 'all' runs every one (hbm-1in64 for the sampled planner). --reuse adds where the\n"
                 "trace's reuse comes from: per n-gram order, reuses within a sequence and reuses of a row by a\n"
-                "different n-gram (hash collisions, which only hindsight can foresee).");
+                "different n-gram (hash collisions, which only hindsight can foresee). --warm-trace fills the DRAM\n"
+                "policies' caches (not hbm, not the hindsight references) from another corpus first.");
   flags.String("pack", &pack, "pack directory (its manifest gives the layout; rows are not read)");
   flags.String("tokens", &tokens_path, "raw token ids, little-endian int32");
   flags.StringList("policy", &policies, "policy to simulate (default: the daemon's, s3fifo)");
@@ -273,8 +274,7 @@ int Simulate(int argc, char** argv) {
   flags.Int("replays", &replays, "play the hashed trace this many times in a row, as one long trace (1..64)");
   flags.Bool("reuse", &reuse, "also print the trace's reuse breakdown per n-gram order");
   flags.String("warm-trace", &warm_path,
-               "warm each DRAM cache first with the most used rows of this other trace (int32 ids), as\n"
-               "engramd --warm-from a profile of that corpus would; hindsight references and hbm are not warmed");
+               "first warm each DRAM cache with this other trace's most used rows (as engramd --warm-from its profile)");
   flags.Bool("json", &json, "print one JSON object on one line");
   ParseOrExit(flags, argc, argv, 2, nullptr);
   auto fail = [](const absl::Status& st) {
@@ -299,7 +299,9 @@ int Simulate(int argc, char** argv) {
   options.reuse_breakdown = reuse;
   if (!warm_path.empty()) {
     auto warm_tokens = ReadInt32File(warm_path);
-    if (!warm_tokens.ok()) return fail(warm_tokens.status());
+    if (!warm_tokens.ok()) {
+      return fail(absl::Status(warm_tokens.status().code(), absl::StrCat("--warm-trace: ", warm_tokens.status().message())));
+    }
     options.warm_tokens = std::move(*warm_tokens);
   }
   auto report = SimulateCache(*manifest, *tokens, options);
