@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <liburing.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -50,7 +51,7 @@ constexpr int kMaxAbandonedRings = 3;  // per thread; then it reads with pread
 
 struct AlignedScratch {
   uint8_t* data = nullptr;
-  size_t capacity = 0;
+  size_t capacity = 0;  // bytes at data
   ~AlignedScratch() { std::free(data); }
   // Gives the buffer up without freeing it (the kernel may still write into it): it is parked for
   // the life of the process, and this thread gets a new one on its next call.
@@ -76,6 +77,12 @@ struct ThreadRing {
   io_uring ring{};
   bool ready = false;
   bool failed = false;
+  // The thread's scratch, registered with the ring as a fixed buffer (pinned once, not on every
+  // read: O_DIRECT into an unregistered buffer pins its pages per read). Not registered when the
+  // kernel refuses (e.g. RLIMIT_MEMLOCK); reads then use plain buffers.
+  const uint8_t* fixed_base = nullptr;
+  size_t fixed_bytes = 0;
+  bool fixed_refused = false;
   ~ThreadRing() {
     if (ready) io_uring_queue_exit(&ring);
   }
@@ -86,17 +93,39 @@ struct ThreadRing {
   void Abandon() {
     ring = io_uring{};
     ready = false;
+    fixed_base = nullptr;
+    fixed_bytes = 0;
+    fixed_refused = false;
     if (++abandoned >= kMaxAbandonedRings) failed = true;
   }
   io_uring* Get() {
     if (!ready && !failed) {
-      if (io_uring_queue_init(kMaxRingEntries, &ring, 0) == 0) {
+      // Only this thread submits to its ring, so completions can wait until it asks for them
+      // (no interrupting task work per completion); kernels before 6.1 refuse the flags.
+      if (io_uring_queue_init(kMaxRingEntries, &ring, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN) == 0 ||
+          io_uring_queue_init(kMaxRingEntries, &ring, 0) == 0) {
         ready = true;
       } else {
         failed = true;
       }
     }
     return ready ? &ring : nullptr;
+  }
+  // Whether [base, base + bytes) is (now) this ring's fixed buffer 0.
+  bool FixedBuffer(uint8_t* base, size_t bytes) {
+    if (!ready || fixed_refused || base == nullptr) return false;
+    if (fixed_base == base && fixed_bytes >= bytes) return true;
+    if (fixed_base != nullptr) io_uring_unregister_buffers(&ring);  // the scratch grew and moved
+    fixed_base = nullptr;
+    fixed_bytes = 0;
+    const iovec iov{base, bytes};
+    if (io_uring_register_buffers(&ring, &iov, 1) != 0) {
+      fixed_refused = true;
+      return false;
+    }
+    fixed_base = base;
+    fixed_bytes = bytes;
+    return true;
   }
 };
 
@@ -325,6 +354,7 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
     if (while_in_flight) while_in_flight();
     return ReadPread(extents);
   }
+  const bool fixed = tls_ring.FixedBuffer(tls_scratch.data, tls_scratch.capacity);  // holds every extent's buf
   size_t next = 0;
   uint32_t in_flight = 0;
   absl::Status first_error;
@@ -338,7 +368,11 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
       no_sqe = true;
       return;
     }
-    io_uring_prep_read(sqe, fd_, e.buf, e.length, e.offset);
+    if (fixed) {
+      io_uring_prep_read_fixed(sqe, fd_, e.buf, e.length, e.offset, /*buf_index=*/0);
+    } else {
+      io_uring_prep_read(sqe, fd_, e.buf, e.length, e.offset);
+    }
     io_uring_sqe_set_data(sqe, reinterpret_cast<void*>(index));
     ++e.attempts;
     ++in_flight;

@@ -43,7 +43,8 @@
 namespace engram {
 
 struct HbmTierOptions {
-  uint64_t decay_every = 1ull << 26;  // accesses (as the samples weigh them) between halvings of every count
+  uint64_t decay_every = 1ull << 26;  // accesses (as the samples weigh them) between halvings of every count;
+                                      // longer while sampling (HbmResidency::DecayPeriod)
   size_t max_moves = 4096;            // promotions per step
   double margin = 1.25;               // a resident row is displaced by one at least this much hotter
   size_t samples_per_step = 16384;    // the engine's sampling keeps about this many rows a step
