@@ -439,7 +439,9 @@ absl::Status NvmeReader::ReadUring(std::vector<Extent>& extents, const std::func
     }
     if (!first_error.ok()) retries.clear();
     if (io_uring_sq_ready(ring) > 0) {
-      if (const int sub = io_uring_submit(ring); sub < 0) return abandon("submit", sub);
+      // A transient refusal leaves the entries queued: the next round's submit_and_wait sends them.
+      const int sub = io_uring_submit(ring);
+      if (sub < 0 && sub != -EINTR && sub != -EAGAIN && sub != -EBUSY) return abandon("submit", sub);
     }
     pending_submit = io_uring_sq_ready(ring) > 0;  // what a partial submit left for the next round
     for (unsigned c = 0; c < ready; ++c) {
