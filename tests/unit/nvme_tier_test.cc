@@ -6,7 +6,9 @@
 // comes back right when read again is served, an io_uring wait that fails leaves no read in
 // flight for the next call, and no caller can change what the cache keeps by writing its dests.
 #include <cerrno>
+#include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "gtest/gtest.h"
@@ -134,6 +136,34 @@ TEST_P(NvmeReaderTest, ShortReadsAreRetriedThenFail) {
   const absl::Status s = reader->Read(rows, dests);
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
   EXPECT_NE(s.message().find("short read"), absl::string_view::npos) << s;
+}
+
+TEST_P(NvmeReaderTest, ShortReadsAmongOthersInFlightAreRetriedAndEveryRowIsRight) {
+  // A shallow queue kept full of other reads while every read comes back short once: each is sent
+  // again (ahead of new reads) and every row still arrives with its own bytes.
+  std::mutex mu;
+  std::set<uint64_t> shortened;
+  NvmeOptions options;
+  options.queue_depth = 2;
+  options.fault_hook = [&](uint64_t offset, uint32_t, int64_t result) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!shortened.insert(offset).second) return result;
+    return std::min<int64_t>(result, 100);
+  };
+  auto reader = Open(options);
+  const uint64_t total = layer_->layout.total_rows;
+  std::mt19937_64 rng(11);
+  std::vector<uint64_t> rows;
+  for (int i = 0; i < 300; ++i) rows.push_back(rng() % total);
+  std::sort(rows.begin(), rows.end());
+  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  std::vector<std::vector<uint8_t>> out(rows.size(), std::vector<uint8_t>(manifest_.row.bytes, 0xcd));
+  std::vector<uint8_t*> dests;
+  for (auto& o : out) dests.push_back(o.data());
+  ASSERT_TRUE(reader->Read(rows, dests).ok());
+  for (size_t i = 0; i < rows.size(); ++i) ASSERT_EQ(out[i], Expected(rows[i])) << "row " << rows[i];
+  EXPECT_GT(shortened.size(), 2 * options.queue_depth);  // more reads than the queue holds
+  EXPECT_EQ(reader->stats().retries.load(), shortened.size());
 }
 
 TEST_P(NvmeReaderTest, ARottenBlockFailsWithDataLossEveryTimeAndOtherBlocksServe) {
@@ -333,7 +363,7 @@ TEST(NvmeUringTest, AFailedWaitLeavesNoReadInFlightForTheNextCall) {
   std::atomic<int> fail_left{1};
   NvmeOptions options;
   options.engine = IoEngine::kIoUring;
-  options.queue_depth = 4;
+  options.queue_depth = 2;
   options.uring_wait_hook = [&](int rc) { return fail_left.fetch_sub(1) > 0 ? -EIO : rc; };
   auto reader = NvmeReader::Open(dir / layer.file, m.row.bytes, layer.layout.total_rows, options, "table 'small' layer 3");
   ASSERT_TRUE(reader.ok()) << reader.status();
