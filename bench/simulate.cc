@@ -84,20 +84,24 @@ void WarmFrom(const LayerHotSet* hot, RowCache& cache) {
   for (const auto& [row, count] : hot->rows) cache.Warm(row, nullptr, count);
 }
 
-// The default DRAM policy (the daemon's RowCache) behind a hindsight filter: a miss whose row is
-// never used again is not admitted. What perfect admission alone would be worth.
-
-uint64_t OracleAdmissionHits(const std::vector<uint64_t>& stream, uint64_t capacity, int shards,
-                             const LayerHotSet* warm) {
-  auto spec = ParsePolicy(kDefaultPolicy);
+// Demand-fills the daemon's RowCache (keys only) with `policy` over the stream and returns its
+// hits. With `oracle_admission`, a hindsight filter in front: a miss whose row is never used
+// again is not inserted (what perfect admission alone would be worth).
+absl::StatusOr<uint64_t> RowCacheHits(const std::vector<uint64_t>& stream, absl::string_view policy,
+                                      uint64_t capacity, int shards, const LayerHotSet* warm,
+                                      bool oracle_admission) {
+  auto spec = ParsePolicy(policy);
+  if (!spec.ok()) return spec.status();
   auto cache = RowCache::Create(capacity, /*row_bytes=*/0, *spec, shards);
-  if (!cache.ok()) return 0;
-  WarmFrom(warm, **cache);
-  absl::flat_hash_map<uint64_t, uint32_t> remaining;
-  for (uint64_t k : stream) ++remaining[k];
+  if (!cache.ok()) return cache.status();
+  if (spec->eviction != PolicySpec::Eviction::kPinned) WarmFrom(warm, **cache);
+  absl::flat_hash_map<uint64_t, uint32_t> remaining;  // uses still ahead, for the filter
+  if (oracle_admission) {
+    for (uint64_t k : stream) ++remaining[k];
+  }
   uint64_t hits = 0;
   for (uint64_t key : stream) {
-    const bool again = --remaining[key] > 0;
+    const bool again = !oracle_admission || --remaining[key] > 0;
     if ((*cache)->Lookup(key, nullptr)) {
       ++hits;
     } else if (again) {
@@ -131,11 +135,14 @@ void AddReuseBreakdown(const std::vector<int64_t>& compressed, uint32_t seq_len,
     uint32_t uses;
   };
   absl::flat_hash_map<uint64_t, Last> last;
+  uint64_t ngram = 0;
   for (size_t i = 0; i < stream.size(); ++i) {
     const size_t token = i / heads;
     const int order = 2 + static_cast<int>(i % heads) / heads_per_ngram;
-    const size_t start = token / seq_len * seq_len;
-    const uint64_t ngram = NgramIdentity(compressed.data() + start, token - start, order, pad);
+    if (i % heads_per_ngram == 0) {  // the order's first head: the heads of one order share an n-gram
+      const size_t start = token / seq_len * seq_len;
+      ngram = NgramIdentity(compressed.data() + start, token - start, order, pad);
+    }
     const auto sequence = static_cast<uint32_t>(token / seq_len);
     ReuseBreakdown& r = (*out)[order - 2];
     ++r.accesses;
@@ -245,7 +252,9 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
         }
         result.hits += BeladyHits(stream, *capacity);
       } else if (result.policy == "oracle-admission") {
-        result.hits += OracleAdmissionHits(stream, *capacity, options.shards, warm_layer);
+        auto hits = RowCacheHits(stream, kDefaultPolicy, *capacity, options.shards, warm_layer, /*oracle_admission=*/true);
+        if (!hits.ok()) return hits.status();
+        result.hits += *hits;
       } else if (result.policy == "static-topk") {
         result.hits += StaticTopKHits(stream, *capacity);
       } else if (result.policy == "hbm") {
@@ -258,18 +267,9 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
         }
         result.hits += HbmPlannerHits(stream, *capacity, every);
       } else {
-        auto spec = ParsePolicy(result.policy);
-        if (!spec.ok()) return spec.status();
-        auto cache = RowCache::Create(*capacity, /*row_bytes=*/0, *spec, options.shards);
-        if (!cache.ok()) return cache.status();
-        if (spec->eviction != PolicySpec::Eviction::kPinned) WarmFrom(warm_layer, **cache);
-        for (uint64_t key : stream) {
-          if ((*cache)->Lookup(key, nullptr)) {
-            ++result.hits;
-          } else {
-            (*cache)->Insert(key, nullptr);
-          }
-        }
+        auto hits = RowCacheHits(stream, result.policy, *capacity, options.shards, warm_layer, /*oracle_admission=*/false);
+        if (!hits.ok()) return hits.status();
+        result.hits += *hits;
       }
     }
   }
