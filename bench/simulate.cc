@@ -5,6 +5,7 @@
 #include <set>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -164,10 +165,12 @@ void AddReuseBreakdown(const std::vector<int64_t>& compressed, uint32_t seq_len,
 }
 
 // The HBM tier's residency planning (HbmResidency, the daemon's code, with HbmTierOptions'
-// decay): accesses counted as they come, and every kHbmPlanEvery accesses one batched plan of at
-// most kHbmMovesPerPlan promotions applied, as the promoter would between steps. A hit is an
-// access whose row was resident then.
-constexpr uint64_t kHbmPlanEvery = 16 * 4096;  // about one 4096-token batch of one layer
+// decay): accesses counted as they come, and every kHbmPlanEvery accesses (one request) one
+// batched plan of at most kHbmMovesPerPlan promotions applied, as the promoter would between
+// steps. A hit is an access that does not cross PCIe: its row was resident then, or the same
+// request already brings it over (the device path reads each distinct row it lacks once per
+// request: MappedTable::SplitForDevice and SplitForDeviceDirect).
+constexpr uint64_t kHbmPlanEvery = 16 * 4096;  // one 4096-token request of one layer
 constexpr size_t kHbmMovesPerPlan = 16 * 4096;
 
 // `sample_every` > 1 counts about one access in that many (HbmSampler, each sample weighing
@@ -179,10 +182,14 @@ uint64_t HbmPlannerHits(const std::vector<uint64_t>& stream, uint64_t capacity, 
                          HbmTierOptions{}.decay_every);
   HbmSampler sampler(sample_every);  // the engine's and the clients' sampling
   uint64_t hits = 0;
+  absl::flat_hash_set<uint64_t> crossing;  // rows this request brings over PCIe
   for (size_t i = 0; i < stream.size(); ++i) {
-    if (residency.SlotOf(stream[i]) != kernels::kNoSlot) ++hits;
+    if (residency.SlotOf(stream[i]) != kernels::kNoSlot || !crossing.insert(stream[i]).second) ++hits;
     sampler.ForEach(1, [&](size_t) { residency.RecordAccess(stream[i], sample_every); });
-    if ((i + 1) % kHbmPlanEvery == 0) residency.Apply(residency.NextPlan(kHbmMovesPerPlan));
+    if ((i + 1) % kHbmPlanEvery == 0) {
+      residency.Apply(residency.NextPlan(kHbmMovesPerPlan));
+      crossing.clear();
+    }
   }
   return hits;
 }
@@ -212,7 +219,18 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
   if (!hasher.ok()) return hasher.status();
   SimulationReport report;
   for (const auto& l : manifest.layers) report.table_rows += l.layout.total_rows;
-  for (const std::string& name : options.policies) report.results.push_back({name});
+  for (const std::string& name : options.policies) {
+    // Checked before any work: the daemon's policies, the planner and the references.
+    const bool known = ParsePolicy(name).ok() || name == "hbm" || absl::StartsWith(name, "hbm-1in") ||
+                       name == "belady" || name == "oracle-admission";
+    if (!known) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unknown policy '", name,
+          "' (known: lru, s3fifo, tinylfu, static-topk, hbm, hbm-1inN, oracle-admission, belady, all; "
+          "give --policy once per policy)"));
+    }
+    report.results.push_back({name});
+  }
 
   std::vector<int64_t> compressed(tokens.size());
   if (absl::Status s = (*hasher)->Compress(tokens, absl::MakeSpan(compressed)); !s.ok()) return s;

@@ -136,7 +136,7 @@ class PinnedStaging final : public DeviceStaging {
       status = CudaStatus(static_cast<cudaError_t>(kernels::cuda::GatherDirectRows(
                               static_cast<const uint8_t*>(slots), host_rows, static_cast<int64_t>(table->row_bytes()),
                               static_cast<const uint64_t*>(scratch_), static_cast<int64_t>(n),
-                              static_cast<uint8_t*>(device_out), stream)),
+                              static_cast<int64_t>(pin->repeated_rows), static_cast<uint8_t*>(device_out), stream)),
                           "launching the direct gather");
     }
     if (pin->pinned) {  // released once the kernel that reads the slots has run

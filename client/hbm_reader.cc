@@ -21,6 +21,7 @@
 #include "engram/kernels/gather_host.h"
 #include "engram/shm_socket.h"
 #include "engram/v1/engram.pb.h"
+#include "tiering/batch_dedup.h"
 #include "tiering/layout/request_rows.h"
 
 namespace engram {
@@ -135,6 +136,20 @@ absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& inf
   return absl::OkStatus();
 }
 
+namespace {
+
+// For every position of `rows`, which distinct row (dedup->unique_rows()) it is.
+void DistinctRows(const std::vector<uint64_t>& rows, BatchDedup* dedup, std::vector<uint32_t>* unique_of) {
+  dedup->Build(rows);
+  unique_of->resize(rows.size());
+  for (size_t u = 0; u < dedup->first_positions().size(); ++u) {
+    (*unique_of)[dedup->first_positions()[u]] = static_cast<uint32_t>(u);
+  }
+  for (const BatchDedup::Repeat& r : dedup->repeats()) (*unique_of)[r.position] = r.unique_index;
+}
+
+}  // namespace
+
 absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id, uint32_t num_tokens,
                                                                    absl::Span<const uint32_t> indices,
                                                                    uint32_t* sources, uint8_t* staged) {
@@ -153,6 +168,11 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   }
   thread_local std::vector<uint64_t> missed;  // positions the staging takes, in order
   missed.reserve(rows.size());                // before the pin: nothing may throw while it is held
+  // Each distinct row once: a repeat of a row the tier lacks takes the first one's staged copy.
+  thread_local BatchDedup dedup;
+  thread_local std::vector<uint32_t> unique_of, staged_at;  // position -> its distinct row -> staged row
+  DistinctRows(rows, &dedup, &unique_of);
+  staged_at.assign(dedup.unique_rows().size(), kernels::kNoSlot);
   std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
   if (link_->arena == nullptr) return absl::FailedPreconditionError("the connection to engramd is closed");
   uint64_t g = 0;
@@ -169,8 +189,14 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   missed.clear();
   for (size_t i = 0; i < rows.size(); ++i) {
     if (sources[i] < layer->hbm_slot_count) continue;
-    sources[i] = kernels::kHbmFromStaging | static_cast<uint32_t>(missed.size());
-    missed.push_back(i);
+    uint32_t& k = staged_at[unique_of[i]];
+    if (k == kernels::kNoSlot) {
+      k = static_cast<uint32_t>(missed.size());
+      missed.push_back(i);
+    } else {
+      ++pin.repeated_rows;
+    }
+    sources[i] = kernels::kHbmFromStaging | k;
   }
   pin.staged_rows = missed.size();
   // Through plain pointers (the vectors are thread_local: see MappedTable::Lookup).
@@ -180,10 +206,10 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   kernels::GatherRowsHost(
       layer->base, row_bytes, missed.size(), [row_ids, missed_at](size_t j) { return row_ids[missed_at[j]]; },
       [staged, row_bytes](size_t j) { return staged + j * row_bytes; });
-  const uint64_t hits = rows.size() - pin.staged_rows;
+  const uint64_t hits = rows.size() - pin.staged_rows - pin.repeated_rows;
   layer->hbm_rows.fetch_add(hits, std::memory_order_relaxed);
   layer->hbm_rows_total.fetch_add(hits, std::memory_order_relaxed);
-  layer->rows.fetch_add(pin.staged_rows, std::memory_order_relaxed);
+  layer->rows.fetch_add(rows.size() - hits, std::memory_order_relaxed);
   layer->lookups.fetch_add(1, std::memory_order_relaxed);
   Sample(layer, rows);
   link_->device_pins.fetch_add(1, std::memory_order_acq_rel);
@@ -202,7 +228,21 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDeviceDirect(int lay
   if (!resolved.ok()) return resolved.status();
   Layer* layer = *resolved;
   slots.resize(rows.size());  // before any pin: nothing may throw while it is held
-  DevicePin pin{layer_id, 0, 0, false};
+  thread_local BatchDedup dedup;
+  thread_local std::vector<uint32_t> unique_of;  // position -> its distinct row
+  DistinctRows(rows, &dedup, &unique_of);
+  DevicePin pin{.layer_id = layer_id, .pinned = false};
+  // A row not in the tier is read from host memory at its first position and copied on the device
+  // from there to the others (a row's first position is never a repeat, and is a miss too).
+  auto from_host = [&](size_t i) {
+    const uint64_t first = dedup.first_positions()[unique_of[i]];
+    if (first == i) {
+      ++pin.staged_rows;
+      return kernels::kDirectFromHost | rows[i];
+    }
+    ++pin.repeated_rows;
+    return kernels::kDirectRepeat | first;
+  };
   uint64_t hits = 0;
   if (use_hbm && layer->hbm_index != nullptr) {
     std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
@@ -218,7 +258,7 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDeviceDirect(int lay
                             rows.size(), slots.data());
       for (size_t i = 0; i < rows.size(); ++i) {
         const bool hit = slots[i] < layer->hbm_slot_count;
-        sources[i] = hit ? slots[i] : (kernels::kDirectFromHost | rows[i]);
+        sources[i] = hit ? slots[i] : from_host(i);
         hits += hit ? 1 : 0;
       }
       pin.pin = static_cast<uint32_t>(k);
@@ -227,12 +267,11 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDeviceDirect(int lay
     }
   }
   if (!pin.pinned) {
-    for (size_t i = 0; i < rows.size(); ++i) sources[i] = kernels::kDirectFromHost | rows[i];
+    for (size_t i = 0; i < rows.size(); ++i) sources[i] = from_host(i);
   }
-  pin.staged_rows = rows.size() - hits;
   layer->hbm_rows.fetch_add(hits, std::memory_order_relaxed);
   layer->hbm_rows_total.fetch_add(hits, std::memory_order_relaxed);
-  layer->rows.fetch_add(pin.staged_rows, std::memory_order_relaxed);
+  layer->rows.fetch_add(rows.size() - hits, std::memory_order_relaxed);
   layer->lookups.fetch_add(1, std::memory_order_relaxed);
   Sample(layer, rows);
   return pin;

@@ -61,9 +61,19 @@ __global__ void GatherDirectRowsKernel(const uint8_t* __restrict__ slots, const 
                                        uint8_t* __restrict__ out, int width) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (warp >= n) return;
+  if (warp >= n || IsDirectRepeat(sources[warp])) return;  // repeats: the next kernel
   CopyRowLaneAnyWidth(width, DirectRowSource(sources[warp], slots, host_rows, row_bytes), out + warp * row_bytes,
                       row_bytes, lane, 32);
+}
+
+// The direct gather's second pass: a repeat copies the output row it names (written by the first).
+__global__ void CopyDirectRepeatsKernel(int64_t row_bytes, const uint64_t* __restrict__ sources, int64_t n,
+                                        uint8_t* out, int width) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= n || !IsDirectRepeat(sources[warp])) return;
+  CopyRowLaneAnyWidth(width, out + DirectRepeatOf(sources[warp]) * row_bytes, out + warp * row_bytes, row_bytes, lane,
+                      32);
 }
 
 // The HBM tier's promotions: packed row i goes to slot slots[i]. One warp per row.
@@ -206,12 +216,16 @@ int GatherHbmRows(const uint8_t* slots, const uint8_t* staged, int64_t row_bytes
 }
 
 int GatherDirectRows(const uint8_t* slots, const uint8_t* host_rows, int64_t row_bytes, const uint64_t* sources,
-                     int64_t n, uint8_t* out, void* stream) {
+                     int64_t n, int64_t repeats, uint8_t* out, void* stream) {
   if (n == 0) return 0;
   const int width = RowCopyWidth(row_bytes, reinterpret_cast<uintptr_t>(slots) | reinterpret_cast<uintptr_t>(host_rows) |
                                                   reinterpret_cast<uintptr_t>(out));
   GatherDirectRowsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       slots, host_rows, row_bytes, sources, n, out, width);
+  if (repeats == 0) return Launched();
+  if (const int err = Launched(); err != 0) return err;
+  CopyDirectRepeatsKernel<<<Blocks(n * 32, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      row_bytes, sources, n, out, RowCopyWidth(row_bytes, reinterpret_cast<uintptr_t>(out)));
   return Launched();
 }
 

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <fstream>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "client/shm_testing.h"
@@ -685,8 +686,9 @@ TEST_F(ShmTest, ADroppedClientsHbmPinsStayWatchedUntilItHangsUp) {
 
 // The device path's host half (MappedTable::SplitForDevice, which the CUDA gather uses): with the
 // host store, the device copy is replayed here through the same source rule the kernel uses, and
-// must give the formula's rows. Pins are a bounded resource: while all are held, SplitForDevice
-// says so and Lookup still answers, from the DRAM mapping.
+// must give the formula's rows. A row the request names more than once is staged once (what
+// crosses PCIe is the distinct rows the tier lacks). Pins are a bounded resource: while all are
+// held, SplitForDevice says so and Lookup still answers, from the DRAM mapping.
 TEST_F(ShmTest, HbmDeviceSplitNamesTheRightSourceForEveryRow) {
   StartHbmDaemon();
   std::unique_ptr<ShmConnection> c;
@@ -699,26 +701,36 @@ TEST_F(ShmTest, HbmDeviceSplitNamesTheRightSourceForEveryRow) {
   ASSERT_NE(slots, nullptr);
   ASSERT_NE(m.hbm_layer(15), nullptr);
   EXPECT_EQ(m.hbm_layer(15)->kind, static_cast<uint32_t>(shm::HbmKind::kHost));
-  uint64_t from_slots = 0;
+  const int heads = manifest_->hash.heads_per_layer();
+  uint64_t from_slots = 0, repeated = 0;
   for (int i = 0; i < 2000 && from_slots < 5000; ++i) {
     const auto idx = HotIndices(*manifest_, 15, 32, 700, i);
     std::vector<uint32_t> sources(idx.size());
     std::vector<uint8_t> staged(idx.size() * row_bytes), out(idx.size() * row_bytes);
     auto pin = m.SplitForDevice(15, 32, idx, sources.data(), staged.data());
     ASSERT_TRUE(pin.ok()) << pin.status();
+    std::set<std::pair<int, uint32_t>> missing;  // (head, head-local row): the distinct rows staged
+    uint64_t staged_sources = 0;
     for (size_t r = 0; r < idx.size(); ++r) {
       std::memcpy(out.data() + r * row_bytes,
                   kernels::HbmRowSource(sources[r], slots, staged.data(), static_cast<int64_t>(row_bytes)), row_bytes);
-      from_slots += (sources[r] & kernels::kHbmFromStaging) == 0 ? 1 : 0;
+      const bool from_staging = (sources[r] & kernels::kHbmFromStaging) != 0;
+      from_slots += from_staging ? 0 : 1;
+      if (from_staging) {
+        ++staged_sources;
+        missing.insert({static_cast<int>(r % heads), idx[r]});
+        EXPECT_LT(sources[r] & ~kernels::kHbmFromStaging, pin->staged_rows) << "row " << r;
+      }
     }
     m.ReleaseDevicePin(*pin);  // the "kernel" is done
     CheckRows(15, idx, out);
-    EXPECT_EQ(pin->staged_rows, static_cast<uint64_t>(std::count_if(sources.begin(), sources.end(), [](uint32_t s) {
-                return (s & kernels::kHbmFromStaging) != 0;
-              })));
+    EXPECT_EQ(pin->staged_rows, missing.size());
+    EXPECT_EQ(pin->repeated_rows, staged_sources - missing.size());
+    repeated += pin->repeated_rows;
     if (i % 50 == 49) std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   EXPECT_GE(from_slots, 5000u) << "the hot rows should have been promoted";
+  EXPECT_GT(repeated, 0u) << "32 tokens over 64 rows a head repeat rows before the tier holds them";
   // Bad input is refused before anything is pinned.
   std::vector<uint32_t> sources(16);
   std::vector<uint8_t> staged(16 * row_bytes);
@@ -742,12 +754,16 @@ TEST_F(ShmTest, HbmDeviceSplitNamesTheRightSourceForEveryRow) {
   ASSERT_TRUE(m.Lookup(15, 1, idx, absl::MakeSpan(out)).ok());
   CheckRows(15, idx, out);
   for (const auto& pin : held) m.ReleaseDevicePin(pin);
-  EXPECT_TRUE(m.SplitForDevice(15, 1, idx, sources.data(), staged.data()).ok());
+  auto again = m.SplitForDevice(15, 1, idx, sources.data(), staged.data());
+  ASSERT_TRUE(again.ok()) << again.status();
+  m.ReleaseDevicePin(*again);  // a pin left held would stall the daemon's next publish until it times out
 }
 
 // The direct device path's host half (LookupToDevice gathering misses from the registered mapping
-// itself): every row is named either by its slot or by its row in the layer's mapping, and the
-// bytes there are the formula's; without the tier, or with every pin busy, all rows come from the
+// itself): every row is named by its slot, by its row in the layer's mapping, or (a row the
+// request already reads from the mapping) by the earlier position that reads it, and the two
+// passes of the kernels, replayed by their twin, give the formula's bytes; each row of the mapping
+// is read once per request. Without the tier, or with every pin busy, all rows come from the
 // mapping and nothing is pinned.
 TEST_F(ShmTest, HbmDirectDeviceSplitNamesASlotOrAMappedRowForEveryRow) {
   StartHbmDaemon();
@@ -762,14 +778,23 @@ TEST_F(ShmTest, HbmDirectDeviceSplitNamesASlotOrAMappedRowForEveryRow) {
   ASSERT_NE(slots, nullptr);
   ASSERT_EQ(host_rows.size(), manifest_->FindLayer(15)->layout.total_rows * row_bytes);
   EXPECT_TRUE(m.layer_rows(99).empty());
+  // The kernels' twin, and what a request's sources must hold: a repeat names an earlier position
+  // that reads the same row from the mapping, and no row of the mapping is read twice.
   auto gather = [&](const std::vector<uint64_t>& sources, std::vector<uint8_t>* out) {
+    kernels::ReplayDirectGather(sources.data(), static_cast<int64_t>(sources.size()), slots, host_rows.data(),
+                                static_cast<int64_t>(row_bytes), out->data());
+    std::set<uint64_t> read;
     for (size_t r = 0; r < sources.size(); ++r) {
-      std::memcpy(out->data() + r * row_bytes,
-                  kernels::DirectRowSource(sources[r], slots, host_rows.data(), static_cast<int64_t>(row_bytes)),
-                  row_bytes);
+      if (kernels::IsDirectRepeat(sources[r])) {
+        const int64_t first = kernels::DirectRepeatOf(sources[r]);
+        ASSERT_LT(first, static_cast<int64_t>(r));
+        EXPECT_NE(sources[first] & kernels::kDirectFromHost, 0u) << "row " << r << " repeats " << first;
+      } else if ((sources[r] & kernels::kDirectFromHost) != 0) {
+        EXPECT_TRUE(read.insert(sources[r]).second) << "row " << r << " reads its row from host memory again";
+      }
     }
   };
-  uint64_t from_slots = 0, from_host = 0;
+  uint64_t from_slots = 0, from_host = 0, repeated = 0;
   for (int i = 0; i < 2000 && (from_slots < 5000 || from_host < 1000); ++i) {
     const auto idx = HotIndices(*manifest_, 15, 32, 700, i);
     std::vector<uint64_t> sources(idx.size());
@@ -781,13 +806,18 @@ TEST_F(ShmTest, HbmDirectDeviceSplitNamesASlotOrAMappedRowForEveryRow) {
     CheckRows(15, idx, out);
     const auto host = static_cast<uint64_t>(
         std::count_if(sources.begin(), sources.end(), [](uint64_t s) { return (s & kernels::kDirectFromHost) != 0; }));
+    const auto repeats = static_cast<uint64_t>(
+        std::count_if(sources.begin(), sources.end(), [](uint64_t s) { return kernels::IsDirectRepeat(s); }));
     EXPECT_EQ(pin->staged_rows, host);
+    EXPECT_EQ(pin->repeated_rows, repeats);
+    repeated += repeats;
     from_host += host;
-    from_slots += sources.size() - host;
+    from_slots += sources.size() - host - repeats;
     if (i % 50 == 49) std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   EXPECT_GE(from_slots, 5000u) << "the hot rows should have been promoted";
   EXPECT_GE(from_host, 1000u) << "the cold rows should come from the mapping";
+  EXPECT_GT(repeated, 0u) << "32 tokens over 64 rows a head repeat rows the tier lacks";
   // Without the tier: every row from the mapping, no pin.
   const auto idx = HotIndices(*manifest_, 15, 8, 700, 5);
   std::vector<uint64_t> sources(idx.size());
@@ -795,7 +825,10 @@ TEST_F(ShmTest, HbmDirectDeviceSplitNamesASlotOrAMappedRowForEveryRow) {
   auto plain = m.SplitForDeviceDirect(15, 8, idx, /*use_hbm=*/false, sources.data());
   ASSERT_TRUE(plain.ok()) << plain.status();
   EXPECT_FALSE(plain->pinned);
-  EXPECT_TRUE(std::all_of(sources.begin(), sources.end(), [](uint64_t s) { return (s & kernels::kDirectFromHost) != 0; }));
+  EXPECT_TRUE(std::all_of(sources.begin(), sources.end(), [](uint64_t s) {
+    return (s & kernels::kDirectFromHost) != 0 || kernels::IsDirectRepeat(s);
+  }));
+  EXPECT_EQ(plain->staged_rows + plain->repeated_rows, sources.size());
   gather(sources, &out);
   CheckRows(15, idx, out);
   // Every pin held: still served, from the mapping, and nothing more is pinned.

@@ -169,6 +169,24 @@ TEST(SimulatorTest, ReplaysPlayTheTraceAgainIntoTheSameCache) {
   EXPECT_FALSE(SimulateCache(m, tokens, twice).ok());
 }
 
+// The planner's hits are accesses that do not cross PCIe. Within its first request nothing is
+// resident yet (plans come between requests), so what it saves is exactly the repeats: each
+// distinct row crosses once, as the device path stages it; an unbounded Belady misses the same.
+TEST(SimulatorTest, PlannerCountsARowOncePerRequest) {
+  const PackManifest m = testing::SmallManifest(RowDtype::kBf16, 32, /*vocab=*/3000);
+  std::vector<int32_t> tokens(2000);
+  std::mt19937 rng(3);
+  for (auto& t : tokens) t = static_cast<int32_t>(rng() % 300);
+  auto r = SimulateCache(m, tokens, {.policies = {"hbm", "hbm-1in64", "belady"}, .capacity = "100%"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  const uint64_t per_layer = r->results[0].accesses / m.layers.size();
+  ASSERT_LT(per_layer, 16u * 4096) << "the trace must fit in one request";
+  const uint64_t repeats = r->results[2].hits;
+  EXPECT_GT(repeats, r->results[0].accesses / 4);  // 300 ids: repeated 2-grams and 3-grams
+  EXPECT_EQ(r->results[0].hits, repeats);
+  EXPECT_EQ(r->results[1].hits, repeats);  // sampling changes what is promoted, not this
+}
+
 TEST(SimulatorTest, WarmingFromAProfileFillsTheCacheBeforeTheFirstAccess) {
   const PackManifest m = testing::SmallManifest(RowDtype::kBf16, 32, /*vocab=*/3000);
   std::vector<int32_t> tokens(3000);

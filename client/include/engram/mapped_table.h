@@ -55,23 +55,27 @@ class MappedTable {
   // so it is tested everywhere). Checks the request like Lookup, pins the layer's published
   // index and, for every row, writes where the device should copy it from into `sources`: its
   // slot, or kernels::kHbmFromStaging | k when the tier does not hold it and it was copied here
-  // into row k of `staged` (room for every row). Release the pin with ReleaseDevicePin once the
+  // into row k of `staged` (room for every row; a row the request names more than once is staged
+  // once, and all its sources name that copy). Release the pin with ReleaseDevicePin once the
   // device copy that reads the slots has completed (a stream callback). FailedPrecondition when
   // the layer has no HBM tier or all its pins are in use; use Lookup then.
   struct DevicePin {
     int layer_id = 0;
     uint32_t pin = 0;
-    uint64_t staged_rows = 0;  // rows written to `staged` (SplitForDeviceDirect: rows from host memory)
-    bool pinned = true;        // false: no HBM pin was taken (ReleaseDevicePin does nothing)
+    // Distinct rows written to `staged` (SplitForDeviceDirect: read from host memory): what crosses PCIe.
+    uint64_t staged_rows = 0;
+    uint64_t repeated_rows = 0;  // rows of the request not in the tier whose row an earlier one already brings
+    bool pinned = true;          // false: no HBM pin was taken (ReleaseDevicePin does nothing)
   };
   absl::StatusOr<DevicePin> SplitForDevice(int layer_id, uint32_t num_tokens, absl::Span<const uint32_t> indices,
                                            uint32_t* sources, uint8_t* staged);
   // The device path with no staging: the GPU reads the rows the tier lacks straight from this
   // mapping (registered with CUDA by the caller) over PCIe. For every row, `sources` gets its HBM
   // slot when `use_hbm` and the layer's index holds it (under a pin, released as above), else
-  // kernels::kDirectFromHost | its row in layer_rows(layer_id). Without an HBM tier, or with every
-  // pin busy, every row comes from host memory and nothing is pinned. Checks the request like
-  // Lookup.
+  // kernels::kDirectFromHost | its row in layer_rows(layer_id), or kernels::kDirectRepeat | the
+  // earlier position that reads the same row (the gather's second pass copies it on the device:
+  // each row crosses PCIe once per request). Without an HBM tier, or with every pin busy, every
+  // row comes from host memory and nothing is pinned. Checks the request like Lookup.
   absl::StatusOr<DevicePin> SplitForDeviceDirect(int layer_id, uint32_t num_tokens, absl::Span<const uint32_t> indices,
                                                  bool use_hbm, uint64_t* sources);
   // The layer's rows as mapped here (read-only; empty for an unknown layer): what the direct

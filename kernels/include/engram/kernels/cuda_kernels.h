@@ -24,9 +24,11 @@ int GatherHbmRows(const uint8_t* slots, const uint8_t* staged, int64_t row_bytes
 
 // out[i] = the row sources[i] names (hbm_probe.h: DirectRowSource): a slot of `slots` (device
 // memory; may be null when no source names one) or a row of `host_rows`, host memory the GPU
-// reads over PCIe (a cudaHostRegister'ed mapping, its device pointer).
+// reads over PCIe (a cudaHostRegister'ed mapping, its device pointer). `repeats` sources are
+// kDirectRepeat (a row an earlier output row reads): when there are any, a second kernel copies
+// them from that row, on the device (hbm_probe.h: ReplayDirectGather is the twin).
 int GatherDirectRows(const uint8_t* slots, const uint8_t* host_rows, int64_t row_bytes, const uint64_t* sources,
-                     int64_t n, uint8_t* out, void* stream);
+                     int64_t n, int64_t repeats, uint8_t* out, void* stream);
 
 // The HBM tier's writes (engramd): packed row i (device memory) -> dst slot slots[i]; and the
 // index's changed buckets, keys[buckets[i]] = bucket_keys[i], values[buckets[i]] = bucket_values[i].

@@ -60,6 +60,32 @@ ENGRAM_HD inline const uint8_t* DirectRowSource(uint64_t source, const uint8_t* 
                                          : slots + static_cast<int64_t>(source) * row_bytes;
 }
 
+// A row the same request already reads from host memory: (with this bit) the earlier output row
+// that reads it. The gather leaves such rows out, and a second pass copies them on the device from
+// that output row, so each row crosses PCIe once per request however often the request names it.
+inline constexpr uint64_t kDirectRepeat = 0x4000000000000000ull;
+
+ENGRAM_HD inline bool IsDirectRepeat(uint64_t source) { return (source & kDirectRepeat) != 0; }
+ENGRAM_HD inline int64_t DirectRepeatOf(uint64_t source) { return static_cast<int64_t>(source & ~kDirectRepeat); }
+
+#ifndef __CUDACC__
+// The direct gather's two passes on the host (the kernels' twin, for tests): every row that is
+// not a repeat from its source, then every repeat from the output row it names.
+inline void ReplayDirectGather(const uint64_t* sources, int64_t n, const uint8_t* slots, const uint8_t* host_rows,
+                               int64_t row_bytes, uint8_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (IsDirectRepeat(sources[i])) continue;
+    const uint8_t* from = DirectRowSource(sources[i], slots, host_rows, row_bytes);
+    for (int64_t b = 0; b < row_bytes; ++b) out[i * row_bytes + b] = from[b];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (!IsDirectRepeat(sources[i])) continue;
+    const uint8_t* from = out + DirectRepeatOf(sources[i]) * row_bytes;
+    for (int64_t b = 0; b < row_bytes; ++b) out[i * row_bytes + b] = from[b];
+  }
+}
+#endif
+
 #ifndef __CUDACC__
 // HbmProbe for many rows on the host: the buckets of the rows a little ahead are requested before
 // they are probed, so the index's cache misses overlap instead of coming one after another (the
