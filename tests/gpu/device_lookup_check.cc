@@ -7,7 +7,7 @@
 //     CPU staging them (staged);
 //   - copy figures, each beside its ceiling in the same run: the gather kernel reading rows from
 //     pinned host memory over PCIe vs one large cudaMemcpy H2D; from device memory vs a
-//     device-to-device cudaMemcpy.
+//     device-to-device cudaMemcpy; a Zipf request's repeats read over PCIe vs copied on the device.
 // With --module instead (no daemon): DeepSeek-V4.1's module on the GPU (EngramLayer's CUDA path,
 // V4.1-Flash's sizes, 264-byte fp8 rows staged from host memory, f32 streams in device memory),
 // tokens/s at a prefill of 4096 tokens and a decode batch of 64, each beside cuBLAS's SGEMM of the
@@ -32,6 +32,8 @@
 #include "client/engram_layer_cuda.h"
 #include "engram/client.h"
 #include "engram/kernels/cuda_kernels.h"
+#include "engram/kernels/hbm_probe.h"
+#include "tiering/batch_dedup.h"
 #include "tiering/layout/manifest.h"
 #include "tiering/layout/synthetic.h"
 
@@ -101,6 +103,75 @@ void GatherFigures(const char* name, const uint8_t* table, int64_t table_bytes, 
   cudaFree(d_out);
 }
 
+// What a request's repeats cost the direct gather (LookupToDevice over a mapped table): 65,536
+// rows drawn Zipf-like (exponent 1) from `rows` rows of pinned host memory, gathered with every
+// position read over PCIe, against the distinct rows read once and the repeats copied on the device
+// (kDirectRepeat, what SplitForDeviceDirect hands the kernel), beside the host's cost of finding
+// the repeats (BatchDedup, as the client does). Both outputs must be the same rows.
+void RepeatFigures(const uint8_t* host_rows, int64_t rows) {
+  const int64_t row_bytes = 264, n = 65536;
+  std::vector<double> cdf(1 << 16);  // Zipf over the first 64k ranks, each rank a random row
+  double total = 0;
+  for (size_t r = 0; r < cdf.size(); ++r) cdf[r] = total += 1.0 / static_cast<double>(r + 1);
+  std::mt19937_64 rng(13);
+  std::vector<uint64_t> rank_row(cdf.size());
+  for (auto& r : rank_row) r = rng() % rows;
+  std::vector<uint64_t> picks(n);
+  std::uniform_real_distribution<double> u(0, total);
+  for (auto& p : picks) p = rank_row[std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin()];
+  std::vector<uint64_t> every(n), once(n);
+  BatchDedup dedup;
+  std::vector<double> host_us;
+  for (int i = 0; i < 20; ++i) {
+    const auto t0 = Clock::now();
+    dedup.Build(picks);
+    host_us.push_back(Seconds(t0) * 1e6);
+  }
+  for (int64_t i = 0; i < n; ++i) every[i] = once[i] = kernels::kDirectFromHost | picks[i];
+  for (const BatchDedup::Repeat& r : dedup.repeats()) {
+    once[r.position] = kernels::kDirectRepeat | dedup.first_positions()[r.unique_index];
+  }
+  const auto repeats = static_cast<int64_t>(dedup.repeats().size());
+  uint64_t *d_every = nullptr, *d_once = nullptr;
+  uint8_t *d_a = nullptr, *d_b = nullptr;
+  cudaMalloc(&d_every, n * 8);
+  cudaMalloc(&d_once, n * 8);
+  cudaMalloc(&d_a, n * row_bytes);
+  cudaMalloc(&d_b, n * row_bytes);
+  cudaMemcpy(d_every, every.data(), n * 8, cudaMemcpyHostToDevice);
+  cudaMemcpy(d_once, once.data(), n * 8, cudaMemcpyHostToDevice);
+  auto time = [](auto&& body) {
+    body();
+    cudaDeviceSynchronize();
+    std::vector<double> runs;
+    for (int i = 0; i < 9; ++i) {
+      const auto t0 = Clock::now();
+      body();
+      cudaDeviceSynchronize();
+      runs.push_back(Seconds(t0) * 1e6);
+    }
+    return Percentile(runs, 0.5);
+  };
+  const double all_us =
+      time([&] { kernels::cuda::GatherDirectRows(nullptr, host_rows, row_bytes, d_every, n, 0, d_a, nullptr); });
+  const double once_us =
+      time([&] { kernels::cuda::GatherDirectRows(nullptr, host_rows, row_bytes, d_once, n, repeats, d_b, nullptr); });
+  std::vector<uint8_t> a(n * row_bytes), b(n * row_bytes);
+  cudaMemcpy(a.data(), d_a, a.size(), cudaMemcpyDeviceToHost);
+  cudaMemcpy(b.data(), d_b, b.size(), cudaMemcpyDeviceToHost);
+  if (cudaGetLastError() != cudaSuccess) Fail("direct gather with repeats: a CUDA error");
+  if (a != b) Fail("direct gather: the rows with repeats copied on the device differ from every row read over PCIe");
+  std::printf("FIGURE direct_gather_zipf_distinct_share %.3f of %lld rows\n",
+              static_cast<double>(n - repeats) / static_cast<double>(n), static_cast<long long>(n));
+  std::printf("FIGURE direct_gather_zipf_every_row_over_pcie %.1f us\n", all_us);
+  std::printf("FIGURE direct_gather_zipf_repeats_on_device %.1f us\n", once_us);
+  std::printf("FIGURE direct_gather_zipf_host_dedup %.1f us\n", Percentile(host_us, 0.5));
+  cudaFree(d_every);
+  cudaFree(d_once);
+  cudaFree(d_a);
+  cudaFree(d_b);
+}
+
 void CopyFigures() {
   const int64_t bytes = int64_t{1} << 30;  // 1 GiB of rows
   uint8_t* pinned = nullptr;
@@ -112,6 +183,7 @@ void CopyFigures() {
   uint8_t* mapped = nullptr;
   cudaHostGetDevicePointer(reinterpret_cast<void**>(&mapped), pinned, 0);
   GatherFigures("pinned_host", mapped, bytes, pinned, cudaMemcpyHostToDevice);
+  RepeatFigures(mapped, bytes / 264);
   uint8_t* device = nullptr;
   cudaMalloc(&device, bytes);
   cudaMemset(device, 0x5a, bytes);
