@@ -273,7 +273,9 @@ int Simulate(int argc, char** argv) {
   flags.String("capacity", &capacity, "cache size: N% of each layer's rows, or bytes for the table (e.g. 512M)");
   flags.Int("seq-len", &seq_len, "the trace is hashed as sequences of this many tokens");
   flags.Int("shards", &shards, "cache shards, as in the daemon");
-  flags.Int("replays", &replays, "play the hashed trace this many times in a row, as one long trace (1..64)");
+  flags.Int("replays", &replays,
+            "play the hashed trace this many times in a row, as one long trace (1..64); the last pass's hit "
+            "ratio is printed too");
   flags.Bool("reuse", &reuse, "also print the trace's reuse breakdown per n-gram order");
   flags.String("warm-trace", &warm_path,
                "first warm each DRAM cache with this other trace's most used rows (as engramd --warm-from its profile)");
@@ -320,6 +322,9 @@ int Simulate(int argc, char** argv) {
   } else {
     for (const auto& r : report->results) out["hit_ratio"][r.policy] = r.hit_ratio();
   }
+  for (const auto& r : report->results) {  // replays: each policy once it has settled
+    if (r.last_pass_accesses > 0) out["last_pass_hit_ratio"][r.policy] = r.last_pass_hit_ratio();
+  }
   for (const ReuseBreakdown& r : report->reuse) {
     out["reuse"].push_back({{"order", r.order}, {"accesses", r.accesses}, {"reuses", r.reuses},
                             {"in_sequence", r.in_sequence}, {"other_ngram", r.other_ngram},
@@ -335,8 +340,15 @@ int Simulate(int argc, char** argv) {
               100.0 * report->capacity_rows / report->table_rows);
   if (replays > 1) std::printf("  the hashed trace played %lld times in a row\n", static_cast<long long>(replays));
   if (!warm_path.empty()) std::printf("  DRAM caches warmed first from the most used rows of %s\n", warm_path.c_str());
-  std::printf("  %-16s %s\n", "policy", "hit ratio (of row accesses)");
-  for (const auto& r : report->results) std::printf("  %-16s %.4f\n", r.policy.c_str(), r.hit_ratio());
+  std::printf("  %-16s %s\n", "policy", replays > 1 ? "hit ratio (of row accesses), all passes / the last pass"
+                                                      : "hit ratio (of row accesses)");
+  for (const auto& r : report->results) {
+    if (r.last_pass_accesses > 0) {
+      std::printf("  %-16s %.4f / %.4f\n", r.policy.c_str(), r.hit_ratio(), r.last_pass_hit_ratio());
+    } else {
+      std::printf("  %-16s %.4f\n", r.policy.c_str(), r.hit_ratio());
+    }
+  }
   if (!report->reuse.empty()) {
     std::printf("  reuse (one pass): an access is a reuse when its row was accessed before\n");
     std::printf("  %-6s %10s %10s %22s %18s %s\n", "order", "accesses", "reuses", "in the same sequence",

@@ -22,6 +22,15 @@ namespace {
 
 constexpr uint32_t kNever = std::numeric_limits<uint32_t>::max();
 
+// A replay's hits: all of them, and those of the accesses from `last_from` on (the last pass).
+struct Hits {
+  uint64_t all = 0, last = 0;
+  void Add(size_t i, size_t last_from) {
+    ++all;
+    last += i >= last_from ? 1 : 0;
+  }
+};
+
 // Hits of a static cache holding the `capacity` most frequent keys of the stream.
 uint64_t StaticTopKHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
   absl::flat_hash_map<uint64_t, uint32_t> counts;
@@ -38,7 +47,7 @@ uint64_t StaticTopKHits(const std::vector<uint64_t>& stream, uint64_t capacity) 
 
 // Belady's optimal replacement with bypass: on a miss, the row is cached only if it is used again
 // sooner than the cached row used furthest in the future (which it then replaces).
-uint64_t BeladyHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
+Hits BeladyHits(const std::vector<uint64_t>& stream, uint64_t capacity, size_t last_from) {
   const size_t n = stream.size();
   std::vector<uint32_t> next_use(n, kNever);
   absl::flat_hash_map<uint64_t, uint32_t> last_seen;
@@ -51,12 +60,12 @@ uint64_t BeladyHits(const std::vector<uint64_t>& stream, uint64_t capacity) {
   }
   std::set<std::pair<uint32_t, uint64_t>> by_next;  // (next use, key)
   absl::flat_hash_map<uint64_t, uint32_t> cached;   // key -> its next use
-  uint64_t hits = 0;
+  Hits hits;
   for (size_t i = 0; i < n; ++i) {
     const uint64_t key = stream[i];
     auto it = cached.find(key);
     if (it != cached.end()) {
-      ++hits;
+      hits.Add(i, last_from);
       by_next.erase({it->second, key});
       if (next_use[i] == kNever) {
         cached.erase(it);
@@ -88,9 +97,8 @@ void WarmFrom(const LayerHotSet* hot, RowCache& cache) {
 // Demand-fills the daemon's RowCache (keys only) with `policy` over the stream and returns its
 // hits. With `oracle_admission`, a hindsight filter in front: a miss whose row is never used
 // again is not inserted (what perfect admission alone would be worth).
-absl::StatusOr<uint64_t> RowCacheHits(const std::vector<uint64_t>& stream, absl::string_view policy,
-                                      uint64_t capacity, int shards, const LayerHotSet* warm,
-                                      bool oracle_admission) {
+absl::StatusOr<Hits> RowCacheHits(const std::vector<uint64_t>& stream, absl::string_view policy, uint64_t capacity,
+                                  int shards, const LayerHotSet* warm, bool oracle_admission, size_t last_from) {
   auto spec = ParsePolicy(policy);
   if (!spec.ok()) return spec.status();
   auto cache = RowCache::Create(capacity, /*row_bytes=*/0, *spec, shards);
@@ -100,11 +108,12 @@ absl::StatusOr<uint64_t> RowCacheHits(const std::vector<uint64_t>& stream, absl:
   if (oracle_admission) {
     for (uint64_t k : stream) ++remaining[k];
   }
-  uint64_t hits = 0;
-  for (uint64_t key : stream) {
+  Hits hits;
+  for (size_t i = 0; i < stream.size(); ++i) {
+    const uint64_t key = stream[i];
     const bool again = !oracle_admission || --remaining[key] > 0;
     if ((*cache)->Lookup(key, nullptr)) {
-      ++hits;
+      hits.Add(i, last_from);
     } else if (again) {
       (*cache)->Insert(key, nullptr);
     }
@@ -176,15 +185,15 @@ constexpr size_t kHbmMovesPerPlan = 16 * 4096;
 // `sample_every` > 1 counts about one access in that many (HbmSampler, each sample weighing
 // `sample_every`), as engramd does when its load exceeds the promoter's sample budget; 1 counts
 // every access, as it does below that.
-uint64_t HbmPlannerHits(const std::vector<uint64_t>& stream, uint64_t capacity, uint32_t sample_every) {
-  if (capacity == 0) return 0;
+Hits HbmPlannerHits(const std::vector<uint64_t>& stream, uint64_t capacity, uint32_t sample_every, size_t last_from) {
+  if (capacity == 0) return {};
   HbmResidency residency(static_cast<uint32_t>(std::min<uint64_t>(capacity, UINT32_MAX)),
                          HbmTierOptions{}.decay_every);
   HbmSampler sampler(sample_every);  // the engine's and the clients' sampling
-  uint64_t hits = 0;
+  Hits hits;
   absl::flat_hash_set<uint64_t> crossing;  // rows this request brings over PCIe
   for (size_t i = 0; i < stream.size(); ++i) {
-    if (residency.SlotOf(stream[i]) != kernels::kNoSlot || !crossing.insert(stream[i]).second) ++hits;
+    if (residency.SlotOf(stream[i]) != kernels::kNoSlot || !crossing.insert(stream[i]).second) hits.Add(i, last_from);
     sampler.ForEach(1, [&](size_t) { residency.RecordAccess(stream[i], sample_every); });
     if ((i + 1) % kHbmPlanEvery == 0) {
       residency.Apply(residency.NextPlan(kHbmMovesPerPlan));
@@ -251,8 +260,10 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
       AddReuseBreakdown(compressed, std::max<uint32_t>(1, options.seq_len), manifest.hash.heads_per_ngram,
                         manifest.hash.max_ngram, (*hasher)->compressed_pad(), stream, &report.reuse);
     }
+    size_t last_from = stream.size();  // where the last pass starts (none when played once)
     if (options.replays > 1) {
       const size_t once = stream.size();
+      last_from = once * (options.replays - 1);
       stream.resize(once * options.replays);
       for (int r = 1; r < options.replays; ++r) std::copy_n(stream.begin(), once, stream.begin() + r * once);
     }
@@ -262,32 +273,42 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
     report.accesses += stream.size();
     for (PolicyResult& result : report.results) {
       result.accesses += stream.size();
+      Hits hits;
+      bool ordered = true;  // false: static-topk, which has no last pass
       if (result.policy == "belady") {
         if (stream.size() >= kNever) {  // it numbers accesses in 32 bits
           return absl::InvalidArgumentError(absl::StrCat("belady: ", stream.size(),
                                                          " accesses in a layer is too many (at most 4,294,967,294); "
                                                          "fewer --replays or a shorter trace"));
         }
-        result.hits += BeladyHits(stream, *capacity);
+        hits = BeladyHits(stream, *capacity, last_from);
       } else if (result.policy == "oracle-admission") {
-        auto hits = RowCacheHits(stream, kDefaultPolicy, *capacity, options.shards, warm_layer, /*oracle_admission=*/true);
-        if (!hits.ok()) return hits.status();
-        result.hits += *hits;
+        auto got = RowCacheHits(stream, kDefaultPolicy, *capacity, options.shards, warm_layer,
+                                /*oracle_admission=*/true, last_from);
+        if (!got.ok()) return got.status();
+        hits = *got;
       } else if (result.policy == "static-topk") {
-        result.hits += StaticTopKHits(stream, *capacity);
+        hits.all = StaticTopKHits(stream, *capacity);
+        ordered = false;
       } else if (result.policy == "hbm") {
-        result.hits += HbmPlannerHits(stream, *capacity, /*sample_every=*/1);
+        hits = HbmPlannerHits(stream, *capacity, /*sample_every=*/1, last_from);
       } else if (absl::StartsWith(result.policy, "hbm-1in")) {
         uint32_t every = 0;
         if (!absl::SimpleAtoi(result.policy.substr(7), &every) || every == 0 || every > 1024) {
           return absl::InvalidArgumentError(
               absl::StrCat("policy '", result.policy, "': hbm-1inN wants N in 1..1024 (one access counted in N)"));
         }
-        result.hits += HbmPlannerHits(stream, *capacity, every);
+        hits = HbmPlannerHits(stream, *capacity, every, last_from);
       } else {
-        auto hits = RowCacheHits(stream, result.policy, *capacity, options.shards, warm_layer, /*oracle_admission=*/false);
-        if (!hits.ok()) return hits.status();
-        result.hits += *hits;
+        auto got = RowCacheHits(stream, result.policy, *capacity, options.shards, warm_layer,
+                                /*oracle_admission=*/false, last_from);
+        if (!got.ok()) return got.status();
+        hits = *got;
+      }
+      result.hits += hits.all;
+      if (ordered && options.replays > 1) {
+        result.last_pass_hits += hits.last;
+        result.last_pass_accesses += stream.size() - last_from;
       }
     }
   }

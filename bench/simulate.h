@@ -32,7 +32,13 @@ struct SimulationOptions {
 struct PolicyResult {
   std::string policy;
   uint64_t hits = 0, accesses = 0;
+  // With replays > 1, the last pass alone (what a policy that needs time to settle gives once it
+  // has); 0 accesses for static-topk, which has no order.
+  uint64_t last_pass_hits = 0, last_pass_accesses = 0;
   double hit_ratio() const { return accesses ? static_cast<double>(hits) / accesses : 0; }
+  double last_pass_hit_ratio() const {
+    return last_pass_accesses ? static_cast<double>(last_pass_hits) / last_pass_accesses : 0;
+  }
 };
 
 // Where the trace's reuse comes from, per n-gram order: an access is a reuse when its row was

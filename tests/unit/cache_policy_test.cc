@@ -165,6 +165,10 @@ TEST(SimulatorTest, ReplaysPlayTheTraceAgainIntoTheSameCache) {
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(b->results[0].accesses, 2 * a->results[0].accesses);
   EXPECT_EQ(b->results[0].hits, a->results[0].hits + a->results[0].accesses);
+  // The last pass on its own: every access hits (all rows fit), and one pass played once has none.
+  EXPECT_EQ(b->results[0].last_pass_accesses, a->results[0].accesses);
+  EXPECT_EQ(b->results[0].last_pass_hits, a->results[0].accesses);
+  EXPECT_EQ(a->results[0].last_pass_accesses, 0u);
   twice.replays = 0;
   EXPECT_FALSE(SimulateCache(m, tokens, twice).ok());
 }
