@@ -26,7 +26,7 @@ struct SimulationOptions {
   // When not empty: each DRAM cache (lru, s3fifo, tinylfu, oracle-admission) is first warmed with
   // the most used rows of this other trace, hottest first, as engramd --warm-from a profile of
   // that corpus (`engramctl profile`) does. The hindsight references and hbm are not warmed.
-  std::vector<int32_t> warm_tokens;
+  std::vector<int32_t> warm_tokens = {};
 };
 
 struct PolicyResult {
