@@ -136,20 +136,6 @@ absl::Status ShmConnection::MapHbm(MappedTable* mapped, const v1::TableInfo& inf
   return absl::OkStatus();
 }
 
-namespace {
-
-// For every position of `rows`, which distinct row (dedup->unique_rows()) it is.
-void DistinctRows(const std::vector<uint64_t>& rows, BatchDedup* dedup, std::vector<uint32_t>* unique_of) {
-  dedup->Build(rows);
-  unique_of->resize(rows.size());
-  for (size_t u = 0; u < dedup->first_positions().size(); ++u) {
-    (*unique_of)[dedup->first_positions()[u]] = static_cast<uint32_t>(u);
-  }
-  for (const BatchDedup::Repeat& r : dedup->repeats()) (*unique_of)[r.position] = r.unique_index;
-}
-
-}  // namespace
-
 absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id, uint32_t num_tokens,
                                                                    absl::Span<const uint32_t> indices,
                                                                    uint32_t* sources, uint8_t* staged) {
@@ -169,10 +155,10 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   thread_local std::vector<uint64_t> missed;  // positions the staging takes, in order
   missed.reserve(rows.size());                // before the pin: nothing may throw while it is held
   // Each distinct row once: a repeat of a row the tier lacks takes the first one's staged copy.
-  thread_local BatchDedup dedup;
-  thread_local std::vector<uint32_t> unique_of, staged_at;  // position -> its distinct row -> staged row
-  DistinctRows(rows, &dedup, &unique_of);
-  staged_at.assign(dedup.unique_rows().size(), kernels::kNoSlot);
+  thread_local FirstPositionScratch scratch;
+  thread_local std::vector<uint32_t> first, staged_at;  // position -> its row's first position; -> its staged row
+  FirstPositions(rows, &scratch, &first);
+  staged_at.resize(rows.size());
   std::shared_lock<std::shared_mutex> arena_lock(link_->arena_mu);
   if (link_->arena == nullptr) return absl::FailedPreconditionError("the connection to engramd is closed");
   uint64_t g = 0;
@@ -189,14 +175,14 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDevice(int layer_id,
   missed.clear();
   for (size_t i = 0; i < rows.size(); ++i) {
     if (sources[i] < layer->hbm_slot_count) continue;
-    uint32_t& k = staged_at[unique_of[i]];
-    if (k == kernels::kNoSlot) {
-      k = static_cast<uint32_t>(missed.size());
+    // A row's first position comes first and is a miss too (the same row, the same index).
+    if (first[i] == i) {
+      staged_at[i] = static_cast<uint32_t>(missed.size());
       missed.push_back(i);
     } else {
       ++pin.repeated_rows;
     }
-    sources[i] = kernels::kHbmFromStaging | k;
+    sources[i] = kernels::kHbmFromStaging | staged_at[first[i]];
   }
   pin.staged_rows = missed.size();
   // Through plain pointers (the vectors are thread_local: see MappedTable::Lookup).
@@ -228,20 +214,19 @@ absl::StatusOr<MappedTable::DevicePin> MappedTable::SplitForDeviceDirect(int lay
   if (!resolved.ok()) return resolved.status();
   Layer* layer = *resolved;
   slots.resize(rows.size());  // before any pin: nothing may throw while it is held
-  thread_local BatchDedup dedup;
-  thread_local std::vector<uint32_t> unique_of;  // position -> its distinct row
-  DistinctRows(rows, &dedup, &unique_of);
+  thread_local FirstPositionScratch scratch;
+  thread_local std::vector<uint32_t> first;  // position -> its row's first position
+  FirstPositions(rows, &scratch, &first);
   DevicePin pin{.layer_id = layer_id, .pinned = false};
   // A row not in the tier is read from host memory at its first position and copied on the device
-  // from there to the others (a row's first position is never a repeat, and is a miss too).
+  // from there to the others (a row's first position comes first and is a miss too).
   auto from_host = [&](size_t i) {
-    const uint64_t first = dedup.first_positions()[unique_of[i]];
-    if (first == i) {
+    if (first[i] == i) {
       ++pin.staged_rows;
       return kernels::kDirectFromHost | rows[i];
     }
     ++pin.repeated_rows;
-    return kernels::kDirectRepeat | first;
+    return kernels::kDirectRepeat | first[i];
   };
   uint64_t hits = 0;
   if (use_hbm && layer->hbm_index != nullptr) {

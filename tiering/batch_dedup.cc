@@ -1,5 +1,6 @@
 #include "tiering/batch_dedup.h"
 
+#include <algorithm>
 #include <bit>
 
 namespace engram {
@@ -33,6 +34,32 @@ void BatchDedup::Build(absl::Span<const uint64_t> rows) {
         break;
       }
       slot = (slot + 1) & mask;
+    }
+  }
+}
+
+void FirstPositions(absl::Span<const uint64_t> rows, FirstPositionScratch* scratch, std::vector<uint32_t>* first) {
+  const size_t capacity = std::bit_ceil(std::max<size_t>(16, rows.size() * 2));
+  const int shift = 64 - std::countr_zero(capacity);
+  scratch->keys.assign(capacity, kEmpty);
+  scratch->positions.resize(capacity);
+  first->resize(rows.size());
+  uint64_t* keys = scratch->keys.data();
+  uint32_t* positions = scratch->positions.data();
+  uint32_t* out = first->data();
+  const size_t mask = capacity - 1;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const uint64_t row = rows[i];
+    for (size_t slot = static_cast<size_t>((row * 0x9E3779B97F4A7C15ULL) >> shift);; slot = (slot + 1) & mask) {
+      if (keys[slot] == row) {
+        out[i] = positions[slot];
+        break;
+      }
+      if (keys[slot] == kEmpty) {
+        keys[slot] = row;
+        positions[slot] = out[i] = static_cast<uint32_t>(i);
+        break;
+      }
     }
   }
 }

@@ -33,6 +33,16 @@ class BatchDedup {
   std::vector<Repeat> repeats_;
 };
 
+// For every position of `rows`, the first position that holds the same row (its own for a first
+// occurrence): what a gather needs to read each distinct row once and copy it to the rest (the
+// client's device path). Cheaper than BatchDedup when only that is wanted. `scratch` is reused
+// between calls; use one per thread.
+struct FirstPositionScratch {
+  std::vector<uint64_t> keys;
+  std::vector<uint32_t> positions;
+};
+void FirstPositions(absl::Span<const uint64_t> rows, FirstPositionScratch* scratch, std::vector<uint32_t>* first);
+
 }  // namespace engram
 
 #endif  // ENGRAM_TIERING_BATCH_DEDUP_H_

@@ -107,7 +107,7 @@ void GatherFigures(const char* name, const uint8_t* table, int64_t table_bytes, 
 // rows drawn Zipf-like (exponent 1) from `rows` rows of pinned host memory, gathered with every
 // position read over PCIe, against the distinct rows read once and the repeats copied on the device
 // (kDirectRepeat, what SplitForDeviceDirect hands the kernel), beside the host's cost of finding
-// the repeats (BatchDedup, as the client does). Both outputs must be the same rows.
+// the repeats (FirstPositions, as the client does). Both outputs must be the same rows.
 void RepeatFigures(const uint8_t* host_rows, int64_t rows) {
   const int64_t row_bytes = 264, n = 65536;
   std::vector<double> cdf(1 << 16);  // Zipf over the first 64k ranks, each rank a random row
@@ -120,18 +120,20 @@ void RepeatFigures(const uint8_t* host_rows, int64_t rows) {
   std::uniform_real_distribution<double> u(0, total);
   for (auto& p : picks) p = rank_row[std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin()];
   std::vector<uint64_t> every(n), once(n);
-  BatchDedup dedup;
+  FirstPositionScratch scratch;
+  std::vector<uint32_t> first;
   std::vector<double> host_us;
   for (int i = 0; i < 20; ++i) {
     const auto t0 = Clock::now();
-    dedup.Build(picks);
+    FirstPositions(picks, &scratch, &first);
     host_us.push_back(Seconds(t0) * 1e6);
   }
-  for (int64_t i = 0; i < n; ++i) every[i] = once[i] = kernels::kDirectFromHost | picks[i];
-  for (const BatchDedup::Repeat& r : dedup.repeats()) {
-    once[r.position] = kernels::kDirectRepeat | dedup.first_positions()[r.unique_index];
+  int64_t repeats = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    every[i] = kernels::kDirectFromHost | picks[i];
+    once[i] = first[i] == i ? every[i] : kernels::kDirectRepeat | first[i];
+    repeats += first[i] == i ? 0 : 1;
   }
-  const auto repeats = static_cast<int64_t>(dedup.repeats().size());
   uint64_t *d_every = nullptr, *d_once = nullptr;
   uint8_t *d_a = nullptr, *d_b = nullptr;
   cudaMalloc(&d_every, n * 8);

@@ -9,9 +9,11 @@
 #include <cerrno>
 #include <random>
 #include <thread>
+#include <unordered_map>
 
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
+#include "tiering/batch_dedup.h"
 #include "tiering/layout/synthetic.h"
 
 namespace engram {
@@ -206,6 +208,30 @@ TEST(SharedResidentTableTest, MemfdIsSealedReadOnlyAndHoldsTheRows) {
   auto plain = Table::Open(dir.path(), TableOptions{});
   ASSERT_TRUE(plain.ok());
   EXPECT_EQ((*plain)->layers()[0].tier->shared_fd(), -1);
+}
+
+// The device path's dedup: every position names the first position of its row, which holds the
+// same row and names itself; reused scratch from a bigger request leaves no trace.
+TEST(FirstPositionsTest, EachPositionNamesTheFirstOccurrenceOfItsRow) {
+  FirstPositionScratch scratch;
+  std::vector<uint32_t> first;
+  std::mt19937_64 rng(9);
+  for (size_t n : {size_t{0}, size_t{1}, size_t{5000}, size_t{70000}, size_t{300}}) {
+    std::vector<uint64_t> rows(n);
+    for (auto& r : rows) r = (rng() % 4 == 0 ? rng() : rng() % 97) & ((uint64_t{1} << 40) - 1);  // many repeats
+    FirstPositions(rows, &scratch, &first);
+    ASSERT_EQ(first.size(), n);
+    std::unordered_map<uint64_t, uint32_t> seen;
+    size_t repeats = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const auto [it, inserted] = seen.try_emplace(rows[i], static_cast<uint32_t>(i));
+      EXPECT_EQ(first[i], it->second) << "position " << i << " of " << n;
+      repeats += inserted ? 0 : 1;
+    }
+    if (n >= 5000) {
+      EXPECT_GT(repeats, n / 2);  // the test must have repeats to check
+    }
+  }
 }
 
 TEST(EngineOptionsTest, ParseDedup) {
