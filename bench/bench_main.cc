@@ -322,8 +322,13 @@ int Simulate(int argc, char** argv) {
   } else {
     for (const auto& r : report->results) out["hit_ratio"][r.policy] = r.hit_ratio();
   }
-  for (const auto& r : report->results) {  // replays: each policy once it has settled
-    if (r.last_pass_accesses > 0) out["last_pass_hit_ratio"][r.policy] = r.last_pass_hit_ratio();
+  for (const auto& r : report->results) {  // replays: each policy once it has settled, shaped as hit_ratio
+    if (r.last_pass_accesses == 0) continue;
+    if (report->results.size() == 1) {
+      out["last_pass_hit_ratio"] = r.last_pass_hit_ratio();
+    } else {
+      out["last_pass_hit_ratio"][r.policy] = r.last_pass_hit_ratio();
+    }
   }
   for (const ReuseBreakdown& r : report->reuse) {
     out["reuse"].push_back({{"order", r.order}, {"accesses", r.accesses}, {"reuses", r.reuses},
