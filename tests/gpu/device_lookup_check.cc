@@ -107,8 +107,10 @@ void GatherFigures(const char* name, const uint8_t* table, int64_t table_bytes, 
 // rows drawn Zipf-like (exponent 1) from `rows` rows of pinned host memory, gathered with every
 // position read over PCIe, against the distinct rows read once and the repeats copied on the device
 // (kDirectRepeat, what SplitForDeviceDirect hands the kernel), beside the host's cost of finding
-// the repeats (FirstPositions, as the client does). Both outputs must be the same rows.
-void RepeatFigures(const uint8_t* host_rows, int64_t rows) {
+// the repeats (FirstPositions, as the client does). Each picked row gets bytes of its own first,
+// and both outputs must equal the CPU twin's (kernels::ReplayDirectGather) on the host's copy.
+// `host` and `mapped` are the same pinned memory, as the CPU and as the GPU address it.
+void RepeatFigures(uint8_t* host, const uint8_t* mapped, int64_t rows) {
   const int64_t row_bytes = 264, n = 65536;
   std::vector<double> cdf(1 << 16);  // Zipf over the first 64k ranks, each rank a random row
   double total = 0;
@@ -133,7 +135,12 @@ void RepeatFigures(const uint8_t* host_rows, int64_t rows) {
     every[i] = kernels::kDirectFromHost | picks[i];
     once[i] = first[i] == i ? every[i] : kernels::kDirectRepeat | first[i];
     repeats += first[i] == i ? 0 : 1;
+    for (int64_t b = 0; b < row_bytes; ++b) {
+      host[picks[i] * row_bytes + b] = static_cast<uint8_t>(picks[i] * 131 + picks[i] / 251 + b);
+    }
   }
+  std::vector<uint8_t> want(n * row_bytes);
+  kernels::ReplayDirectGather(once.data(), n, nullptr, host, row_bytes, want.data());
   uint64_t *d_every = nullptr, *d_once = nullptr;
   uint8_t *d_a = nullptr, *d_b = nullptr;
   cudaMalloc(&d_every, n * 8);
@@ -155,14 +162,15 @@ void RepeatFigures(const uint8_t* host_rows, int64_t rows) {
     return Percentile(runs, 0.5);
   };
   const double all_us =
-      time([&] { kernels::cuda::GatherDirectRows(nullptr, host_rows, row_bytes, d_every, n, 0, d_a, nullptr); });
+      time([&] { kernels::cuda::GatherDirectRows(nullptr, mapped, row_bytes, d_every, n, 0, d_a, nullptr); });
   const double once_us =
-      time([&] { kernels::cuda::GatherDirectRows(nullptr, host_rows, row_bytes, d_once, n, repeats, d_b, nullptr); });
+      time([&] { kernels::cuda::GatherDirectRows(nullptr, mapped, row_bytes, d_once, n, repeats, d_b, nullptr); });
   std::vector<uint8_t> a(n * row_bytes), b(n * row_bytes);
   cudaMemcpy(a.data(), d_a, a.size(), cudaMemcpyDeviceToHost);
   cudaMemcpy(b.data(), d_b, b.size(), cudaMemcpyDeviceToHost);
   if (cudaGetLastError() != cudaSuccess) Fail("direct gather with repeats: a CUDA error");
-  if (a != b) Fail("direct gather: the rows with repeats copied on the device differ from every row read over PCIe");
+  if (a != want) Fail("direct gather, every row over PCIe: rows differ from the CPU twin's");
+  if (b != want) Fail("direct gather, repeats copied on the device: rows differ from the CPU twin's");
   std::printf("FIGURE direct_gather_zipf_distinct_share %.3f of %lld rows\n",
               static_cast<double>(n - repeats) / static_cast<double>(n), static_cast<long long>(n));
   std::printf("FIGURE direct_gather_zipf_every_row_over_pcie %.1f us\n", all_us);
@@ -185,7 +193,7 @@ void CopyFigures() {
   uint8_t* mapped = nullptr;
   cudaHostGetDevicePointer(reinterpret_cast<void**>(&mapped), pinned, 0);
   GatherFigures("pinned_host", mapped, bytes, pinned, cudaMemcpyHostToDevice);
-  RepeatFigures(mapped, bytes / 264);
+  RepeatFigures(pinned, mapped, bytes / 264);
   uint8_t* device = nullptr;
   cudaMalloc(&device, bytes);
   cudaMemset(device, 0x5a, bytes);
