@@ -67,6 +67,21 @@ void Capabilities() {
               static_cast<double>(prop.totalGlobalMem) / (1u << 30));
 }
 
+// The median of `runs` timed runs of `body` (device work, waited for), after one untimed run.
+template <typename Body>
+double DeviceMedianSeconds(int runs, Body& body) {
+  body();  // warm
+  cudaDeviceSynchronize();
+  std::vector<double> times;
+  for (int i = 0; i < runs; ++i) {
+    const auto t0 = Clock::now();
+    body();
+    cudaDeviceSynchronize();
+    times.push_back(Seconds(t0));
+  }
+  return Percentile(times, 0.5);
+}
+
 // Rows of `row_bytes` picked at random from a `table_bytes` buffer at `table`, gathered by the
 // kernel, against one cudaMemcpy of the same bytes from `ceiling_src`.
 void GatherFigures(const char* name, const uint8_t* table, int64_t table_bytes, const void* ceiling_src,
@@ -80,18 +95,7 @@ void GatherFigures(const char* name, const uint8_t* table, int64_t table_bytes, 
   cudaMalloc(&d_rows, n * 8);
   cudaMalloc(&d_out, n * row_bytes);
   cudaMemcpy(d_rows, picks.data(), n * 8, cudaMemcpyHostToDevice);
-  auto time = [](auto&& body) {
-    body();  // warm
-    cudaDeviceSynchronize();
-    std::vector<double> runs;
-    for (int i = 0; i < 5; ++i) {
-      const auto t0 = Clock::now();
-      body();
-      cudaDeviceSynchronize();
-      runs.push_back(Seconds(t0));
-    }
-    return Percentile(runs, 0.5);
-  };
+  auto time = [](auto&& body) { return DeviceMedianSeconds(5, body); };
   const double gather = time([&] { kernels::cuda::GatherRows(table, row_bytes, d_rows, n, d_out, nullptr); });
   const double copy = time([&] { cudaMemcpy(d_out, ceiling_src, n * row_bytes, kind); });
   const double bytes = static_cast<double>(n * row_bytes);
@@ -149,18 +153,7 @@ void RepeatFigures(uint8_t* host, const uint8_t* mapped, int64_t rows) {
   cudaMalloc(&d_b, n * row_bytes);
   cudaMemcpy(d_every, every.data(), n * 8, cudaMemcpyHostToDevice);
   cudaMemcpy(d_once, once.data(), n * 8, cudaMemcpyHostToDevice);
-  auto time = [](auto&& body) {
-    body();
-    cudaDeviceSynchronize();
-    std::vector<double> runs;
-    for (int i = 0; i < 9; ++i) {
-      const auto t0 = Clock::now();
-      body();
-      cudaDeviceSynchronize();
-      runs.push_back(Seconds(t0) * 1e6);
-    }
-    return Percentile(runs, 0.5);
-  };
+  auto time = [](auto&& body) { return DeviceMedianSeconds(9, body) * 1e6; };
   const double all_us =
       time([&] { kernels::cuda::GatherDirectRows(nullptr, mapped, row_bytes, d_every, n, 0, d_a, nullptr); });
   const double once_us =
