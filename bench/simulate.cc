@@ -203,6 +203,34 @@ Hits HbmPlannerHits(const std::vector<uint64_t>& stream, uint64_t capacity, uint
   return hits;
 }
 
+// What a --policy name runs: the daemon's RowCache with that policy, a hindsight reference, or
+// the HBM planner counting one access in `sample_every`.
+struct SimulatedPolicy {
+  enum class Kind { kRowCache, kOracleAdmission, kStaticTopK, kBelady, kHbm } kind;
+  uint32_t sample_every = 1;
+};
+
+absl::StatusOr<SimulatedPolicy> ResolvePolicy(const std::string& name) {
+  using Kind = SimulatedPolicy::Kind;
+  if (name == "belady") return SimulatedPolicy{Kind::kBelady};
+  if (name == "oracle-admission") return SimulatedPolicy{Kind::kOracleAdmission};
+  if (name == "static-topk") return SimulatedPolicy{Kind::kStaticTopK};
+  if (name == "hbm") return SimulatedPolicy{Kind::kHbm};
+  if (absl::StartsWith(name, "hbm-1in")) {
+    uint32_t every = 0;
+    if (!absl::SimpleAtoi(name.substr(7), &every) || every == 0 || every > 1024) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("policy '", name, "': hbm-1inN wants N in 1..1024 (one access counted in N)"));
+    }
+    return SimulatedPolicy{Kind::kHbm, every};
+  }
+  if (ParsePolicy(name).ok()) return SimulatedPolicy{Kind::kRowCache};
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown policy '", name,
+      "' (known: lru, s3fifo, tinylfu, static-topk, hbm, hbm-1inN, oracle-admission, belady, all; "
+      "give --policy once per policy)"));
+}
+
 }  // namespace
 
 absl::StatusOr<uint64_t> CapacityRows(const std::string& capacity, uint64_t layer_rows, uint64_t table_rows,
@@ -228,16 +256,11 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
   if (!hasher.ok()) return hasher.status();
   SimulationReport report;
   for (const auto& l : manifest.layers) report.table_rows += l.layout.total_rows;
+  std::vector<SimulatedPolicy> resolved;  // checked before any work
   for (const std::string& name : options.policies) {
-    // Checked before any work: the daemon's policies, the planner and the references.
-    const bool known = ParsePolicy(name).ok() || name == "hbm" || absl::StartsWith(name, "hbm-1in") ||
-                       name == "belady" || name == "oracle-admission";
-    if (!known) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unknown policy '", name,
-          "' (known: lru, s3fifo, tinylfu, static-topk, hbm, hbm-1inN, oracle-admission, belady, all; "
-          "give --policy once per policy)"));
-    }
+    auto policy = ResolvePolicy(name);
+    if (!policy.ok()) return policy.status();
+    resolved.push_back(*policy);
     report.results.push_back({name});
   }
 
@@ -271,42 +294,38 @@ absl::StatusOr<SimulationReport> SimulateCache(const PackManifest& manifest, con
     if (!capacity.ok()) return capacity.status();
     report.capacity_rows += *capacity;
     report.accesses += stream.size();
-    for (PolicyResult& result : report.results) {
+    for (size_t p = 0; p < report.results.size(); ++p) {
+      PolicyResult& result = report.results[p];
       result.accesses += stream.size();
       Hits hits;
-      bool ordered = true;  // false: static-topk, which has no last pass
-      if (result.policy == "belady") {
-        if (stream.size() >= kNever) {  // it numbers accesses in 32 bits
-          return absl::InvalidArgumentError(absl::StrCat("belady: ", stream.size(),
-                                                         " accesses in a layer is too many (at most 4,294,967,294); "
-                                                         "fewer --replays or a shorter trace"));
+      switch (resolved[p].kind) {
+        case SimulatedPolicy::Kind::kBelady:
+          if (stream.size() >= kNever) {  // it numbers accesses in 32 bits
+            return absl::InvalidArgumentError(absl::StrCat("belady: ", stream.size(),
+                                                           " accesses in a layer is too many (at most 4,294,967,294); "
+                                                           "fewer --replays or a shorter trace"));
+          }
+          hits = BeladyHits(stream, *capacity, last_from);
+          break;
+        case SimulatedPolicy::Kind::kStaticTopK:
+          hits.all = StaticTopKHits(stream, *capacity);
+          break;
+        case SimulatedPolicy::Kind::kHbm:
+          hits = HbmPlannerHits(stream, *capacity, resolved[p].sample_every, last_from);
+          break;
+        case SimulatedPolicy::Kind::kOracleAdmission:
+        case SimulatedPolicy::Kind::kRowCache: {
+          const bool oracle = resolved[p].kind == SimulatedPolicy::Kind::kOracleAdmission;
+          auto got = RowCacheHits(stream, oracle ? kDefaultPolicy : absl::string_view(result.policy), *capacity,
+                                  options.shards, warm_layer, oracle, last_from);
+          if (!got.ok()) return got.status();
+          hits = *got;
+          break;
         }
-        hits = BeladyHits(stream, *capacity, last_from);
-      } else if (result.policy == "oracle-admission") {
-        auto got = RowCacheHits(stream, kDefaultPolicy, *capacity, options.shards, warm_layer,
-                                /*oracle_admission=*/true, last_from);
-        if (!got.ok()) return got.status();
-        hits = *got;
-      } else if (result.policy == "static-topk") {
-        hits.all = StaticTopKHits(stream, *capacity);
-        ordered = false;
-      } else if (result.policy == "hbm") {
-        hits = HbmPlannerHits(stream, *capacity, /*sample_every=*/1, last_from);
-      } else if (absl::StartsWith(result.policy, "hbm-1in")) {
-        uint32_t every = 0;
-        if (!absl::SimpleAtoi(result.policy.substr(7), &every) || every == 0 || every > 1024) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("policy '", result.policy, "': hbm-1inN wants N in 1..1024 (one access counted in N)"));
-        }
-        hits = HbmPlannerHits(stream, *capacity, every, last_from);
-      } else {
-        auto got = RowCacheHits(stream, result.policy, *capacity, options.shards, warm_layer,
-                                /*oracle_admission=*/false, last_from);
-        if (!got.ok()) return got.status();
-        hits = *got;
       }
       result.hits += hits.all;
-      if (ordered && options.replays > 1) {
+      // static-topk has no order, so no last pass
+      if (resolved[p].kind != SimulatedPolicy::Kind::kStaticTopK && options.replays > 1) {
         result.last_pass_hits += hits.last;
         result.last_pass_accesses += stream.size() - last_from;
       }
